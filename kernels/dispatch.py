@@ -1,0 +1,75 @@
+"""Choose an implementation for each op: "ref" (the plain-PyTorch specification), "torch" (the
+chunked/blocked PyTorch form), "triton" (the Triton kernels), or "auto".
+
+"auto" picks Triton for CUDA tensors when Triton imports, the PyTorch form otherwise. The choice
+can be forced per call (``impl=...``) or for the whole process with the environment variable
+``TITANS_LNN_IMPL`` (read at each call, so tests can set it with monkeypatch). Triton is imported
+only when a Triton implementation is actually called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+IMPLS = ("auto", "ref", "torch", "triton")
+ENV_VAR = "TITANS_LNN_IMPL"
+
+# op -> impl -> (module under titans_lnn.kernels, function name)
+_REGISTRY: dict[str, dict[str, tuple[str, str]]] = {
+    "liquid_scan": {
+        "ref": ("liquid_scan", "liquid_scan_ref"),
+        "torch": ("liquid_scan", "liquid_scan_chunked"),
+        "triton": ("liquid_scan_triton", "liquid_scan_triton"),
+    },
+    "memory_update": {
+        "ref": ("memory_update", "memory_update_ref"),
+        "torch": ("memory_update", "memory_update_chunked"),
+        "triton": ("memory_update_triton", "memory_update_triton"),
+    },
+    "sliding_window_attention": {
+        "ref": ("attention", "sliding_window_attention_ref"),
+        "torch": ("attention", "sliding_window_attention_blocked"),
+        "triton": ("attention_cuda", "sliding_window_attention_cuda"),
+    },
+}
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it may still have no GPU to run on; the interpreter needs none)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return True
+
+
+def resolve(op: str, impl: str | None, is_cuda: bool) -> str:
+    """The implementation name that a call of ``op`` with ``impl`` on (non-)CUDA tensors runs."""
+    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
+    if choice not in IMPLS:
+        raise ValueError(f"implementation {choice!r} for {op} is invalid: expected one of {', '.join(IMPLS)} "
+                         f"(from impl= or ${ENV_VAR})")
+    if choice == "auto":
+        return "triton" if is_cuda and triton_available() else "torch"
+    return choice
+
+
+def get(op: str, impl: str | None = None, is_cuda: bool = False):
+    """The function implementing ``op`` for the given choice."""
+    module, name = _REGISTRY[op][resolve(op, impl, is_cuda)]
+    return getattr(importlib.import_module(f"titans_lnn.kernels.{module}"), name)
+
+
+def available(op: str) -> list[str]:
+    """Implementations of ``op`` whose module imports here (Triton ones count if Triton imports)."""
+    found = []
+    for impl, (module, _) in _REGISTRY[op].items():
+        try:
+            importlib.import_module(f"titans_lnn.kernels.{module}")
+        except Exception:
+            continue
+        if impl == "triton" and not triton_available():
+            continue
+        found.append(impl)
+    return found

@@ -1,0 +1,114 @@
+"""The liquid core's recurrence: a diagonal, input-dependent linear scan.
+
+    h_t = exp(log_a_t) * h_{t-1} + b_t            (elementwise over D)
+
+This is the exact solution of the liquid time-constant ODE over one step with the input held
+constant (DESIGN.md, "Liquid core"): ``log_a = -dt * lambda`` and ``b = (1 - a) * g``.
+
+Three forms with one signature, ``(log_a, b, h0) -> (h, h_last)``:
+- ``liquid_scan_ref``: the per-token loop; the specification.
+- ``liquid_scan_chunked``: plain PyTorch, parallel over time: a short loop inside chunks of length
+  L, run for all chunks at once, then the carried state between chunks (itself a scan, solved the
+  same way), then one fix-up. It multiplies decays (all <= 1) and never divides by a cumulative
+  product, so it cannot overflow the way the closed form ``cumprod``/``cumsum`` does by T ~ 4K.
+  Its backward is the reverse scan, by the same code (a custom autograd function), so the
+  activations it keeps are O(T D), not O(T D) per loop step.
+- the Triton form lives in ``liquid_scan_triton.py`` (CUDA, or the interpreter in tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
+    if log_a.dim() != 3 or log_a.shape != b.shape:
+        raise ValueError(f"liquid_scan: log_a and b must both be (B, T, D); got {tuple(log_a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if h0 is not None and h0.shape != (b.shape[0], b.shape[2]):
+        raise ValueError(f"liquid_scan: h0 must be (B, D) = {(b.shape[0], b.shape[2])}; got {tuple(h0.shape)}")
+
+
+def liquid_scan_ref(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+    """Reference scan. log_a, b: (B, T, D); h0: (B, D) or None (zeros).
+
+    Returns h: (B, T, D) and h_last: (B, D) (equal to h0 when T = 0).
+    """
+    _check(log_a, b, h0)
+    B, T, D = b.shape
+    h = torch.zeros(B, D, dtype=torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype,
+                    device=b.device) if h0 is None else h0.to(torch.promote_types(h0.dtype, torch.float32))
+    outs = []
+    for t in range(T):
+        h = torch.exp(log_a[:, t].to(h.dtype)) * h + b[:, t].to(h.dtype)
+        outs.append(h)
+    hs = torch.stack(outs, dim=1) if outs else b.new_zeros(B, 0, D, dtype=h.dtype)
+    return hs.to(b.dtype), h.to(b.dtype)
+
+
+def _scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + b_t with decays a in [0, 1]. a, b: (B, T, D); h0: (B, D) -> h: (B, T, D)."""
+    B, T, D = b.shape
+    if T <= 64:
+        out = torch.empty_like(b)
+        h = h0
+        for t in range(T):
+            h = a[:, t] * h + b[:, t]
+            out[:, t] = h
+        return out
+    L = max(16, int(math.isqrt(T)))  # chunk length: L loop steps here, T/L in the carry scan
+    N = -(-T // L)
+    pad = N * L - T
+    if pad:  # padding with a = 1, b = 0 leaves the state unchanged
+        a = torch.cat([a, a.new_ones(B, pad, D)], dim=1)
+        b = torch.cat([b, b.new_zeros(B, pad, D)], dim=1)
+    a = a.view(B, N, L, D)
+    b = b.view(B, N, L, D)
+    # Local scans, every chunk at once, from a zero state.
+    local = torch.empty_like(b)  # (B, N, L, D)
+    h = b[:, :, 0]
+    local[:, :, 0] = h
+    for j in range(1, L):
+        h = a[:, :, j] * h + b[:, :, j]
+        local[:, :, j] = h
+    decay = torch.cumprod(a, dim=2)  # (B, N, L, D): product of decays since the chunk start
+    # The state entering each chunk: a scan over chunks with the chunk's total decay.
+    ends = _scan_forward(decay[:, :, -1], local[:, :, -1], h0)  # (B, N, D)
+    carry = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D)
+    out = local + decay * carry[:, :, None]
+    return out.reshape(B, N * L, D)[:, :T]
+
+
+class _LiquidScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_a, b, h0):
+        a = torch.exp(log_a)
+        h = _scan_forward(a, b, h0)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        B, T, D = h.shape
+        # g_t = dL/dh_t in total: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan.
+        a_next = torch.cat([a[:, 1:], a.new_ones(B, 1, D)], dim=1)
+        g = _scan_forward(a_next.flip(1), dh.flip(1), torch.zeros_like(h0)).flip(1)
+        h_prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
+        d_log_a = g * a * h_prev
+        dh0 = a[:, 0] * g[:, 0]
+        return d_log_a, g, dh0
+
+
+def liquid_scan_chunked(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+    """Chunked parallel scan, same contract as ``liquid_scan_ref``. Computes in fp32 at least."""
+    _check(log_a, b, h0)
+    B, T, D = b.shape
+    dtype = torch.promote_types(b.dtype, torch.float32)
+    h0 = b.new_zeros(B, D, dtype=dtype) if h0 is None else h0.to(dtype)
+    if T == 0:
+        return b.new_zeros(B, 0, D), h0.to(b.dtype)
+    h = _LiquidScan.apply(log_a.to(dtype), b.to(dtype), h0)
+    return h.to(b.dtype), h[:, -1].to(b.dtype)

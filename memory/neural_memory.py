@@ -1,0 +1,147 @@
+"""The Titans neural long-term memory as a module (Behrouz et al. 2025, sections 3.1 and 4.4).
+
+    q_t = l2norm(silu(conv(x_t W_Q))),  k_t = l2norm(silu(conv(x_t W_K))),  v_t = silu(conv(x_t W_V))
+    theta_t = max_lr * sigmoid(x_t w_theta),  eta_t = sigmoid(x_t w_eta),  alpha_t = sigmoid(x_t w_alpha)
+    (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, chunked (kernels.memory_update)
+    out_t = W_O (norm(M_{W_t}(q_t)) * sigmoid(x_t W_G))
+
+per head; every head is an independent memory (an MLP of depth L_M, learned initial weights).
+Usable on its own: ``NeuralMemory(dim=256, heads=4)(x)`` or with a carried ``state``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titans_lnn.kernels import memory_update
+from titans_lnn.kernels.memory_update import mlp_forward
+from titans_lnn.layers import CausalConv, RMSNorm
+
+
+class NeuralMemory(nn.Module):
+    """x: (B, T, dim) -> (B, T, dim).
+
+    The streaming state (a dict) holds per layer l the weights ``w{l}``, the momentum ``s{l}`` and
+    the current chunk's anchor ``a{l}``, each (B, heads, out_l, in_l), plus the convolutions' last
+    inputs. ``pos`` (the number of tokens written so far) fixes where a call starts in its chunk.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
+                 max_lr: float = 0.1, conv_kernel: int = 4, eps: float = 1e-5):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
+        if depth < 1 or chunk_size < 1:
+            raise ValueError(f"NeuralMemory: depth={depth} and chunk_size={chunk_size} must be >= 1")
+        self.dim, self.heads, self.depth, self.chunk_size, self.max_lr = dim, heads, depth, chunk_size, max_lr
+        d = dim // heads
+        hidden = max(1, int(d * hidden_mult))
+        self.layer_shapes = [(d, d)] if depth == 1 else [(hidden, d)] + [(hidden, hidden)] * (depth - 2) + [(d, hidden)]
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.convs = nn.ModuleList([CausalConv(dim, conv_kernel) for _ in range(3)])  # q, k, v
+        self.w_gates = nn.Linear(dim, 3 * heads)  # theta, eta, alpha logits per head
+        self.init_weights_ = nn.ParameterList([nn.Parameter(torch.empty(heads, o, i)) for o, i in self.layer_shapes])
+        self.norm = RMSNorm(d, eps)
+        self.w_gate_out = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.reset_memory_parameters()
+
+    @classmethod
+    def from_config(cls, config) -> "NeuralMemory":
+        c = config
+        return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
+                   chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, conv_kernel=c.conv_kernel, eps=c.norm_eps)
+
+    def reset_memory_parameters(self) -> None:
+        """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
+        as the identity through its residual); gates start at a small learning rate (theta ~ 0.1
+        max_lr), strong momentum (eta ~ 0.9) and slow forgetting (alpha ~ 0.01)."""
+        for i, w in enumerate(self.init_weights_):
+            if self.depth > 1 and i == self.depth - 1:
+                nn.init.zeros_(w)
+            else:
+                nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[-1]))
+        with torch.no_grad():
+            bias = self.w_gates.bias.view(3, self.heads)
+            bias[0].fill_(math.log(0.1 / 0.9))
+            bias[1].fill_(math.log(0.9 / 0.1))
+            bias[2].fill_(math.log(0.01 / 0.99))
+
+    # State.
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        state = {}
+        for i, w in enumerate(self.init_weights_):
+            w0 = w.detach().to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1, -1)
+            state[f"w{i}"] = w0.clone()
+            state[f"s{i}"] = torch.zeros_like(w0)
+            state[f"a{i}"] = w0.clone()
+            state[f"g{i}"] = w0.clone()  # the weights at the start of MAC's current segment
+        for name, conv in zip("qkv", self.convs):
+            state[f"conv_{name}"] = conv.init_state(batch_size, device, dtype)
+        state["conv_r"] = self.convs[0].init_state(batch_size, device, dtype)
+        state["fresh"] = torch.ones(batch_size, device=device, dtype=dtype)
+        return state
+
+    def _weights(self, state: dict, prefix: str) -> tuple[torch.Tensor, ...]:
+        """The state's weight tuple; a fresh state's weights are the learned initial memory (so its
+        gradient reaches the parameters)."""
+        ws = []
+        for i, w in enumerate(self.init_weights_):
+            if prefix != "s":  # weights, anchors and MAC's segment snapshots ("g")
+                fresh = state["fresh"][:, None, None, None]
+                ws.append(fresh * w[None].to(state[f"{prefix}{i}"].dtype) + (1 - fresh) * state[f"{prefix}{i}"])
+            else:
+                ws.append(state[f"{prefix}{i}"])
+        return tuple(ws)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, d)
+
+    def _project(self, x: torch.Tensor, state: dict):
+        q, k, v = self.wqkv(x).chunk(3, dim=-1)
+        new = {}
+        outs = []
+        for name, conv, t in zip("qkv", self.convs, (q, k, v)):
+            t, new[f"conv_{name}"] = conv(t, state[f"conv_{name}"])
+            outs.append(self._split(F.silu(t)))
+        q, k, v = outs
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = y.shape
+        y = self.norm(y).transpose(1, 2).reshape(B, T, H * d)
+        return self.wo(y * torch.sigmoid(self.w_gate_out(x)))
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, pos: int = 0, *, impl: str | None = None):
+        """Write x into the memory token by token and read each token's query after its write.
+        Returns (out (B, T, dim), new state)."""
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        q, k, v, new = self._project(x, state)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        gates = self.w_gates(x).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
+        theta = self.max_lr * torch.sigmoid(gates[0])
+        eta, alpha = torch.sigmoid(gates[1]), torch.sigmoid(gates[2])
+        y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,
+                                   self._weights(state, "w"), self._weights(state, "s"), self._weights(state, "a"),
+                                   chunk_size=self.chunk_size, offset=pos % self.chunk_size, impl=impl)
+        for i in range(self.depth):
+            new[f"w{i}"], new[f"s{i}"], new[f"a{i}"], new[f"g{i}"] = W[i], S[i], A[i], state[f"g{i}"]
+        new["conv_r"] = state["conv_r"]
+        new["fresh"] = torch.zeros_like(state["fresh"])
+        return self._output(y.to(x.dtype), x), new
+
+    def read(self, x: torch.Tensor, state: dict, weights: tuple[torch.Tensor, ...]):
+        """Read without writing: out_t = W_O(norm(M_weights(q_t)) * gate), q from x through its own
+        convolution state ``conv_r``. Returns (out, the updated ``conv_r``)."""
+        q, _, _ = self.wqkv(x).chunk(3, dim=-1)
+        q, conv_r = self.convs[0](q, state["conv_r"])
+        q = F.normalize(self._split(F.silu(q)), dim=-1)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        y = mlp_forward(tuple(w.to(dtype) for w in weights), q.to(dtype))
+        return self._output(y.to(x.dtype), x), conv_r

@@ -1,0 +1,17 @@
+"""titans-lnn: long-context language models with sliding-window attention, a liquid recurrent core
+and a Titans neural long-term memory, streaming to millions of tokens in fixed memory."""
+
+from titans_lnn.attention import SlidingWindowAttention
+from titans_lnn.cells import CfCCell, LTCCell
+from titans_lnn.config import PRESETS, VARIANTS, TitansLNNConfig
+from titans_lnn.liquid import LiquidCore
+from titans_lnn.memory import NeuralMemory, PersistentMemory
+from titans_lnn.model import ModelOutput, TitansLNN
+from titans_lnn.state import ModelState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "VARIANTS", "CfCCell", "LTCCell", "LiquidCore", "ModelOutput", "ModelState", "NeuralMemory",
+    "PersistentMemory", "SlidingWindowAttention", "TitansLNN", "TitansLNNConfig", "__version__",
+]

@@ -1,0 +1,137 @@
+"""The one model config: every field commented, validated in ``__post_init__``, named presets.
+
+A config fully determines the function a model computes (chunk size included: Titans' mini-batch
+chunk changes the memory's updates, not only their speed), so it travels with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+VARIANTS = ("mac", "mag", "mal", "swa", "full", "liquid", "lmm")
+# What each variant contains. mac/mag/mal are the Titans variants (paper section 4) with the liquid
+# core in every block; the rest are the ablations the evaluations compare against.
+_PARTS = {
+    "mac": ("attention", "memory", "liquid"),
+    "mag": ("attention", "memory", "liquid"),
+    "mal": ("attention", "memory", "liquid"),
+    "swa": ("attention",),
+    "full": ("attention",),
+    "liquid": ("liquid",),
+    "lmm": ("memory",),
+}
+
+
+@dataclass
+class TitansLNNConfig:
+    variant: str = "mac"  # one of VARIANTS: mac | mag | mal (Titans), swa | full | liquid | lmm (ablations)
+    vocab_size: int = 256  # byte-level tokenizer by default
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # number of blocks
+    n_heads: int = 4  # attention query heads
+    n_kv_heads: int = 2  # attention key/value heads (grouped-query); must divide n_heads
+    window: int = 128  # attention span W in tokens, self included (MAC: the segment length)
+    n_persistent: int = 4  # persistent memory tokens N_p, an always-visible attention prefix
+    rope_theta: float = 10000.0  # RoPE base
+    mlp_mult: float = 4.0  # hidden width of the feed-forward sub-layer, as a multiple of d_model
+    liquid_expand: int = 1  # liquid core width, as a multiple of d_model
+    liquid_state: int = 8  # state entries per liquid channel (like Mamba's d_state)
+    liquid_tau_min: float = 1.0  # smallest initial time constant of the liquid core (tokens)
+    liquid_tau_max: float = 1000.0  # largest initial time constant of the liquid core (tokens)
+    mem_heads: int = 4  # heads of the neural memory (one independent memory each)
+    mem_depth: int = 2  # L_M: 1 = linear matrix memory, >=2 = MLP with residual
+    mem_hidden_mult: float = 2.0  # hidden width of the MLP memory, as a multiple of its head width
+    mem_chunk: int = 16  # C: tokens per mini-batch of memory gradient steps (part of the function)
+    mem_max_lr: float = 0.1  # upper bound of the data-dependent inner learning rate theta
+    conv_kernel: int = 4  # depthwise causal convolution width after the memory's q/k/v projections
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the input embedding and the LM head
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value, allowed: str) -> ValueError:
+            return ValueError(f"TitansLNNConfig.{field}={value!r} is invalid: expected {allowed}")
+
+        if self.variant not in VARIANTS:
+            raise bad("variant", self.variant, f"one of {', '.join(VARIANTS)}")
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "window",
+                    "liquid_expand", "liquid_state", "mem_heads", "mem_depth", "mem_chunk", "conv_kernel")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, value, "a positive integer")
+        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
+            raise bad("n_persistent", self.n_persistent, "an integer >= 0")
+        if self.n_heads % self.n_kv_heads:
+            raise bad("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise bad("n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even head width")
+        if self.d_model % self.mem_heads:
+            raise bad("mem_heads", self.mem_heads, f"a divisor of d_model={self.d_model}")
+        for name in ("rope_theta", "mlp_mult", "mem_hidden_mult", "mem_max_lr", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise bad(name, value, "a number > 0")
+        if not 0 < self.liquid_tau_min <= self.liquid_tau_max:
+            raise bad("liquid_tau_min", self.liquid_tau_min,
+                      f"a number in (0, liquid_tau_max={self.liquid_tau_max}]")
+
+    # Derived sizes.
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mem_head_dim(self) -> int:
+        return self.d_model // self.mem_heads
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Which components the blocks contain: a subset of ("attention", "memory", "liquid")."""
+        return _PARTS[self.variant]
+
+    @property
+    def full_attention(self) -> bool:
+        """The quadratic baseline: causal attention over everything read so far (no window)."""
+        return self.variant == "full"
+
+    # Presets and (de)serialisation.
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TitansLNNConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+        fields = dict(PRESETS[name])
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TitansLNNConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TitansLNNConfig fields {unknown}: expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "TitansLNNConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    # Unit tests: a few thousand parameters, every code path exercised.
+    "debug": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8, n_persistent=2,
+                  liquid_state=4, mem_heads=2, mem_depth=2, mem_chunk=4, conv_kernel=3, mlp_mult=2.0),
+    # CPU demos and the needle-in-a-haystack main job (about 1.6M parameters).
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, window=128, n_persistent=4,
+                 liquid_state=8, mem_heads=2, mem_depth=2, mem_chunk=16),
+    # GPU runs (about 100M parameters).
+    "small": dict(d_model=640, n_layers=12, n_heads=10, n_kv_heads=2, window=512, n_persistent=16,
+                  liquid_state=16, mem_heads=10, mem_depth=2, mem_chunk=64, vocab_size=256),
+}

@@ -1,0 +1,72 @@
+"""Small building blocks shared by the model's sub-layers: RMSNorm, RoPE, SwiGLU MLP, and a
+depthwise causal convolution that carries its last inputs as streaming state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g. x: (..., D)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+def rope(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """Rotate pairs of channels of x: (B, H, T, D) by angle (pos + t) * theta^(-2i/D).
+
+    The angles are computed in float64: at a position of millions, a float32 product loses the
+    fraction of a radian that RoPE's low-frequency pairs carry.
+    """
+    B, H, T, D = x.shape
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)  # (D/2,)
+    t = torch.arange(pos, pos + T, dtype=torch.float64, device=x.device)
+    ang = t[:, None] * inv_freq[None]  # (T, D/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, D/2, 2)
+    return out.flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    """y = W_2 (silu(W_1 x) * W_3 x). x: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim: int, mult: float):
+        super().__init__()
+        hidden = int(dim * mult * 2 / 3 + 7) // 8 * 8  # same parameters as a 4x GELU MLP at mult=4
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution: y_t = sum_j w_j * x_{t-j} + b, j < K. x: (B, T, D).
+
+    Its streaming state is the last K - 1 inputs, (B, K - 1, D), zeros before the sequence.
+    """
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=True)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch_size, self.kernel - 1, self.conv.in_channels, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
+        y = self.conv(xx.transpose(1, 2)).transpose(1, 2)  # (B, T, D)
+        return y, xx[:, xx.shape[1] - (self.kernel - 1):]

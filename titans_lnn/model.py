@@ -1,0 +1,204 @@
+"""TitansLNN: token embedding -> blocks -> RMSNorm -> LM head, with a carried streaming state.
+
+    out = model(input_ids, labels=None, state=None, dt=None)
+    out.logits (B, T, V); out.loss (next-token cross-entropy; ``labels[b, t]`` is the target of the
+    prediction at position t, -100 ignored); out.state (pass it to the next call to continue).
+
+Feeding a sequence in pieces with the state gives the logits of one pass over the whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titans_lnn.blocks import Block
+from titans_lnn.config import TitansLNNConfig
+from titans_lnn.layers import RMSNorm
+from titans_lnn.state import ModelState
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None  # scalar, when labels were given
+    state: ModelState  # the state after the last token
+
+
+class TitansLNN(nn.Module):
+    def __init__(self, config: TitansLNNConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.fingerprint = hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for linear and embedding weights, zero biases; projections that write
+        into the residual stream are scaled by 1/sqrt(2 n_layers) (GPT-2); then the memory and the
+        liquid core set their own parameters (initial memory, gate biases, time constants)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2", "w_out", "proj")) else 1
+                nn.init.normal_(module.weight, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            for reset in ("reset_memory_parameters", "reset_liquid_parameters"):
+                if hasattr(module, reset):
+                    getattr(module, reset)()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # State.
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> ModelState:
+        """A fresh state for ``batch_size`` sequences (fp32 by default, on the model's device)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
+        device = device if device is not None else self.embed.weight.device
+        layers = [block.init_state(batch_size, device, dtype) for block in self.blocks]
+        return ModelState(0, batch_size, self.fingerprint, layers)
+
+    def _check_inputs(self, input_ids, labels, state, dt) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int16,
+                                                                               torch.uint8, torch.int64):
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an integer tensor (torch.long); got {got}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, time); got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is an empty sequence (time dimension 0): expected at least one token")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, "
+                                 f"{self.config.vocab_size})")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if dt is not None and dt.shape != input_ids.shape:
+            raise ValueError(f"dt shape {tuple(dt.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if state is not None:
+            if not isinstance(state, ModelState):
+                raise TypeError(f"state must be a ModelState from model.init_state(); got {type(state).__name__}")
+            if state.fingerprint != self.fingerprint:
+                raise ValueError(f"state was made by a model with another config (fingerprint {state.fingerprint}, "
+                                 f"this model's is {self.fingerprint})")
+            if state.batch_size != input_ids.shape[0]:
+                raise ValueError(f"state holds batch_size={state.batch_size} sequences but input_ids has batch "
+                                 f"{input_ids.shape[0]}")
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                state: ModelState | None = None, dt: torch.Tensor | None = None) -> ModelOutput:
+        self._check_inputs(input_ids, labels, state, dt)
+        B, T = input_ids.shape
+        if state is None:
+            state = self.init_state(B)
+        x = self.embed(input_ids.long())  # (B, T, d)
+        layers = []
+        for block, layer_state in zip(self.blocks, state.layers):
+            x, new = block(x, layer_state, state.pos, dt)
+            layers.append(new)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(B * T, -1), labels.reshape(B * T).long(), ignore_index=-100)
+        return ModelOutput(logits, loss, ModelState(state.pos + T, B, self.fingerprint, layers))
+
+    # Generation.
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, state: ModelState | None = None,
+                 generator: torch.Generator | None = None, return_state: bool = False):
+        """Continue ``input_ids`` (B, T) by ``max_new_tokens`` tokens, reading the prompt once and then
+        one token per step with the fixed-size state as the cache. temperature=0 is greedy.
+        Returns (B, T + max_new_tokens) ids (and the final state when ``return_state``)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        out = self(input_ids, state=state)
+        tokens = [input_ids]
+        logits, state = out.logits[:, -1], out.state
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            tokens.append(nxt.to(input_ids.dtype))
+            if i + 1 < max_new_tokens:
+                out = self(nxt, state=state)
+                logits, state = out.logits[:, -1], out.state
+            else:
+                state = self(nxt, state=state).state if return_state else state
+        ids = torch.cat(tokens, dim=1)
+        return (ids, state) if return_state else ids
+
+    # Saving.
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (atomic renames)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
+        save_file(weights, tmp, metadata={"format": "pt", "fingerprint": self.fingerprint})
+        _fsync_replace(tmp, os.path.join(directory, WEIGHTS_NAME))
+        tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(self.config.to_json())
+        _fsync_replace(tmp, os.path.join(directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "TitansLNN":
+        from safetensors.torch import load_file
+
+        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (cfg_path, w_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
+        with open(cfg_path) as f:
+            config = TitansLNNConfig.from_dict(json.load(f))
+        model = cls(config)
+        model.load_state_dict(load_file(w_path, device=str(map_location)))
+        return model.to(map_location)
+
+
+def _fsync_replace(tmp: str, path: str) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T)
+    restricted to the top_k tokens and to the smallest set with probability >= top_p. -> (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

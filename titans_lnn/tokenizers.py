@@ -1,0 +1,219 @@
+"""Tokenizers: bytes (the default), nucleotides (DNA), and any local Hugging Face ``tokenizers`` file.
+
+Every tokenizer follows the small :class:`Tokenizer` protocol: ``encode(str) -> np.ndarray`` (1-D,
+uint8 when the vocabulary fits in a byte, int32 otherwise), ``decode(ids) -> str``, ``vocab_size``,
+``name`` and ``to_dict()``. ``tokenizer_from_dict(tok.to_dict())`` rebuilds an equal tokenizer
+(a Hugging Face tokenizer carries its whole JSON, so a checkpoint does not depend on the file).
+
+    get_tokenizer("byte")                 # UTF-8 bytes, vocab 256
+    get_tokenizer("nucleotide")           # A C G T N + record separator, vocab 6
+    get_tokenizer("path/tokenizer.json")  # tokenizers.Tokenizer.from_file, imported lazily
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest storage dtype of our token arrays: uint8 up to 256 ids, int32 beyond."""
+    return np.dtype(np.uint8) if vocab_size <= 256 else np.dtype(np.int32)
+
+
+def _check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
+    """ids (list, numpy array or torch tensor, 1-D) -> int64 numpy array, every id in [0, vocab_size)."""
+    if hasattr(ids, "detach"):  # a torch tensor, without importing torch here
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} tokenizer: decode expects a 1-D sequence of ids, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} tokenizer: decode expects integer ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{name} tokenizer: id {int(arr[i])} at position {i} is out of range "
+                         f"[0, {vocab_size})")
+    return arr
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocab 256). Decoding invalid UTF-8 (a cut multi-byte character) gives U+FFFD."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+    def decode(self, ids) -> str:
+        arr = _check_ids(ids, self.vocab_size, self.name)
+        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"type": "byte"}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+# Nucleotide ids. SEP marks a record (chromosome, contig) boundary; its text form is a newline.
+NUCLEOTIDE_VOCAB = ("A", "C", "G", "T", "N", "\n")
+A_ID, C_ID, G_ID, T_ID, N_ID, SEP_ID = range(len(NUCLEOTIDE_VOCAB))
+# IUPAC codes that name more than one base: they all become N (as do N and n themselves).
+IUPAC_AMBIGUOUS = "RYSWKMBDHVN"
+
+
+def nucleotide_table(values: dict[str, int], invalid: int) -> bytes:
+    """A 256-entry ``bytes.translate`` table: A/C/G/T (U as T), either case, IUPAC codes -> N, else invalid."""
+    table = bytearray([invalid]) * 256
+    for base in "ACGT":
+        table[ord(base)] = table[ord(base.lower())] = values[base]
+    table[ord("U")] = table[ord("u")] = values["T"]
+    for code in IUPAC_AMBIGUOUS:
+        table[ord(code)] = table[ord(code.lower())] = values["N"]
+    return bytes(table)
+
+
+_INVALID = 0xFF
+_ENCODE_TABLE = bytearray(nucleotide_table({b: NUCLEOTIDE_VOCAB.index(b) for b in "ACGTN"}, _INVALID))
+_ENCODE_TABLE[ord("\n")] = SEP_ID
+_ENCODE_TABLE = bytes(_ENCODE_TABLE)
+_DECODE = np.frombuffer("".join(NUCLEOTIDE_VOCAB).encode("ascii"), dtype=np.uint8)
+
+
+class NucleotideTokenizer:
+    """DNA: A C G T N and a record separator (newline), vocab 6.
+
+    Lower case folds to upper case, U to T, and the IUPAC ambiguity codes (R Y S W K M B D H V) to N,
+    so ``decode(encode(s))`` is ``s`` upper-cased with those codes as N. Any other character (a space,
+    a gap '-', a protein letter) is an error naming it and its position.
+    """
+
+    name = "nucleotide"
+    vocab_size = len(NUCLEOTIDE_VOCAB)
+
+    def encode(self, text: str) -> np.ndarray:
+        raw = text.encode("utf-8")
+        ids = raw.translate(_ENCODE_TABLE)
+        bad = ids.find(_INVALID)
+        if bad >= 0:
+            if text.isascii():
+                pos, char = bad, text[bad]
+            else:
+                pos, char = next((i, c) for i, c in enumerate(text)
+                                 if len(c.encode("utf-8")) > 1 or _ENCODE_TABLE[ord(c)] == _INVALID)
+            raise ValueError(f"nucleotide tokenizer: invalid character {char!r} at position {pos} "
+                             f"(expected A, C, G, T, U, an IUPAC code, or a newline between records)")
+        return np.frombuffer(ids, dtype=np.uint8).copy()
+
+    def decode(self, ids) -> str:
+        arr = _check_ids(ids, self.vocab_size, self.name)
+        return _DECODE[arr].tobytes().decode("ascii")
+
+    def to_dict(self) -> dict:
+        return {"type": "nucleotide"}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NucleotideTokenizer)
+
+    def __repr__(self) -> str:
+        return "NucleotideTokenizer()"
+
+
+def _import_hf_tokenizers(what: str):
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(f"{what} needs the 'tokenizers' package: pip install tokenizers "
+                          f"(or pip install 'titans-lnn[data]')") from e
+    return tokenizers
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer (from a local JSON file). No special tokens are added."""
+
+    def __init__(self, tokenizer, *, path: str | None = None):
+        self._tok = tokenizer
+        self.path = path
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.name = f"hf:{os.path.basename(path)}" if path else "hf"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "HFTokenizer":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+        tokenizers = _import_hf_tokenizers(f"reading the tokenizer file {path!r}")
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises plain Exception on a bad file
+            raise ValueError(f"tokenizer file {path!r} is not a valid tokenizers JSON file: {e}") from e
+        return cls(tok, path=path)
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=token_dtype(self.vocab_size))
+
+    def decode(self, ids) -> str:
+        arr = _check_ids(ids, self.vocab_size, self.name)
+        return self._tok.decode(arr.tolist(), skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "path": self.path, "json": self._tok.to_str()}
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Inverse of ``Tokenizer.to_dict()``."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "nucleotide":
+        return NucleotideTokenizer()
+    if kind == "hf":
+        if "json" not in d:
+            raise ValueError("hf tokenizer dict has no 'json' entry")
+        tokenizers = _import_hf_tokenizers("rebuilding a Hugging Face tokenizer")
+        return HFTokenizer(tokenizers.Tokenizer.from_str(d["json"]), path=d.get("path"))
+    raise ValueError(f"unknown tokenizer dict {d!r}: expected 'type' to be 'byte', 'nucleotide' or 'hf'")
+
+
+def get_tokenizer(spec) -> Tokenizer:
+    """'byte', 'nucleotide', a path to a tokenizers JSON file, or a tokenizer (returned as is)."""
+    if not isinstance(spec, (str, os.PathLike)) and isinstance(spec, Tokenizer):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"tokenizer spec must be a string or a path, got {type(spec).__name__}: {spec!r}")
+    spec = os.fspath(spec)
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "nucleotide":
+        return NucleotideTokenizer()
+    if os.path.exists(spec) or spec.endswith(".json") or os.sep in spec:
+        return HFTokenizer.from_file(spec)
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'byte', 'nucleotide' or a path to a "
+                     f"Hugging Face tokenizers JSON file")
