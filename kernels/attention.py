@@ -105,7 +105,8 @@ def sliding_window_attention_blocked(q, k, v, *, window, sink_k=None, sink_v=Non
         e = min(T, s + block)
         ks, ke = int(lo_all[s]), P + e  # keys this block can see (lo is non-decreasing in position)
         key_idx = torch.arange(ks, ke, device=q.device)
-        mask = (key_idx[None] >= lo_all[s:e, None]) & (key_idx[None] <= (P + torch.arange(s, e, device=q.device))[:, None])
+        q_idx = P + torch.arange(s, e, device=q.device)  # key index of each query
+        mask = (key_idx[None] >= lo_all[s:e, None]) & (key_idx[None] <= q_idx[:, None])
         qb = qg[:, :, :, s:e]  # (B, G, rep, bq, D)
         scores = [torch.einsum("bgrqd,bgkd->bgrqk", qb, k[:, :, ks:ke]).masked_fill(~mask, float("-inf"))]
         if k2 is not None:

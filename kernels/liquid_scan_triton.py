@@ -2,8 +2,8 @@
 
 Same contract as ``liquid_scan_ref``: ``(log_a, b, h0) -> (h, h_last)``, with a Triton backward:
 
-    g_t = dh_t + a_{t+1} g_{t+1}   (g_T = dh_last)     d_log_a_t = g_t a_t h_{t-1}
-    db_t = g_t                                           dh0 = a_1 g_1
+    g_t = dh_t + a_{t+1} g_{t+1}   (+ dh_last at t = T)     d_log_a_t = g_t a_t h_{t-1}
+    db_t = g_t                                                dh0 = a_1 g_1
 
 Layout of the work (fla's ``fused_recurrent`` design). Each program owns one batch row, one block
 of BD channels and one span of time, and walks its span step by step with the state in fp32
@@ -31,7 +31,6 @@ calling ``liquid_scan_triton`` without it raises ``RuntimeError``.
 from __future__ import annotations
 
 import torch
-
 from titans_lnn.kernels.liquid_scan import _check
 from titans_lnn.kernels.triton_utils import (
     autotune,
@@ -46,6 +45,7 @@ from titans_lnn.kernels.triton_utils import (
     require_triton,
     triton_available,
 )
+from torch.autograd.function import once_differentiable
 
 _MIN_SPAN = 256  # steps per span at least when splitting over time: the carry pass stays cheap
 
@@ -82,9 +82,10 @@ if triton_available():
         if HAS_INIT:
             b_h = tl.load(h_init + o_span, mask=m_d, other=0.).to(tl.float32)
         b_decay = tl.full([BD], 1.0, dtype=tl.float32)
-        for i_t in range(0, S):
+        for i_t in range(S):
             # Past T (the last span's tail) loads give a = 1, b = 0: the state is left as is.
-            m_t = m_d & (t_first + i_t < T)
+            # (tl.where, not `m_d & scalar`: the interpreter turns the latter into int32.)
+            m_t = tl.where(t_first + i_t < T, m_d, False)
             b_a = tl.exp(tl.load(p_log_a, mask=m_t, other=0.).to(tl.float32))
             b_h = b_a * b_h + tl.load(p_b, mask=m_t, other=0.).to(tl.float32)
             if SUMMARY:
@@ -99,7 +100,7 @@ if triton_available():
             tl.store(span_end + o_span, b_h, mask=m_d)
         else:
             p_last = h_last + i_b64 * D + o_d
-            tl.store(p_last, b_h.to(p_last.dtype.element_ty), mask=m_d & (i_s == NS - 1))
+            tl.store(p_last, b_h.to(p_last.dtype.element_ty), mask=tl.where(i_s == NS - 1, m_d, False))
 
     @autotune(configs=_CONFIGS, key=["BD", "HAS_H0", "SUMMARY"])
     @triton.jit
@@ -133,16 +134,16 @@ if triton_available():
         if HAS_H0:
             b_h0 = tl.load(h0 + i_b64 * D + o_d, mask=m_d, other=0.).to(tl.float32)
         b_decay = tl.full([BD], 1.0, dtype=tl.float32)
-        for i_t in range(0, S):
+        for i_t in range(S):
             t = t_last - i_t
-            m_t = m_d & (t < T)
+            m_t = tl.where(t < T, m_d, False)
             b_g = b_c + tl.load(p_dh, mask=m_t, other=0.).to(tl.float32)
             b_a = tl.exp(tl.load(p_log_a, mask=m_t, other=0.).to(tl.float32))
             b_c = b_a * b_g
             if SUMMARY:
                 b_decay = b_decay * b_a
             else:
-                b_hp = tl.load(p_hp, mask=m_t & (t > 0), other=0.).to(tl.float32)
+                b_hp = tl.load(p_hp, mask=tl.where(t > 0, m_t, False), other=0.).to(tl.float32)
                 b_hp = tl.where(t > 0, b_hp, b_h0)
                 tl.store(p_dla, (b_c * b_hp).to(p_dla.dtype.element_ty), mask=m_t)
                 tl.store(p_db, b_g.to(p_db.dtype.element_ty), mask=m_t)
@@ -156,7 +157,7 @@ if triton_available():
             tl.store(span_end + o_span, b_c, mask=m_d)
         elif STORE_DH0:
             p_dh0 = dh0 + i_b64 * D + o_d
-            tl.store(p_dh0, b_c.to(p_dh0.dtype.element_ty), mask=m_d & (i_s == 0))
+            tl.store(p_dh0, b_c.to(p_dh0.dtype.element_ty), mask=tl.where(i_s == 0, m_d, False))
 
     @triton.jit
     def _liquid_scan_carry_kernel(
@@ -171,7 +172,7 @@ if triton_available():
         b_s = tl.zeros([BD], dtype=tl.float32)
         if HAS_INIT:
             b_s = tl.load(init + i_b64 * D + o_d, mask=m_d, other=0.).to(tl.float32)
-        for i_k in range(0, NS):
+        for i_k in range(NS):
             if REVERSE:
                 i_s = NS - 1 - i_k
             else:
@@ -193,7 +194,7 @@ def _num_spans(B: int, T: int, D: int, splits: int | None, device: torch.device)
         if device.type != "cuda" or is_interpreting() or programs >= 2 * num_sms(device):
             return 1
         splits = min(cdiv(4 * num_sms(device), programs), T // _MIN_SPAN)
-    S = cdiv(T, max(1, min(splits, T)))  # steps per span
+    S = cdiv(T, max(1, min(splits, T, 65535)))  # steps per span (65535: the grid's y limit)
     return cdiv(T, S)
 
 
@@ -252,6 +253,7 @@ class _LiquidScanTriton(torch.autograd.Function):
         return h, h_last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh, dh_last):
         log_a, h, h0 = ctx.saved_tensors
         need_dh0 = h0 is not None and ctx.needs_input_grad[2]

@@ -6,11 +6,16 @@ The memory is an MLP whose weights W = (W_1, ..., W_L) are the state, one per (b
 For each token t, with data-dependent gates theta_t (learning rate), eta_t (momentum), alpha_t
 (forgetting):
     g_t = grad_W ||M_A(k_t) - v_t||^2            at the anchor A (see below)
+    g_t <- g_t * min(1, max_grad_norm / ||g_t||)  (each token's gradient clipped in norm, all layers)
     S_t = eta_t S_{t-1} - theta_t g_t             (surprise with momentum)
     W_t = (1 - alpha_t) W_{t-1} + S_t             (update with forgetting)
     y_t = M_{W_t}(q_t)                            (read after the write, no update)
 The sequence is split into chunks of C tokens and the anchor A is the weights at the start of the
 token's chunk (mini-batch gradient descent, as in the paper); C = 1 is the exact per-token update.
+Clipping each token's gradient (as titans-pytorch's ``max_grad_norm``) bounds every step: without
+it, an outer training run that raises theta drives the inner descent unstable (an MLP's curvature
+grows with its own weights) and the memory's weights blow up. Clipping only rescales theta_t, so the
+closed form below is unchanged. ``max_grad_norm=None`` turns it off.
 A call may start inside a chunk (streaming): ``offset`` tokens of the current chunk were consumed
 by earlier calls, whose anchor is passed in.
 
@@ -24,7 +29,7 @@ product delta_i x_i^T per layer, so the weights after token t of the chunk are
     W_t = beta_t W_0 + (D_beta E)_t S_0 - sum_i Cm[t, i] delta_i x_i^T,
 with beta_t, E_t the products of (1 - alpha) and eta since the chunk start, D_beta[t, s] = beta_t / beta_s
 and D_E[s, i] = E_s / E_i for i <= s <= t (formed from log-decays, so they never overflow) and
-Cm = (D_beta @ D_E) * theta. Reading W_t x for every t is then attention-like:
+Cm = (D_beta @ D_E) * theta (theta after clipping). Reading W_t x for every t is then attention-like:
 beta_t W_0 x_t + (D_beta E)_t S_0 x_t - ((Cm * (X_hat X^T)) @ Delta)_t.
 """
 
@@ -49,6 +54,13 @@ def _silu_grad(z):
     return s * (1 + z * (1 - s))
 
 
+def _clip_scale(sq_norm: torch.Tensor, max_grad_norm: float | None) -> torch.Tensor:
+    """min(1, max_grad_norm / ||g||) from the squared norm ||g||^2 (any shape)."""
+    if max_grad_norm is None:
+        return torch.ones_like(sq_norm)
+    return torch.clamp(max_grad_norm * torch.rsqrt(sq_norm.clamp_min(1e-30)), max=1.0)
+
+
 def _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset):
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"memory_update: q, k must be (B, H, T, Dk) and v (B, H, T, Dv); got q {tuple(q.shape)}, "
@@ -62,7 +74,8 @@ def _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, of
         raise ValueError(f"memory_update: offset={offset} must be in [0, chunk_size={chunk_size})")
 
 
-def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0):
+def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0,
+                      max_grad_norm=None):
     """Per-token reference; gradients of the inner loss by autograd (differentiable end to end)."""
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     W, S, A = list(weights), list(momentum), list(anchor)
@@ -75,6 +88,8 @@ def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, 
             pred = mlp_forward(A_, k[:, :, t:t + 1])
             loss = (pred - v[:, :, t:t + 1]).pow(2).sum()
             grads = torch.autograd.grad(loss, A_, create_graph=torch.is_grad_enabled())
+        sq = sum(g.pow(2).sum((-2, -1)) for g in grads)  # (B, H)
+        grads = [g * _clip_scale(sq, max_grad_norm)[..., None, None] for g in grads]
         th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         S = [et * s - th * g for s, g in zip(S, grads)]
         W = [(1 - al) * w + s for w, s in zip(W, S)]
@@ -83,32 +98,32 @@ def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, 
     return y, tuple(W), tuple(S), tuple(A)
 
 
-def _chunk_coefficients(theta, eta, alpha):
-    """Decay bookkeeping for chunks. theta, eta, alpha: (..., L) -> beta, E, DbE, Cm.
+def _chunk_coefficients(eta, alpha):
+    """Decay bookkeeping for chunks. eta, alpha: (..., L) -> beta, E, DbE, D, D_E.
 
     beta_t = prod_{j<=t}(1 - alpha_j), E_t = prod_{j<=t} eta_j: (..., L);
-    DbE[t] = sum_{s<=t} beta_t / beta_s E_s: (..., L); Cm[t, i] = theta_i sum_{i<=s<=t} (beta_t/beta_s)(E_s/E_i).
+    DbE[t] = sum_{s<=t} beta_t / beta_s E_s: (..., L);
+    D[t, i] = sum_{i<=s<=t} (beta_t/beta_s)(E_s/E_i): (..., L, L), so that Cm = D * theta.
     """
-    L = theta.shape[-1]
-    tiny = torch.finfo(theta.dtype).tiny
+    L = eta.shape[-1]
+    tiny = torch.finfo(eta.dtype).tiny
     log_b = torch.log1p(-alpha.clamp(max=1 - 1e-7)).cumsum(-1)
     log_e = torch.log(eta.clamp_min(tiny)).cumsum(-1)
-    causal = torch.ones(L, L, dtype=torch.bool, device=theta.device).tril()
+    causal = torch.ones(L, L, dtype=torch.bool, device=eta.device).tril()
     d_beta = torch.where(causal, log_b[..., :, None] - log_b[..., None, :], float("-inf")).exp()  # (..., L, L)
     d_e = torch.where(causal, log_e[..., :, None] - log_e[..., None, :], float("-inf")).exp()
     E = log_e.exp()
     dbe = (d_beta @ E[..., None])[..., 0]
-    cm = (d_beta @ d_e) * theta[..., None, :]
-    return log_b.exp(), E, dbe, cm, d_e
+    return log_b.exp(), E, dbe, d_beta @ d_e, d_e
 
 
-def _chunk(q, k, v, theta, coeffs, W0, S0, A, last):
+def _chunk(q, k, v, theta, coeffs, W0, S0, A, last, max_grad_norm):
     """One chunk of L tokens (row ``last`` is the last real token; later rows are padding).
 
     q, k: (B, H, L, Dk); v: (B, H, L, Dv); coeffs from ``_chunk_coefficients`` for this chunk.
     Returns y (B, H, L, Dv) and the weights and momentum after token ``last``.
     """
-    beta, E, dbe, cm, d_e = coeffs
+    beta, E, dbe, dd, d_e = coeffs
     n = len(A)
     # Forward at the anchor on the keys; keep each layer's input x_l and pre-activation z_l.
     xs, zs = [], []
@@ -126,6 +141,10 @@ def _chunk(q, k, v, theta, coeffs, W0, S0, A, last):
         deltas[i] = delta
         if i:
             delta = torch.einsum("bhoi,bhlo->bhli", A[i], delta) * _silu_grad(zs[i - 1])
+    # Clip each token's gradient: sum over layers of ||delta_l||^2 ||x_l||^2 is ||g||^2.
+    sq = sum(d.pow(2).sum(-1) * x.pow(2).sum(-1) for d, x in zip(deltas, xs))  # (B, H, L)
+    theta = theta * _clip_scale(sq, max_grad_norm)
+    cm = dd * theta[..., None, :]
     # Read y_t = M_{W_t}(q_t) at the per-token weights.
     h = q
     for i in range(n):
@@ -146,7 +165,8 @@ def _chunk(q, k, v, theta, coeffs, W0, S0, A, last):
     return y, W, S
 
 
-def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0):
+def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0,
+                          max_grad_norm=None):
     """Chunk-parallel form of ``memory_update_ref``: same contract, a Python loop over chunks only."""
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     B, H, T, _ = q.shape
@@ -158,8 +178,9 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
     if offset:  # finish the chunk that an earlier call started, with its anchor
         L = min(T, chunk_size - offset)
         sl = slice(0, L)
-        coeffs = _chunk_coefficients(theta[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
-        y, W, S = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], coeffs, W, S, A, L - 1)
+        coeffs = _chunk_coefficients(eta[:, :, sl], alpha[:, :, sl])
+        y, W, S = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], coeffs, W, S, A, L - 1,
+                         max_grad_norm)
         ys.append(y)
         start = L
     rest = T - start
@@ -176,11 +197,11 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
 
         qc, kc, vc, th = chunks(q), chunks(k), chunks(v), chunks(theta)
         # Decay bookkeeping for every chunk at once; padded tokens have theta = 0 and are never read.
-        coeffs = _chunk_coefficients(th, chunks(eta), chunks(alpha))
+        coeffs = _chunk_coefficients(chunks(eta), chunks(alpha))
         for c in range(N):
             last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
             y, W, S = _chunk(qc[:, :, c], kc[:, :, c], vc[:, :, c], th[:, :, c],
-                             tuple(x[:, :, c] for x in coeffs), W, S, A, last)
+                             tuple(x[:, :, c] for x in coeffs), W, S, A, last, max_grad_norm)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
     return torch.cat(ys, dim=2), tuple(W), tuple(S), tuple(A)

@@ -25,13 +25,13 @@ POISON_ENV = "TITANS_LNN_POISON_OUTPUTS"
 _TRUE = {"1", "true", "yes", "on", "y"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works. Never raises (a broken install counts as missing)."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install failing in its own import code
+    except Exception:  # noqa: BLE001 - a broken install can fail with anything in its import code
         return False
     return True
 
@@ -91,7 +91,7 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on a CUDA device (sizes grids); 1 on CPU."""
     if device.type != "cuda":

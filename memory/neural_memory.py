@@ -1,8 +1,10 @@
 """The Titans neural long-term memory as a module (Behrouz et al. 2025, sections 3.1 and 4.4).
 
+    x_t <- RMSNorm(x_t)    (MAC writes attention outputs, whose scale is arbitrary)
     q_t = l2norm(silu(conv(x_t W_Q))),  k_t = l2norm(silu(conv(x_t W_K))),  v_t = silu(conv(x_t W_V))
     theta_t = max_lr * sigmoid(x_t w_theta),  eta_t = sigmoid(x_t w_eta),  alpha_t = sigmoid(x_t w_alpha)
-    (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, chunked (kernels.memory_update)
+    (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
+              to max_grad_norm, chunked (kernels.memory_update)
     out_t = W_O (norm(M_{W_t}(q_t)) * sigmoid(x_t W_G))
 
 per head; every head is an independent memory (an MLP of depth L_M, learned initial weights).
@@ -16,9 +18,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from titans_lnn.kernels import memory_update
 from titans_lnn.kernels.memory_update import mlp_forward
+
 from titans_lnn.layers import CausalConv, RMSNorm
 
 
@@ -31,16 +33,18 @@ class NeuralMemory(nn.Module):
     """
 
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
-                 max_lr: float = 0.1, conv_kernel: int = 4, eps: float = 1e-5):
+                 max_lr: float = 0.2, max_grad_norm: float | None = 2.0, conv_kernel: int = 4, eps: float = 1e-5):
         super().__init__()
         if dim % heads:
             raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
         if depth < 1 or chunk_size < 1:
             raise ValueError(f"NeuralMemory: depth={depth} and chunk_size={chunk_size} must be >= 1")
         self.dim, self.heads, self.depth, self.chunk_size, self.max_lr = dim, heads, depth, chunk_size, max_lr
+        self.max_grad_norm = max_grad_norm
         d = dim // heads
         hidden = max(1, int(d * hidden_mult))
         self.layer_shapes = [(d, d)] if depth == 1 else [(hidden, d)] + [(hidden, hidden)] * (depth - 2) + [(d, hidden)]
+        self.norm_in = RMSNorm(dim, eps)
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.convs = nn.ModuleList([CausalConv(dim, conv_kernel) for _ in range(3)])  # q, k, v
         self.w_gates = nn.Linear(dim, 3 * heads)  # theta, eta, alpha logits per head
@@ -51,10 +55,11 @@ class NeuralMemory(nn.Module):
         self.reset_memory_parameters()
 
     @classmethod
-    def from_config(cls, config) -> "NeuralMemory":
+    def from_config(cls, config) -> NeuralMemory:
         c = config
         return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
-                   chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, conv_kernel=c.conv_kernel, eps=c.norm_eps)
+                   chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_grad_norm=c.mem_max_grad_norm,
+                   conv_kernel=c.conv_kernel, eps=c.norm_eps)
 
     def reset_memory_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
@@ -103,7 +108,7 @@ class NeuralMemory(nn.Module):
         return x.view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, d)
 
     def _project(self, x: torch.Tensor, state: dict):
-        q, k, v = self.wqkv(x).chunk(3, dim=-1)
+        q, k, v = self.wqkv(self.norm_in(x)).chunk(3, dim=-1)
         new = {}
         outs = []
         for name, conv, t in zip("qkv", self.convs, (q, k, v)):
@@ -129,7 +134,8 @@ class NeuralMemory(nn.Module):
         eta, alpha = torch.sigmoid(gates[1]), torch.sigmoid(gates[2])
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,
                                    self._weights(state, "w"), self._weights(state, "s"), self._weights(state, "a"),
-                                   chunk_size=self.chunk_size, offset=pos % self.chunk_size, impl=impl)
+                                   chunk_size=self.chunk_size, offset=pos % self.chunk_size,
+                                   max_grad_norm=self.max_grad_norm, impl=impl)
         for i in range(self.depth):
             new[f"w{i}"], new[f"s{i}"], new[f"a{i}"], new[f"g{i}"] = W[i], S[i], A[i], state[f"g{i}"]
         new["conv_r"] = state["conv_r"]
@@ -139,7 +145,7 @@ class NeuralMemory(nn.Module):
     def read(self, x: torch.Tensor, state: dict, weights: tuple[torch.Tensor, ...]):
         """Read without writing: out_t = W_O(norm(M_weights(q_t)) * gate), q from x through its own
         convolution state ``conv_r``. Returns (out, the updated ``conv_r``)."""
-        q, _, _ = self.wqkv(x).chunk(3, dim=-1)
+        q, _, _ = self.wqkv(self.norm_in(x)).chunk(3, dim=-1)
         q, conv_r = self.convs[0](q, state["conv_r"])
         q = F.normalize(self._split(F.silu(q)), dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)

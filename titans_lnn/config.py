@@ -44,7 +44,8 @@ class TitansLNNConfig:
     mem_depth: int = 2  # L_M: 1 = linear matrix memory, >=2 = MLP with residual
     mem_hidden_mult: float = 2.0  # hidden width of the MLP memory, as a multiple of its head width
     mem_chunk: int = 16  # C: tokens per mini-batch of memory gradient steps (part of the function)
-    mem_max_lr: float = 0.1  # upper bound of the data-dependent inner learning rate theta
+    mem_max_lr: float = 0.2  # upper bound of the data-dependent inner learning rate theta
+    mem_max_grad_norm: float | None = 2.0  # clip each token's inner gradient to this norm (None: off)
     conv_kernel: int = 4  # depthwise causal convolution width after the memory's q/k/v projections
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the input embedding and the LM head
@@ -74,6 +75,9 @@ class TitansLNNConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise bad(name, value, "a number > 0")
+        if self.mem_max_grad_norm is not None and not (isinstance(self.mem_max_grad_norm, (int, float))
+                                                       and self.mem_max_grad_norm > 0):
+            raise bad("mem_max_grad_norm", self.mem_max_grad_norm, "a number > 0 or None")
         if not 0 < self.liquid_tau_min <= self.liquid_tau_max:
             raise bad("liquid_tau_min", self.liquid_tau_min,
                       f"a number in (0, liquid_tau_max={self.liquid_tau_max}]")
@@ -99,7 +103,7 @@ class TitansLNNConfig:
 
     # Presets and (de)serialisation.
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TitansLNNConfig":
+    def from_preset(cls, name: str, **overrides) -> TitansLNNConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
         fields = dict(PRESETS[name])
@@ -113,14 +117,14 @@ class TitansLNNConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TitansLNNConfig":
+    def from_dict(cls, data: dict) -> TitansLNNConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TitansLNNConfig fields {unknown}: expected a subset of {sorted(known)}")
         return cls(**data)
 
-    def replace(self, **changes) -> "TitansLNNConfig":
+    def replace(self, **changes) -> TitansLNNConfig:
         return dataclasses.replace(self, **changes)
 
 

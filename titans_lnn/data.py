@@ -79,8 +79,7 @@ def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 (optionally gzipped) text file, newlines normalised to ``\\n``."""
     path = Path(path)
     data = _read_bytes(path)
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -146,8 +145,7 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
 
 def is_fasta_path(path: str | os.PathLike) -> bool:
     name = Path(path).name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = name.removesuffix(".gz")
     return name.endswith(FASTA_SUFFIXES)
 
 
@@ -208,7 +206,7 @@ class Corpus:
     tokenizer: Tokenizer = field(repr=False)
 
     @classmethod
-    def from_documents(cls, name: str, docs: list[tuple[str, np.ndarray]], tokenizer: Tokenizer) -> "Corpus":
+    def from_documents(cls, name: str, docs: list[tuple[str, np.ndarray]], tokenizer: Tokenizer) -> Corpus:
         if not docs:
             raise ValueError(f"corpus {name!r} has no documents")
         dtype = token_dtype(tokenizer.vocab_size)

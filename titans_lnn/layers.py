@@ -62,6 +62,15 @@ class CausalConv(nn.Module):
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=True)
+        self.reset_conv_parameters()
+
+    def reset_conv_parameters(self) -> None:
+        """Start as the identity (current-token tap 1, others and bias 0): a random bias would give
+        every token nearly the same memory key, and a chunk of identical keys is a 16x step."""
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, -1] = 1.0
+            self.conv.bias.zero_()
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(batch_size, self.kernel - 1, self.conv.in_channels, device=device, dtype=dtype)

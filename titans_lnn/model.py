@@ -58,7 +58,7 @@ class TitansLNN(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         for module in self.modules():
-            for reset in ("reset_memory_parameters", "reset_liquid_parameters"):
+            for reset in ("reset_memory_parameters", "reset_liquid_parameters", "reset_conv_parameters"):
                 if hasattr(module, reset):
                     getattr(module, reset)()
 
@@ -66,11 +66,13 @@ class TitansLNN(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # State.
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> ModelState:
-        """A fresh state for ``batch_size`` sequences (fp32 by default, on the model's device)."""
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """A fresh state for ``batch_size`` sequences, on the model's device, in the parameters'
+        dtype but never below fp32 (the memory's weights accumulate many small updates)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
         device = device if device is not None else self.embed.weight.device
+        dtype = dtype if dtype is not None else torch.promote_types(self.embed.weight.dtype, torch.float32)
         layers = [block.init_state(batch_size, device, dtype) for block in self.blocks]
         return ModelState(0, batch_size, self.fingerprint, layers)
 
@@ -165,7 +167,7 @@ class TitansLNN(nn.Module):
         _fsync_replace(tmp, os.path.join(directory, CONFIG_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "TitansLNN":
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TitansLNN:
         from safetensors.torch import load_file
 
         cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)

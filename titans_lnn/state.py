@@ -40,12 +40,12 @@ class ModelState:
     fingerprint: str
     layers: list[dict] = field(default_factory=list)
 
-    def detach(self) -> "ModelState":
+    def detach(self) -> ModelState:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
         return ModelState(self.pos, self.batch_size, self.fingerprint,
                           [_map(layer, lambda t: t.detach()) for layer in self.layers])
 
-    def to(self, *args, **kwargs) -> "ModelState":
+    def to(self, *args, **kwargs) -> ModelState:
         return ModelState(self.pos, self.batch_size, self.fingerprint,
                           [_map(layer, lambda t: t.to(*args, **kwargs)) for layer in self.layers])
 
@@ -79,7 +79,7 @@ class ModelState:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device=None) -> "ModelState":
+    def load(cls, path: str | os.PathLike, device=None) -> ModelState:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:

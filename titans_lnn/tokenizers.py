@@ -161,7 +161,7 @@ class HFTokenizer:
         self.name = f"hf:{os.path.basename(path)}" if path else "hf"
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "HFTokenizer":
+    def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")

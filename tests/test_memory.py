@@ -1,0 +1,152 @@
+"""The Titans memory: chunked form == per-token reference (forward and backward), C = 1 is the exact
+per-token update, the closed-form gradient equals autograd, and the module streams."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref, mlp_forward
+from titans_lnn.memory import NeuralMemory, PersistentMemory
+
+
+def _inputs(B=2, H=2, T=13, D=5, depth=2, hidden=7, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k = F.normalize(r(B, H, T, D), dim=-1), F.normalize(r(B, H, T, D), dim=-1)
+    v = r(B, H, T, D)
+    u = lambda: torch.rand(B, H, T, generator=g, dtype=torch.float64)  # noqa: E731
+    theta, eta, alpha = 0.1 * u(), u(), 0.1 * u()
+    shapes = [(D, D)] if depth == 1 else [(hidden, D)] + [(hidden, hidden)] * (depth - 2) + [(D, hidden)]
+    W = tuple(0.3 * r(B, H, *s) for s in shapes)
+    S = tuple(0.05 * r(B, H, *s) for s in shapes)
+    A = tuple(w + 0.05 * r(*w.shape) for w in W)
+    tensors = [q, k, v, theta, eta, alpha, *W, *S, *A]
+    if grad:
+        for t in tensors:
+            t.requires_grad_()
+    n = len(shapes)
+    return tensors, n
+
+
+def _call(fn, tensors, n, C, offset, **kw):
+    q, k, v, theta, eta, alpha = tensors[:6]
+    W, S, A = tensors[6:6 + n], tensors[6 + n:6 + 2 * n], tensors[6 + 2 * n:]
+    y, W, S, A = fn(q, k, v, theta, eta, alpha, tuple(W), tuple(S), tuple(A), chunk_size=C, offset=offset, **kw)
+    return [y, *W, *S, *A]
+
+
+CASES = [(1, 1, 0), (13, 1, 0), (13, 4, 0), (13, 4, 3), (20, 5, 2), (65, 8, 0), (63, 16, 0), (3, 8, 5)]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda d: f"depth{d}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-C{}-off{}".format(*c))
+def test_chunked_matches_reference(depth, case, clip, close):
+    T, C, offset = case
+    tensors, n = _inputs(T=T, depth=depth, grad=True)
+    ref = _call(memory_update_ref, tensors, n, C, offset, max_grad_norm=clip)
+    got = _call(memory_update_chunked, tensors, n, C, offset, max_grad_norm=clip)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        close(a, b, 1e-9, f"output {i}")
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in ref]
+    g_ref = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ref, ws)), tensors, allow_unused=True)
+    g_got = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, ws)), tensors, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_ref, g_got)):
+        if a is None:
+            assert b is None or b.abs().max() == 0
+            continue
+        close(a, b, 1e-9, f"grad {i}")
+
+
+def test_chunk_one_is_the_exact_per_token_update():
+    """With C = 1 every gradient is taken at the previous token's weights: a hand-written loop."""
+    tensors, n = _inputs(T=9, depth=2, seed=3)
+    q, k, v, theta, eta, alpha = tensors[:6]
+    W, S = list(tensors[6:6 + n]), list(tensors[6 + n:6 + 2 * n])
+    ys = []
+    for t in range(q.shape[2]):
+        Wg = [w.clone().requires_grad_() for w in W]
+        loss = (mlp_forward(Wg, k[:, :, t:t + 1]) - v[:, :, t:t + 1]).pow(2).sum()
+        grads = torch.autograd.grad(loss, Wg)
+        S = [eta[:, :, t, None, None] * s - theta[:, :, t, None, None] * g for s, g in zip(S, grads)]
+        W = [(1 - alpha[:, :, t, None, None]) * w + s for w, s in zip(W, S)]
+        ys.append(mlp_forward(W, q[:, :, t:t + 1]))
+    got = _call(memory_update_chunked, tensors, n, 1, 0)
+    torch.testing.assert_close(got[0], torch.cat(ys, 2))
+    for a, b in zip(got[1:1 + n], W):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_closed_form_gradient_equals_autograd(depth):
+    """One token, theta = 1, eta = alpha = 0, S = 0: the update is W - grad, so the chunked form's
+    closed-form gradient can be read off and compared with autograd's."""
+    tensors, n = _inputs(B=1, H=3, T=1, depth=depth, seed=7)
+    q, k, v = tensors[:3]
+    ones, zeros = torch.ones(1, 3, 1, dtype=torch.float64), torch.zeros(1, 3, 1, dtype=torch.float64)
+    W = tuple(tensors[6:6 + n])
+    S = tuple(torch.zeros_like(w) for w in W)
+    _, W_new, _, _ = memory_update_chunked(q, k, v, ones, zeros, zeros, W, S, W, chunk_size=4)
+    Wg = [w.clone().requires_grad_() for w in W]
+    grads = torch.autograd.grad((mlp_forward(Wg, k) - v).pow(2).sum(), Wg)
+    for w, w_new, g in zip(W, W_new, grads):
+        torch.testing.assert_close(w - w_new, g)
+
+
+@given(T=st.integers(1, 60), C=st.integers(1, 12), split=st.integers(0, 60), seed=st.integers(0, 50))
+def test_streamed_calls_equal_one_call(T, C, split, seed):
+    """Two calls carrying (weights, momentum, anchor) and the offset equal one call, at any split."""
+    split = min(split, T)
+    tensors, n = _inputs(T=T, depth=2, seed=seed)
+    q, k, v, theta, eta, alpha = tensors[:6]
+    W, S = tuple(tensors[6:6 + n]), tuple(tensors[6 + n:6 + 2 * n])
+    y, W1, S1, _ = memory_update_chunked(q, k, v, theta, eta, alpha, W, S, W, chunk_size=C)
+    part = lambda x, s: x[:, :, s]  # noqa: E731
+    a, b = slice(0, split), slice(split, T)
+    ya, Wa, Sa, Aa = memory_update_chunked(*(part(x, a) for x in (q, k, v, theta, eta, alpha)), W, S, W, chunk_size=C)
+    yb, Wb, Sb, _ = memory_update_chunked(*(part(x, b) for x in (q, k, v, theta, eta, alpha)), Wa, Sa, Aa,
+                                          chunk_size=C, offset=split % C)
+    torch.testing.assert_close(torch.cat([ya, yb], 2), y)
+    for x1, x2 in zip(W1 + S1, Wb + Sb):
+        torch.testing.assert_close(x1, x2)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_module_streams_and_learns_at_test_time(depth):
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, heads=2, depth=depth, chunk_size=4).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    whole, state = mem(x)
+    s = mem.init_state(2, dtype=torch.float64)
+    y1, s = mem(x[:, :10], s, pos=0)
+    y2, s = mem(x[:, 10:], s, pos=10)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), whole)
+    assert not torch.equal(state["w0"], mem.init_state(2, dtype=torch.float64)["w0"])  # it wrote something
+
+
+def test_module_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="heads=3 must divide dim=16"):
+        NeuralMemory(16, heads=3)
+    with pytest.raises(ValueError, match="n_tokens=0"):
+        PersistentMemory(0, 8)
+
+
+def test_clipping_bounds_every_step():
+    """With clipping, one token moves the weights by at most theta * max_grad_norm (eta = alpha = 0)."""
+    tensors, n = _inputs(B=1, H=2, T=1, depth=2, seed=9)
+    q, k, v = tensors[:3]
+    v = 100 * v  # a huge error, so an unclipped gradient is huge
+    ones, zeros = torch.ones(1, 2, 1, dtype=torch.float64), torch.zeros(1, 2, 1, dtype=torch.float64)
+    W = tuple(tensors[6:6 + n])
+    S = tuple(torch.zeros_like(w) for w in W)
+    _, W_new, _, _ = memory_update_chunked(q, k, v, ones, zeros, zeros, W, S, W, chunk_size=1, max_grad_norm=0.25)
+    step = sum((a - b).pow(2).sum((-2, -1)) for a, b in zip(W, W_new)).sqrt()
+    torch.testing.assert_close(step, torch.full_like(step, 0.25))
+
+
+def test_offset_out_of_range_is_named():
+    tensors, n = _inputs(T=3, depth=1)
+    with pytest.raises(ValueError, match="offset=4"):
+        _call(lambda *a, **k: memory_update_chunked(*a, **{**k, "offset": 4}), tensors, n, 4, 0)

@@ -1,0 +1,752 @@
+"""Training: one config dataclass (``TrainConfig``), a ``Trainer`` and ``train(cfg)``.
+
+    from titans_lnn.train import TrainConfig, train
+    result = train(TrainConfig(model_preset="tiny", data="kjv", steps=200, out="runs/kjv"))
+
+What a run does:
+- Long context by truncated backpropagation through the carried state: the batch's B streams read
+  documents of ``segments`` consecutive segments of ``seq_len`` tokens (``StreamSampler``); the model
+  state is carried from segment to segment, re-initialised where a document starts (``reset``) and
+  detached every ``bptt`` segments, so gradients reach ``bptt`` segments back while the memory is read
+  across the whole document. ``segments=0`` reads the training split as B unbroken streams.
+- AdamW (weight decay on matrices only) with linear warm-up and cosine decay to ``min_lr_ratio * lr``,
+  gradient clipping, accumulation over ``accum`` windows of ``bptt`` segments; bf16 autocast on CUDA,
+  fp32 on CPU; seeded, and on CPU deterministic (a resumed run repeats an uninterrupted one bit for bit).
+- A tqdm bar (loss, tokens/s, ETA); metrics to ``<out>/metrics.jsonl`` (and TensorBoard when installed);
+  held-out evaluation every ``eval_every`` steps: loss and bits per token (per byte / per base for the
+  byte / nucleotide tokenizers), the state carried across ``eval_batches`` consecutive segments.
+- Checkpoints (``titans_lnn.checkpoint``: atomic, checksummed, pickle-free) in ``<out>/checkpoints``:
+  weights, optimizer and scheduler state, RNG states, sampler position, the carried state, both configs
+  and the tokenizer; the last ``keep`` are kept. SIGINT/SIGTERM finish the step, save and stop; a corrupt
+  latest checkpoint is skipped for the previous one. At the end ``<out>/model`` holds a
+  ``TitansLNN.from_pretrained`` directory (plus ``tokenizer.json``).
+- Several processes under ``torchrun``: DDP or FSDP2 (``fully_shard``). ``batch_size`` is global: each
+  of the W processes takes B / W rows of the same global batch, so a run gives the same losses whatever
+  W is (to float tolerance) and resumes across a change of W.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from titans_lnn.checkpoint import (
+    atomic_write,
+    flatten_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
+from titans_lnn.config import PRESETS, VARIANTS, TitansLNNConfig
+from titans_lnn.data import StreamSampler, load_corpus
+from titans_lnn.model import TitansLNN
+from titans_lnn.state import ModelState
+from titans_lnn.tokenizers import get_tokenizer, tokenizer_from_dict
+
+# Fields whose change makes a checkpoint's data position meaningless: a resume must keep them.
+DATA_FIELDS = ("data", "data_format", "val_fraction", "split_by", "batch_size", "seq_len", "segments", "seed")
+# Fields a resumed CLI run takes from the invocation, never from the checkpoint.
+RUN_FIELDS = ("out", "resume", "stop_at", "progress", "tensorboard", "device", "distributed")
+
+
+@dataclass
+class TrainConfig:
+    # The model: a preset, a variant and field overrides (vocab_size defaults to the tokenizer's).
+    model_preset: str = "tiny"  # one of titans_lnn.config.PRESETS: debug | tiny | small
+    variant: str | None = None  # one of VARIANTS (mac, mag, mal, swa, full, liquid, lmm); None: the preset's
+    model_overrides: dict = field(default_factory=dict)  # TitansLNNConfig fields, e.g. {"d_model": 64}
+    # Data.
+    data: str = "kjv"  # "kjv", "ecoli-k12", "ecoli-ec590", or a text/FASTA file or folder
+    data_format: str = "auto"  # how files are read: auto (by name) | text | fasta
+    tokenizer: str | None = None  # byte | nucleotide | a tokenizers JSON path; None: the corpus' default
+    val_fraction: float = 0.01  # share of the corpus held out for evaluation (never trained on)
+    split_by: str = "tail"  # held-out split: "tail" (the last tokens) or "document" (whole documents)
+    # Batches and long context.
+    batch_size: int = 8  # sequences per micro-batch, over all processes together (divisible by their number)
+    seq_len: int = 256  # tokens per segment (one forward call)
+    segments: int = 1  # consecutive segments per document, state carried; 0: one unbroken stream per row
+    bptt: int = 1  # segments per backward pass (truncated BPTT length); the state is detached between
+    accum: int = 1  # backward passes accumulated per optimizer step
+    # Optimisation.
+    steps: int = 1000  # optimizer steps in the whole run
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    warmup: int | None = None  # linear warm-up steps; None: 5% of steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weights with >= 2 dims only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    # Evaluation, logging and checkpoints.
+    eval_every: int | None = None  # steps between held-out evaluations (and at 0 and the end); None: steps / 10
+    eval_batches: int = 8  # consecutive held-out segments per evaluation (state carried across them)
+    log_every: int = 10  # steps between metric lines in metrics.jsonl
+    save_every: int | None = None  # steps between checkpoints (and at the end); None: steps / 4, at most 1000
+    keep: int = 3  # checkpoints kept (the newest)
+    out: str = "runs/titans-lnn"  # output folder: checkpoints/, metrics.jsonl, model/
+    resume: str | None = None  # None: a new run; "auto": the newest valid checkpoint in out (if any); a path
+    stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted (time-boxed jobs)
+    # Runtime.
+    seed: int = 0  # seeds the model init and the data order
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    distributed: str = "auto"  # with WORLD_SIZE > 1: auto (= ddp) | ddp | fsdp; ignored in one process
+    progress: bool = True  # show a tqdm progress bar (rank 0)
+    tensorboard: bool = True  # also log to <out>/tensorboard when the tensorboard package is installed
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected {allowed}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.model_preset not in PRESETS:
+            raise bad("model_preset", f"one of {', '.join(PRESETS)}")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise bad("variant", f"None or one of {', '.join(VARIANTS)}")
+        if not isinstance(self.model_overrides, dict):
+            raise bad("model_overrides", "a dict of TitansLNNConfig fields")
+        known = {f.name for f in dataclasses.fields(TitansLNNConfig)}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise bad("model_overrides", f"TitansLNNConfig fields; unknown: {', '.join(unknown)}")
+        if "variant" in self.model_overrides:
+            raise bad("model_overrides", "no 'variant' entry (use TrainConfig.variant)")
+        try:
+            self.model_config()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"TrainConfig.model_overrides={self.model_overrides!r} is invalid: {e}") from None
+        for name in ("data", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, "a non-empty string")
+        if self.data_format not in ("auto", "text", "fasta"):
+            raise bad("data_format", "auto, text or fasta")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise bad("tokenizer", "None, 'byte', 'nucleotide' or a path to a tokenizers JSON file")
+        if not is_num(self.val_fraction) or not 0 < self.val_fraction < 1:
+            raise bad("val_fraction", "a number in (0, 1)")
+        if self.split_by not in ("tail", "document"):
+            raise bad("split_by", "tail or document")
+        for name in ("batch_size", "seq_len", "bptt", "accum", "steps", "eval_batches", "log_every", "keep"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        if not is_int(self.segments) or self.segments < 0:
+            raise bad("segments", "an integer >= 0 (0: unbroken streams)")
+        if self.segments and self.bptt > self.segments:
+            raise bad("bptt", f"at most segments={self.segments} (the state is re-initialised every document)")
+        for name in ("warmup", "eval_every", "save_every", "stop_at"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < (0 if name == "warmup" else 1)):
+                raise bad(name, f"None or an integer >= {0 if name == 'warmup' else 1}")
+        for name, lo, hi in (("lr", 0, None), ("min_lr_ratio", 0, 1), ("weight_decay", 0, None),
+                             ("beta1", 0, 1), ("beta2", 0, 1), ("grad_clip", 0, None)):
+            v = getattr(self, name)
+            if not is_num(v) or v < lo or (hi is not None and v > hi) or (name == "lr" and v == 0):
+                raise bad(name, f"a number in {'(' if name == 'lr' else '['}{lo}, {hi if hi is not None else 'inf'}"
+                                f"{']' if hi is not None else ')'}")
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
+            raise bad("resume", "None, 'auto' or a checkpoint path")
+        if not is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "an integer >= 0")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or self.device.startswith("cuda:")):
+            raise bad("device", "auto, cpu, cuda or cuda:N")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise bad("dtype", "auto, fp32 or bf16")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            raise bad("distributed", "auto, ddp or fsdp")
+
+    # Derived values.
+    @property
+    def warmup_steps(self) -> int:
+        return round(0.05 * self.steps) if self.warmup is None else self.warmup
+
+    @property
+    def eval_interval(self) -> int:
+        return max(1, self.steps // 10) if self.eval_every is None else self.eval_every
+
+    @property
+    def save_interval(self) -> int:
+        return min(1000, max(1, self.steps // 4)) if self.save_every is None else self.save_every
+
+    def model_config(self, vocab_size: int | None = None) -> TitansLNNConfig:
+        """The model config: the preset, the variant, then the overrides; vocab_size from the tokenizer
+        unless overridden."""
+        fields = dict(self.model_overrides)
+        if self.variant is not None:
+            fields["variant"] = self.variant
+        if vocab_size is not None:
+            fields.setdefault("vocab_size", vocab_size)
+        return TitansLNNConfig.from_preset(self.model_preset, **fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}: expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last completed optimizer step
+    losses: dict[int, float]  # training loss of every step this call ran
+    evals: list[dict]  # held-out evaluations this call ran
+    stopped: str | None  # None: ran to cfg.steps; "SIGINT" / "SIGTERM"; "stop_at"
+    checkpoint: Path | None  # the last checkpoint written
+    model_dir: Path | None  # <out>/model when the run finished
+    tokens_per_s: float  # training throughput of this call (all processes)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier before optimizer step ``step`` (0-based): linear warm-up to 1 over
+    ``warmup`` steps, then a half cosine down to ``min_ratio`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: None for a new run; "auto": the newest valid one in
+    ``<out>/checkpoints`` or None; a checkpoint folder, or a folder of them (its newest valid one)."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(Path(cfg.out) / "checkpoints")
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint or folder")
+    if list_checkpoints(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"--resume {cfg.resume}: no valid checkpoint in this folder "
+                                    f"(all are incomplete or corrupt)")
+        return found
+    return path
+
+
+def saved_train_config(checkpoint: str | os.PathLike) -> dict:
+    """The TrainConfig dict stored in a checkpoint (verified first)."""
+    return load_checkpoint(checkpoint).meta["train_config"]
+
+
+# ----------------------------------------------------------------------------- state helpers
+
+
+def _tree_map(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _tree_map(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _state_map(state: ModelState, fn, batch_size: int | None = None) -> ModelState:
+    return ModelState(state.pos, batch_size or state.batch_size, state.fingerprint,
+                      [_tree_map(layer, fn) for layer in state.layers])
+
+
+class _Stop(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig (processes, data, model, optimizer, resume) and
+    runs it with ``fit()``."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._init_distributed()
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        resume_from = resolve_resume(cfg)
+        if resume_from is None and cfg.resume is None and latest_checkpoint(self.ckpt_dir) is not None:
+            raise FileExistsError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that "
+                                  f"run, or choose another --out")
+        self._init_data()
+        self._init_model()
+        self.step = 0
+        self.tokens_seen = 0
+        self.state: ModelState | None = None  # the carried training state (this process' rows)
+        self._stop_signal: str | None = None
+        if resume_from is not None:
+            self._load(resume_from)
+        elif self.rank == 0 and cfg.resume == "auto":
+            print(f"titans-lnn train: no checkpoint in {self.ckpt_dir}; starting a new run")
+
+    # --- setup
+
+    def _init_distributed(self) -> None:
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.owns_group = False
+        if world > 1 and not dist.is_initialized():
+            cuda = torch.cuda.is_available() and cfg.device != "cpu"
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.owns_group = True
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.mode = "none" if self.world == 1 else ("ddp" if cfg.distributed == "auto" else cfg.distributed)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is invalid: expected a multiple of the "
+                             f"number of processes ({self.world}); batch_size is the global batch")
+        self.local_batch = cfg.batch_size // self.world
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.device == "auto":
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        else:
+            device = f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
+            else contextlib.nullcontext
+
+    def _init_data(self) -> None:
+        cfg = self.cfg
+        self.corpus = load_corpus(cfg.data, cfg.tokenizer, format=cfg.data_format)
+        self.tokenizer = self.corpus.tokenizer
+        train, val = self.corpus.split(cfg.val_fraction, seed=cfg.seed, by=cfg.split_by)
+        T, B = cfg.seq_len, cfg.batch_size
+        try:
+            self.sampler = StreamSampler(train, B, T, doc_len=cfg.segments * T or None, seed=cfg.seed)
+        except ValueError as e:
+            raise ValueError(f"corpus {cfg.data!r}: its training split ({len(train)} tokens) is too small for "
+                             f"batch_size={B}, seq_len={T}, segments={cfg.segments}: {e}") from None
+        eval_rows = min(B, len(val) // (T + 1))
+        if eval_rows < 1:
+            raise ValueError(f"corpus {cfg.data!r}: the held-out split has {len(val)} tokens, fewer than "
+                             f"seq_len + 1 = {T + 1}: raise val_fraction (now {cfg.val_fraction}) or lower seq_len")
+        self.val_sampler = StreamSampler(val, eval_rows, T, seed=cfg.seed)
+        self.eval_steps = min(cfg.eval_batches, self.val_sampler.steps_per_epoch)
+        self.bits_name = {"byte": "val_bpb", "nucleotide": "val_bits_per_base"}.get(self.tokenizer.name)
+
+    def _init_model(self) -> None:
+        cfg = self.cfg
+        self.model_config = cfg.model_config(self.tokenizer.vocab_size)
+        if self.model_config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model vocab_size={self.model_config.vocab_size} is smaller than the tokenizer's "
+                             f"({self.tokenizer.vocab_size}, {self.tokenizer.name})")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.module = TitansLNN(self.model_config).to(self.device)
+        self.wrapped = self.module
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.module, device_ids=ids)
+        elif self.mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the state's views; never in place
+            for block in self.module.blocks:
+                fully_shard(block)
+            fully_shard(self.module)
+        matrices = [p for p in self.module.parameters() if p.dim() >= 2]
+        others = [p for p in self.module.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda" or None)
+        warmup, total, ratio = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, total, ratio))
+
+    def _fresh_state(self, batch_size: int) -> ModelState:
+        state = self.module.init_state(batch_size)
+        if self.mode == "fsdp":  # the memory's initial weights come from sharded parameters
+            from torch.distributed.tensor import DTensor
+
+            state = _state_map(state, lambda t: t.full_tensor() if isinstance(t, DTensor) else t)
+        return state
+
+    # --- distributed helpers
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _gather_rows(self, state: ModelState) -> ModelState:
+        """The carried state of every process, rows in rank order (the global batch)."""
+        if self.world == 1:
+            return state
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            x = t.detach().to(torch.uint8) if t.dtype == torch.bool else t.detach()  # gloo has no bool
+            parts = [torch.empty_like(x) for _ in range(self.world)]
+            dist.all_gather(parts, x.contiguous())
+            return torch.cat(parts).to(t.dtype)
+
+        return _state_map(state, gather, self.cfg.batch_size)
+
+    # --- checkpoints
+
+    def _state_dicts(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.wrapped, options=opts),
+                get_optimizer_state_dict(self.wrapped, self.optimizer, options=opts))
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (every process takes part; rank 0 writes)."""
+        model_sd, optim_sd = self._state_dicts()
+        carried = self._gather_rows(self.state) if self.state is not None else None
+        if self.rank != 0:
+            self._barrier()
+            return None
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        tree = {"model": model_sd, "optim": optim_sd, "rng": rng,
+                "carried": None if carried is None else {"pos": carried.pos, "layers": carried.layers}}
+        tensors, skeleton = flatten_state(tree)
+        meta = {"state": skeleton, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "train_config": self.cfg.to_dict(), "model_config": self.model_config.to_dict(),
+                "tokenizer": self.tokenizer.to_dict(), "tokens_seen": self.tokens_seen, "world_size": self.world}
+        path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep_last=self.cfg.keep)
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _check_compatible(self, path: Path, meta: dict) -> None:
+        saved, now = meta["model_config"], self.model_config.to_dict()
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume from {path}: its model config differs from this run's "
+                             f"({'; '.join(diff)}); use the same --model-preset/--variant/--set, or a new --out")
+        saved_tok = tokenizer_from_dict(meta["tokenizer"])
+        if meta["tokenizer"] != self.tokenizer.to_dict():
+            raise ValueError(f"cannot resume from {path}: it was trained with the tokenizer {saved_tok!r}, this "
+                             f"run uses {self.tokenizer!r}; pass the same --tokenizer, or a new --out")
+        tc, mine = meta["train_config"], self.cfg.to_dict()
+        diff = [f"{k}: checkpoint {tc.get(k)!r} vs now {mine[k]!r}" for k in DATA_FIELDS if tc.get(k) != mine[k]]
+        if diff:
+            raise ValueError(f"cannot resume from {path}: the data setup differs ({'; '.join(diff)}), so its "
+                             f"data position means nothing here; use the same settings, or a new --out")
+
+    def _load(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        ckpt = load_checkpoint(path)
+        self._check_compatible(path, ckpt.meta)
+        tree = unflatten_state(ckpt.tensors, ckpt.meta["state"])
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.wrapped, tree["model"], options=opts)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, tree["optim"], options=opts)
+        self.scheduler.load_state_dict(ckpt.meta["scheduler"])
+        self.sampler.load_state_dict(ckpt.meta["sampler"])
+        rng = tree["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_tuples(rng["python"]))
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        carried = tree["carried"]
+        if carried is not None:
+            rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+            layers = [_tree_map(layer, lambda t: t[rows].to(self.device)) for layer in carried["layers"]]
+            self.state = ModelState(int(carried["pos"]), self.local_batch, self.module.fingerprint, layers)
+        self.step, self.tokens_seen = ckpt.step, int(ckpt.meta["tokens_seen"])
+        if self.rank == 0:
+            print(f"titans-lnn train: resumed from {path} (step {self.step})")
+
+    # --- training
+
+    def _next_segment(self):
+        batch = next(self.sampler)
+        rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        x = batch.input_ids[rows].to(self.device, non_blocking=True)  # (b, T)
+        y = batch.labels[rows].to(self.device, non_blocking=True)  # (b, T)
+        reset = batch.reset[rows]
+        if self.state is None or bool(reset.all()):
+            self.state = self._fresh_state(self.local_batch)
+        elif bool(reset.any()):
+            # A row's attention cache cannot be emptied alone (the rows share its length).
+            raise RuntimeError("a batch resets some streams but not others; the trainer's samplers never do")
+        return x, y
+
+    def _sync(self, final: bool):
+        """DDP: all-reduce gradients only in the backward of the step's last forward (no_sync before)."""
+        if self.mode == "ddp" and not final:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over accum x bptt segments. Returns (mean loss, gradient norm) on this
+        process."""
+        cfg = self.cfg
+        self.wrapped.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for i in range(cfg.accum):
+            last = i == cfg.accum - 1
+            window = 0.0
+            for j in range(cfg.bptt):
+                x, y = self._next_segment()
+                with self._sync(last and j == cfg.bptt - 1), self.autocast():
+                    out = self.wrapped(x, labels=y, state=self.state)
+                self.state = out.state
+                window = window + out.loss
+            if self.mode == "fsdp":
+                self.wrapped.set_requires_gradient_sync(last)
+            loss = window / (cfg.bptt * cfg.accum)
+            loss.backward()
+            self.state = self.state.detach()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip or float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += cfg.accum * cfg.bptt * cfg.batch_size * cfg.seq_len
+        return float(total), float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss over ``eval_steps`` consecutive segments of the validation streams, the state
+        carried across them (rows split over the processes). Deterministic: always the same tokens."""
+        self.module.eval()
+        rows = self.val_sampler.batch_size
+        mine = torch.arange(rows).tensor_split(self.world)[self.rank] if rows >= self.world else torch.arange(rows)
+        state, loss_sum, count = None, 0.0, 0
+        for k in range(self.eval_steps):
+            batch = self.val_sampler.batch_at(k)
+            x, y = batch.input_ids[mine].to(self.device), batch.labels[mine].to(self.device)
+            state = state if state is not None else self._fresh_state(len(mine))
+            with self.autocast():
+                out = self.module(x, labels=y, state=state)
+            state = out.state
+            loss_sum += float(out.loss) * y.numel()
+            count += y.numel()
+        loss_sum, count = self._all_reduce([loss_sum, float(count)])
+        loss = loss_sum / count
+        metrics = {"step": self.step, "val_loss": loss, "val_bits_per_token": loss / math.log(2),
+                   "val_tokens": int(count) // (1 if rows >= self.world else self.world)}
+        if self.bits_name:
+            metrics[self.bits_name] = loss / math.log(2)
+        return metrics
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step with a checkpoint (what SIGINT / SIGTERM call)."""
+        self._stop_signal = reason
+
+    @contextlib.contextmanager
+    def _signals(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.request_stop(signal.Signals(signum).name)
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    def fit(self) -> TrainResult:
+        """Train from ``self.step`` to ``cfg.steps`` (or a stop). Returns what happened."""
+        cfg = self.cfg
+        log = _MetricsLog(self.out, self.step, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
+        if self.rank == 0:
+            atomic_write(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        losses, evals, ckpt, stopped = {}, [], None, None
+        bar = _progress(cfg, self.step, enabled=self.rank == 0 and cfg.progress)
+        train_time, train_tokens, window_t, window_tokens = 0.0, 0, 0.0, 0
+        step_tokens = cfg.accum * cfg.bptt * cfg.batch_size * cfg.seq_len
+        try:
+            with self._signals():
+                if self.step == 0 and self.step < cfg.steps:
+                    evals.append(self._eval_and_log(log, bar))
+                while self.step < cfg.steps:
+                    t0 = time.perf_counter()
+                    loss, norm = self.train_step()
+                    loss, stop = self._all_reduce([loss / self.world, float(self._stop_signal is not None)])
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    train_time, train_tokens = train_time + dt, train_tokens + step_tokens
+                    window_t, window_tokens = window_t + dt, window_tokens + step_tokens
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"the training loss is {loss} at step {self.step}: lower --lr "
+                                                 f"(now {cfg.lr}) or --grad-clip; the last checkpoint is in "
+                                                 f"{self.ckpt_dir}")
+                    losses[self.step] = loss
+                    tok_s = window_tokens / window_t
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        log.write({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                   "grad_norm": norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s})
+                        window_t, window_tokens = 0.0, 0
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                        evals.append(self._eval_and_log(log, bar))
+                    if stop and self._stop_signal is None:
+                        self._stop_signal = "signal on another process"
+                    if self._stop_signal is not None or self.step == cfg.stop_at:
+                        stopped = self._stop_signal or "stop_at"
+                        raise _Stop
+                    if self.step % cfg.save_interval == 0 or self.step == cfg.steps:
+                        ckpt = self.save() or ckpt
+        except _Stop:
+            ckpt = self.save() or ckpt
+            if self.rank == 0:
+                bar.write(f"titans-lnn train: stopped ({stopped}) after step {self.step}; checkpoint "
+                          f"{ckpt}; continue with --resume")
+        finally:
+            bar.close()
+            log.close()
+        model_dir = None
+        if stopped is None and self.step >= cfg.steps:
+            model_dir = self.save_model()
+        return TrainResult(self.step, losses, evals, stopped, ckpt, model_dir,
+                           train_tokens / train_time if train_time else 0.0)
+
+    def _eval_and_log(self, log, bar) -> dict:
+        metrics = self.evaluate()
+        log.write(metrics)
+        if self.rank == 0:
+            bits = metrics.get(self.bits_name or "val_bits_per_token")
+            bar.write(f"step {self.step}: val_loss {metrics['val_loss']:.4f}  "
+                      f"{(self.bits_name or 'val_bits_per_token')[4:]} {bits:.4f}")
+        return metrics
+
+    def save_model(self) -> Path | None:
+        """``<out>/model``: a ``TitansLNN.from_pretrained`` directory plus ``tokenizer.json``."""
+        model_sd, _ = self._state_dicts() if self.mode == "fsdp" else ({}, None)
+        if self.rank != 0:
+            self._barrier()
+            return None
+        directory = self.out / "model"
+        module = self.module
+        if self.mode == "fsdp":
+            module = TitansLNN(self.model_config)
+            module.load_state_dict(model_sd)
+        module.save_pretrained(directory)
+        atomic_write(directory / "tokenizer.json", json.dumps(self.tokenizer.to_dict()))
+        self._barrier()
+        return directory
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tuples(x):
+    """JSON turned random.getstate()'s tuples into lists; it wants them back."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class _MetricsLog:
+    """``<out>/metrics.jsonl`` (one JSON object a line) and TensorBoard scalars, on rank 0. A resumed
+    run first drops the lines of steps after its checkpoint (a killed run may have logged past it)."""
+
+    def __init__(self, out: Path, step: int, *, enabled: bool, tensorboard: bool):
+        self.file, self.tb = None, None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.jsonl"
+        kept = []
+        if step > 0 and path.exists():
+            for line in path.read_text("utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line + "\n")
+                except ValueError:  # a line cut by a kill
+                    continue
+        atomic_write(path, "".join(kept))
+        self.file = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        record = {**record, "time": round(time.time(), 3)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(cfg: TrainConfig, step: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="train")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run described by ``cfg``; see the module docstring."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_factor", "resolve_resume", "saved_train_config", "train"]
