@@ -1,16 +1,18 @@
 """Triton form of the Titans memory update (Behrouz et al. 2025, eqs. 8-15; see ``memory_update.py``).
 
-Same contract as ``memory_update_ref``:
-``(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0) -> (y, weights, momentum,
-anchor)``, for a linear memory (depth 1: W (Dv, Dk)) and a 2-layer MLP with residual (depth 2:
-W_1 (Dh, Dk), W_2 (Dv, Dh), M(x) = x + W_2 silu(W_1 x)). Other depths, and heads wider than
-``MAX_BLOCK_IN`` / ``MAX_BLOCK_HIDDEN``, fall back to ``memory_update_chunked``.
+Same contract as ``memory_update_ref``: ``(q, k, v, theta, eta, alpha, weights, momentum, anchor, *,
+chunk_size, offset=0, max_grad_norm=None) -> (y, weights, momentum, anchor)``, for a linear memory
+(depth 1: W (Dv, Dk)) and a 2-layer MLP with residual (depth 2: W_1 (Dh, Dk), W_2 (Dv, Dh),
+M(x) = x + W_2 silu(W_1 x)). Other depths, and heads wider than ``MAX_BLOCK_IN`` /
+``MAX_BLOCK_HIDDEN``, fall back to ``memory_update_chunked``.
 
 Forward (one kernel launch). One program per (batch, head) walks the chunks in order, keeping that
 head's weights W and momentum S in fp32 registers (transposed, (in, out), so every product is a
 plain ``tl.dot``). Per chunk of C tokens it runs exactly ``_chunk`` of ``memory_update.py``: the
 forward at the anchor (the chunk-start weights) on the keys, the closed-form per-token gradients
-delta_l x_l^T, the decays beta, E, D_beta, D_E, Cm from cumulative log-decays (``tl.cumsum``; masked
+delta_l x_l^T, their clipping (``max_grad_norm``: theta_t is scaled by
+min(1, max_grad_norm / ||g_t||), where ||g_t||^2 = sum_l ||delta_l||^2 ||x_l||^2 as each layer's
+gradient is rank one), the decays beta, E, D_beta, D_E, Cm from cumulative log-decays (masked
 exponents, so nothing overflows), the per-token reads y_t = M_{W_t}(q_t) in attention form, and the
 state after the chunk's last real token. A short last chunk is masked (padded tokens have no
 update, and the state is read off the last real row). A call that starts inside a chunk
@@ -57,13 +59,21 @@ if triton_available():
     _CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8)]
 
     @triton.jit
-    def _chunk_decays(theta, eta, alpha, o_g, m_t, o_c, last, PRECISION: tl.constexpr):
+    def _clip_scale(b_sq, max_norm, CLIP: tl.constexpr):
+        """min(1, max_norm / ||g_t||) per token from b_sq = ||g_t||^2 (BC,); ones when not CLIP."""
+        b_scale = tl.full(b_sq.shape, 1., tl.float32)
+        if CLIP:  # constexpr: resolved when the kernel is compiled
+            b_scale = tl.minimum(max_norm / tl.sqrt(tl.maximum(b_sq, 1e-30)), 1.)
+        return b_scale
+
+    @triton.jit
+    def _chunk_decays(b_th, eta, alpha, o_g, m_t, o_c, last, PRECISION: tl.constexpr):
         """Decay bookkeeping of one chunk (``_chunk_coefficients``); rows t, columns s or i.
+        b_th: the chunk's theta (BC,), already scaled by the clipping factor (0 on padded rows).
 
         Returns beta_t, DbE_t (BC,), Cm (BC, BC), and at row ``last``: Cm[last, :], D_E[last, :] theta,
         beta, DbE and E (scalars).
         """
-        b_th = tl.load(theta + o_g, mask=m_t, other=0.).to(tl.float32)
         b_eta = tl.load(eta + o_g, mask=m_t, other=1.).to(tl.float32)
         b_al = tl.load(alpha + o_g, mask=m_t, other=0.).to(tl.float32)
         # Padded tokens get alpha = 0, eta = 1, theta = 0: their log-decays are 0 and they add nothing.
@@ -84,12 +94,12 @@ if triton_available():
         e_last = tl.sum(tl.where(m_last, b_e, 0.), axis=0)
         return b_beta, b_dbe, b_cm, b_cm_last, b_de_last, beta_last, dbe_last, e_last
 
-    @autotune(configs=_CONFIGS, key=["BC", "BK", "BV", "STORE_CKPT"])
+    @autotune(configs=_CONFIGS, key=["BC", "BK", "BV", "STORE_CKPT", "CLIP"])
     @triton.jit
     def _memory_linear_fwd_kernel(
         q, k, v, theta, eta, alpha, w_init, s_init, y, w_out, s_out, a_out, ckpt_w, ckpt_s,
-        T, T0, NC, NG, DK, DV,
-        C: tl.constexpr, G: tl.constexpr, STORE_CKPT: tl.constexpr,
+        T, T0, NC, NG, DK, DV, max_norm,
+        C: tl.constexpr, G: tl.constexpr, STORE_CKPT: tl.constexpr, CLIP: tl.constexpr,
         BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """Depth 1, M(x) = W x. One (batch, head) per program; chunks of C tokens from token T0 on.
@@ -128,11 +138,14 @@ if triton_available():
             b_q = tl.load(q + o_tok[:, None] * DK + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
             b_k = tl.load(k + o_tok[:, None] * DK + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
             b_v = tl.load(v + o_tok[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-            b_beta, b_dbe, b_cm, b_cm_last, b_de_last, beta_last, dbe_last, e_last = _chunk_decays(
-                theta, eta, alpha, o_tok, m_t, o_c, last, PRECISION)
 
             # Forward at the anchor (= the chunk-start W) and the loss gradient w.r.t. its output.
             b_d = 2. * (tl.dot(b_k, b_w, input_precision=PRECISION) - b_v)  # (BC, BV)
+            # Clipping rescales theta_t: ||g_t||^2 = ||delta_t||^2 ||k_t||^2 (padded rows: theta = 0).
+            b_th = tl.load(theta + o_tok, mask=m_t, other=0.).to(tl.float32)
+            b_th *= _clip_scale(tl.sum(b_d * b_d, axis=1) * tl.sum(b_k * b_k, axis=1), max_norm, CLIP)
+            b_beta, b_dbe, b_cm, b_cm_last, b_de_last, beta_last, dbe_last, e_last = _chunk_decays(
+                b_th, eta, alpha, o_tok, m_t, o_c, last, PRECISION)
             # Reads at the per-token weights, attention-like.
             b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_cm  # (BC, BC)
             b_y = tl.dot(b_q, b_w, input_precision=PRECISION) * b_beta[:, None] \
@@ -153,13 +166,13 @@ if triton_available():
         tl.store(p_w, b_w.to(p_w.dtype.element_ty), mask=m_w)
         tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_w)
 
-    @autotune(configs=_CONFIGS, key=["BC", "BK", "BH", "STORE_CKPT"])
+    @autotune(configs=_CONFIGS, key=["BC", "BK", "BH", "STORE_CKPT", "CLIP"])
     @triton.jit
     def _memory_mlp_fwd_kernel(
         q, k, v, theta, eta, alpha, w1_init, s1_init, w2_init, s2_init, y,
         w1_out, s1_out, w2_out, s2_out, a1_out, a2_out, ckpt_w1, ckpt_s1, ckpt_w2, ckpt_s2,
-        T, T0, NC, NG, D, DH,
-        C: tl.constexpr, G: tl.constexpr, STORE_CKPT: tl.constexpr,
+        T, T0, NC, NG, D, DH, max_norm,
+        C: tl.constexpr, G: tl.constexpr, STORE_CKPT: tl.constexpr, CLIP: tl.constexpr,
         BC: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """Depth 2, M(x) = x + W_2 silu(W_1 x), Dk = Dv = D. One (batch, head) per program.
@@ -206,8 +219,6 @@ if triton_available():
             b_q = tl.load(q + o_x, mask=m_tk, other=0.).to(tl.float32)
             b_k = tl.load(k + o_x, mask=m_tk, other=0.).to(tl.float32)
             b_v = tl.load(v + o_x, mask=m_tk, other=0.).to(tl.float32)
-            b_beta, b_dbe, b_cm, b_cm_last, b_de_last, beta_last, dbe_last, e_last = _chunk_decays(
-                theta, eta, alpha, o_tok, m_t, o_c, last, PRECISION)
 
             # Forward at the anchor on the keys, then delta_l = dLoss/dz_l per token in closed form.
             b_z1 = tl.dot(b_k, b_w1, input_precision=PRECISION)  # (BC, BH)
@@ -215,6 +226,13 @@ if triton_available():
             b_x2 = b_z1 * b_sig  # input of layer 2
             b_d2 = 2. * (b_k + tl.dot(b_x2, b_w2, input_precision=PRECISION) - b_v)  # (BC, BK)
             b_d1 = tl.dot(b_d2, tl.trans(b_w2), input_precision=PRECISION) * (b_sig * (1. + b_z1 * (1. - b_sig)))
+            # Clipping rescales theta_t: ||g_t||^2 = sum over layers of ||delta_l||^2 ||x_l||^2.
+            b_sq = tl.sum(b_d1 * b_d1, axis=1) * tl.sum(b_k * b_k, axis=1) \
+                + tl.sum(b_d2 * b_d2, axis=1) * tl.sum(b_x2 * b_x2, axis=1)
+            b_th = tl.load(theta + o_tok, mask=m_t, other=0.).to(tl.float32)
+            b_th *= _clip_scale(b_sq, max_norm, CLIP)
+            b_beta, b_dbe, b_cm, b_cm_last, b_de_last, beta_last, dbe_last, e_last = _chunk_decays(
+                b_th, eta, alpha, o_tok, m_t, o_c, last, PRECISION)
 
             # Reads at the per-token weights, layer by layer.
             b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_cm  # (BC, BC)
@@ -252,7 +270,7 @@ def _blocks(C: int, dims) -> list[int]:
     return [max(16, next_power_of_2(d)) for d in (C, *dims)]
 
 
-def _forward(q, k, v, theta, eta, alpha, W, S, T0, C, G, store_ckpt):
+def _forward(q, k, v, theta, eta, alpha, W, S, T0, C, G, store_ckpt, max_grad_norm):
     """Launch the kernel on tokens [T0, T), chunk-aligned there. Returns y (B, H, T - T0, Dv), the
     new weights, momentum and anchor (lists), and the checkpoints (ckpt W, ckpt S lists; fp32)."""
     B, H, T, Dk = q.shape
@@ -270,19 +288,21 @@ def _forward(q, k, v, theta, eta, alpha, W, S, T0, C, G, store_ckpt):
     else:  # never written (STORE_CKPT=False): any pointer will do
         ck_w = ck_s = [y] * len(W)
     grid = (B * H,)
-    common = {"C": C, "G": G, "STORE_CKPT": store_ckpt, "PRECISION": INPUT_PRECISION}
+    clip = max_grad_norm is not None
+    common = {"C": C, "G": G, "STORE_CKPT": store_ckpt, "CLIP": clip, "PRECISION": INPUT_PRECISION}
+    max_norm = float(max_grad_norm) if clip else 1.0
     if len(W) == 1:
         BC, BK, BV = _blocks(C, (Dk, Dv))
         _memory_linear_fwd_kernel[grid](
             q, k, v, theta, eta, alpha, W[0], S[0], y, W_out[0], S_out[0], A_out[0], ck_w[0], ck_s[0],
-            T, T0, NC, NG, Dk, Dv, BC=BC, BK=BK, BV=BV, **common)
+            T, T0, NC, NG, Dk, Dv, max_norm, BC=BC, BK=BK, BV=BV, **common)
     else:
         Dh = W[0].shape[2]
         BC, BK, BH = _blocks(C, (Dk, Dh))
         _memory_mlp_fwd_kernel[grid](
             q, k, v, theta, eta, alpha, W[0], S[0], W[1], S[1], y,
             W_out[0], S_out[0], W_out[1], S_out[1], A_out[0], A_out[1], ck_w[0], ck_s[0], ck_w[1], ck_s[1],
-            T, T0, NC, NG, Dk, Dh, BC=BC, BK=BK, BH=BH, **common)
+            T, T0, NC, NG, Dk, Dh, max_norm, BC=BC, BK=BK, BH=BH, **common)
     return y, W_out, S_out, A_out, (ck_w, ck_s) if store_ckpt else None
 
 
@@ -291,12 +311,13 @@ class _MemoryUpdateTriton(torch.autograd.Function):
     outputs: y, W..., S..., A... (A = the weights entering the last chunk)."""
 
     @staticmethod
-    def forward(ctx, T0, C, G, q, k, v, theta, eta, alpha, *state):
+    def forward(ctx, T0, C, G, max_grad_norm, q, k, v, theta, eta, alpha, *state):
         n = len(state) // 2
         with device_guard(q):
-            y, W, S, A, (ck_w, ck_s) = _forward(q, k, v, theta, eta, alpha, state[:n], state[n:], T0, C, G, True)
+            y, W, S, A, (ck_w, ck_s) = _forward(q, k, v, theta, eta, alpha, state[:n], state[n:], T0, C, G, True,
+                                                max_grad_norm)
         ctx.save_for_backward(q, k, v, theta, eta, alpha, *ck_w, *ck_s)
-        ctx.T0, ctx.C, ctx.G, ctx.n = T0, C, G, n
+        ctx.T0, ctx.C, ctx.G, ctx.n, ctx.max_grad_norm = T0, C, G, n, max_grad_norm
         ctx.state_dtypes = [x.dtype for x in state]
         return (y, *W, *S, *A)
 
@@ -320,7 +341,8 @@ class _MemoryUpdateTriton(torch.autograd.Function):
                 ins = [x[:, :, t0:t1].detach().float().requires_grad_() for x in seqs]
                 W0 = [w[:, :, g].detach().requires_grad_() for w in ck_w]
                 S0 = [s[:, :, g].detach().requires_grad_() for s in ck_s]
-                y_g, W_g, S_g, A_g = memory_update_chunked(*ins, tuple(W0), tuple(S0), tuple(W0), chunk_size=C)
+                y_g, W_g, S_g, A_g = memory_update_chunked(*ins, tuple(W0), tuple(S0), tuple(W0), chunk_size=C,
+                                                           max_grad_norm=ctx.max_grad_norm)
                 outs = [y_g, *W_g, *S_g]
                 grad_outs = [dy[:, :, t0 - T0:t1 - T0].float(), *dW, *dS]
                 if g == NG - 1:  # the anchor leaving the call is the weights entering the last chunk
@@ -334,14 +356,15 @@ class _MemoryUpdateTriton(torch.autograd.Function):
             dS = [gr if gr is not None else torch.zeros_like(s) for gr, s in zip(grads[6 + n:], S0)]
         d_inputs = [d.to(x.dtype) for d, x in zip(d_seqs, seqs)]
         d_init = [d.to(dt) for d, dt in zip(dW + dS, ctx.state_dtypes)]
-        return (None, None, None, *d_inputs, *d_init)
+        return (None, None, None, None, *d_inputs, *d_init)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0):
+def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0,
+                         max_grad_norm=None):
     """Triton memory update, same contract as ``memory_update_ref`` (see the module docstring).
 
     Depths 1 and 2 run the kernel on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``),
@@ -360,7 +383,7 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
     else:
         fits = False
     if not fits or T == 0:
-        return memory_update_chunked(*args, chunk_size=chunk_size, offset=offset)
+        return memory_update_chunked(*args, chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm)
     state = (*weights, *momentum, *anchor)
     check_device("memory_update_triton", q, k, v, theta, eta, alpha, *state)
     check_dtype("memory_update_triton", q, k, v, theta, eta, alpha, *state)
@@ -376,17 +399,17 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
         T0 = min(T, chunk_size - offset)
         y0, W, S, A = memory_update_chunked(q[:, :, :T0], k[:, :, :T0], v[:, :, :T0], theta[:, :, :T0],
                                             eta[:, :, :T0], alpha[:, :, :T0], W, S, A,
-                                            chunk_size=chunk_size, offset=offset)
+                                            chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm)
         ys.append(y0)
     if T0 < T:
         seqs = [x.contiguous() for x in (q, k, v, theta, eta, alpha)]
         W, S = [w.contiguous() for w in W], [s.contiguous() for s in S]
         if _needs_grad(*seqs, *W, *S):
-            out = _MemoryUpdateTriton.apply(T0, chunk_size, max(1, int(CHECKPOINT_EVERY)), *seqs, *W, *S)
+            out = _MemoryUpdateTriton.apply(T0, chunk_size, max(1, int(CHECKPOINT_EVERY)), max_grad_norm, *seqs, *W, *S)
             y1, W, S, A = out[0], out[1:1 + depth], out[1 + depth:1 + 2 * depth], out[1 + 2 * depth:]
         else:  # inference: no checkpoints kept
             with device_guard(q):
-                y1, W, S, A, _ = _forward(*seqs, W, S, T0, chunk_size, 1, False)
+                y1, W, S, A, _ = _forward(*seqs, W, S, T0, chunk_size, 1, False, max_grad_norm)
         ys.append(y1)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
     return y, tuple(W), tuple(S), tuple(A)

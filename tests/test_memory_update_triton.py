@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 import torch.nn.functional as F
 from titans_lnn.kernels import dispatch, triton_utils
 from titans_lnn.kernels import memory_update_triton as mut
-from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref
+from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref, mlp_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative RMS error allowed, per dtype (fla's get_err_ratio); the kernel computes in fp32.
@@ -68,11 +68,11 @@ def flat_outputs(out):
     return [y, *W, *S, *A]
 
 
-def run(fn, seqs, states, chunk_size, offset, seed=1):
+def run(fn, seqs, states, chunk_size, offset, seed=1, max_grad_norm=None):
     """Outputs of fn and grads of a random weighted sum of them w.r.t. every input (zeros if unused)."""
     leaves = [x.detach().clone().requires_grad_() for x in seqs]
     st = [[x.detach().clone().requires_grad_() for x in t] for t in states]
-    out = fn(*leaves, *(tuple(t) for t in st), chunk_size=chunk_size, offset=offset)
+    out = fn(*leaves, *(tuple(t) for t in st), chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm)
     outs = flat_outputs(out)
     g = torch.Generator().manual_seed(seed)
     loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
@@ -85,10 +85,10 @@ def run(fn, seqs, states, chunk_size, offset, seed=1):
 NAMES_SEQ = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
-def check(depth, T, chunk_size, offset, **dims):
+def check(depth, T, chunk_size, offset, max_grad_norm=None, **dims):
     seqs, states = make_inputs(depth, T=T, **dims)
-    outs, grads = run(mut.memory_update_triton, seqs, states, chunk_size, offset)
-    outs_ref, grads_ref = run(memory_update_ref, seqs, states, chunk_size, offset)
+    outs, grads = run(mut.memory_update_triton, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm)
+    outs_ref, grads_ref = run(memory_update_ref, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm)
     n = depth
     out_names = ["y"] + [f"{s}{i}" for s in "WSA" for i in range(n)]
     for name, r, o in zip(out_names, outs_ref, outs):
@@ -113,6 +113,42 @@ def test_matches_reference(depth, T, chunk_size, offset):
     check(depth, T, chunk_size, offset)
 
 
+CLIP_CASES = [(1, 4, 0), (13, 4, 2), (13, 16, 0), (65, 16, 9)]
+
+
+@pytest.mark.parametrize("T,chunk_size,offset", CLIP_CASES, ids=[f"T{t}-C{c}-off{o}" for t, c, o in CLIP_CASES])
+@pytest.mark.parametrize("depth", [1, 2], ids=["linear", "mlp"])
+def test_clipped_matches_reference(depth, T, chunk_size, offset):
+    """max_grad_norm=0.5 clips every token's gradient (its norm is ~2 ||v|| here)."""
+    check(depth, T, chunk_size, offset, max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=["linear", "mlp"])
+def test_clipped_some_tokens(depth):
+    """A norm between the tokens' gradient norms clips some tokens and leaves the others."""
+    seqs, states = make_inputs(depth, T=24)
+    q, k, v = seqs[:3]
+    W = [w.detach().requires_grad_() for w in states[0]]
+    norms = []  # gradient norms of the first chunk's tokens (all taken at the initial weights)
+    for t in range(8):
+        loss = (mlp_forward(W, k[:, :, t:t + 1]) - v[:, :, t:t + 1]).pow(2).sum((-2, -1))  # (B, H)
+        grads = torch.autograd.grad(loss.sum(), W)
+        norms.append(sum(g.pow(2).sum((-2, -1)) for g in grads).sqrt())
+    norms = torch.stack(norms)
+    assert norms.min() < 7.0 < norms.max(), norms
+    check(depth, 24, 8, 0, max_grad_norm=7.0)
+
+
+def test_clipping_changes_the_result():
+    """Guard against a test that passes because clipping never triggers."""
+    seqs, states = make_inputs(2, T=13)
+    args = (*seqs, *(tuple(t) for t in states))
+    with torch.no_grad():
+        y0 = mut.memory_update_triton(*args, chunk_size=4)[0]
+        y1 = mut.memory_update_triton(*args, chunk_size=4, max_grad_norm=0.5)[0]
+    assert (y0 - y1).abs().max() > 1e-3
+
+
 def test_linear_rectangular_heads():
     """Depth 1 allows Dk != Dv (neither a power of two)."""
     check(1, 21, 8, 3, Dk=12, Dv=7)
@@ -128,9 +164,9 @@ def test_per_token_long():
 def test_checkpoint_groups(monkeypatch, depth, G):
     """Saving the state every G chunks (groups recomputed together) gives the same gradients."""
     seqs, states = make_inputs(depth, T=37)
-    outs1, grads1 = run(mut.memory_update_triton, seqs, states, 4, 1)
+    outs1, grads1 = run(mut.memory_update_triton, seqs, states, 4, 1, max_grad_norm=1.0)
     monkeypatch.setattr(mut, "CHECKPOINT_EVERY", G)
-    outs_g, grads_g = run(mut.memory_update_triton, seqs, states, 4, 1)
+    outs_g, grads_g = run(mut.memory_update_triton, seqs, states, 4, 1, max_grad_norm=1.0)
     for i, (a, b) in enumerate(zip(outs1 + grads1, outs_g + grads_g)):
         assert_close(f"#{i}", a, b)
 

@@ -56,7 +56,7 @@ from titans_lnn.config import PRESETS, VARIANTS, TitansLNNConfig
 from titans_lnn.data import StreamSampler, load_corpus
 from titans_lnn.model import TitansLNN
 from titans_lnn.state import ModelState
-from titans_lnn.tokenizers import get_tokenizer, tokenizer_from_dict
+from titans_lnn.tokenizers import tokenizer_from_dict
 
 # Fields whose change makes a checkpoint's data position meaningless: a resume must keep them.
 DATA_FIELDS = ("data", "data_format", "val_fraction", "split_by", "batch_size", "seq_len", "segments", "seed")
@@ -283,6 +283,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.owns_group = False
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         self._init_distributed()
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
@@ -306,7 +315,6 @@ class Trainer:
     def _init_distributed(self) -> None:
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.owns_group = False
         if world > 1 and not dist.is_initialized():
             cuda = torch.cuda.is_available() and cfg.device != "cpu"
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -541,6 +549,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -624,17 +633,17 @@ class Trainer:
                                                  f"{self.ckpt_dir}")
                     losses[self.step] = loss
                     tok_s = window_tokens / window_t
-                    bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        log.write({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                        log.write({"step": self.step, "loss": loss, "lr": self.last_lr,
                                    "grad_norm": norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s})
                         window_t, window_tokens = 0.0, 0
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                         evals.append(self._eval_and_log(log, bar))
                     if stop and self._stop_signal is None:
                         self._stop_signal = "signal on another process"
-                    if self._stop_signal is not None or self.step == cfg.stop_at:
+                    if (self._stop_signal is not None or self.step == cfg.stop_at) and self.step < cfg.steps:
                         stopped = self._stop_signal or "stop_at"
                         raise _Stop
                     if self.step % cfg.save_interval == 0 or self.step == cfg.steps:
