@@ -58,7 +58,11 @@ def _clip_scale(sq_norm: torch.Tensor, max_grad_norm: float | None) -> torch.Ten
     """min(1, max_grad_norm / ||g||) from the squared norm ||g||^2 (any shape)."""
     if max_grad_norm is None:
         return torch.ones_like(sq_norm)
-    return torch.clamp(max_grad_norm * torch.rsqrt(sq_norm.clamp_min(1e-30)), max=1.0)
+    # Only the clipped entries go through rsqrt: at a zero gradient (padded tokens), rsqrt's own
+    # gradient is inf, and inf * 0 would poison the backward with NaN.
+    clipped = sq_norm > max_grad_norm**2
+    safe = torch.where(clipped, sq_norm, torch.ones_like(sq_norm))
+    return torch.where(clipped, max_grad_norm * torch.rsqrt(safe), torch.ones_like(sq_norm))
 
 
 def _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset):

@@ -150,3 +150,13 @@ def test_offset_out_of_range_is_named():
     tensors, n = _inputs(T=3, depth=1)
     with pytest.raises(ValueError, match="offset=4"):
         _call(lambda *a, **k: memory_update_chunked(*a, **{**k, "offset": 4}), tensors, n, 4, 0)
+
+
+def test_clipped_backward_is_finite_in_fp32_with_padding():
+    """A partial last chunk is zero-padded; the clip's backward at those zero gradients must not
+    produce inf * 0 = NaN in fp32 (it once did, and NaN-ed a whole training run)."""
+    tensors, n = _inputs(T=13, depth=2, seed=4)
+    tensors = [t.float().requires_grad_() for t in tensors]
+    out = _call(memory_update_chunked, tensors, n, 4, 0, max_grad_norm=0.5)
+    grads = torch.autograd.grad(sum(o.sum() for o in out), tensors, allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
