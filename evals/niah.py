@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from titans_lnn.config import TitansLNNConfig
 from titans_lnn.evals.report import format_length, write_report
 from titans_lnn.evals.runner import evaluate_task
 from titans_lnn.evals.tasks import make_sample
+
+from titans_lnn.config import TitansLNNConfig
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import ByteTokenizer
 

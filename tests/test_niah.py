@@ -3,9 +3,9 @@
 import json
 
 import torch
+from titans_lnn.evals.niah import passkey_batch
 
 from titans_lnn.cli import main
-from titans_lnn.evals.niah import passkey_batch
 
 
 def test_passkey_batch_labels_only_the_answer():
