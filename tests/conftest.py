@@ -1,8 +1,12 @@
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import settings
+
+from titans_lnn import TitansLNNConfig
 
 # Two CPU cores on CI: keep torch from oversubscribing them, and give hypothesis a budget that fits.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -22,3 +26,22 @@ def assert_close(ref: torch.Tensor, got: torch.Tensor, rtol: float, name: str = 
 @pytest.fixture
 def close():
     return assert_close
+
+
+class _Counter(torch.nn.Module):
+    """A stand-in model whose greedy continuation of token x is x + 1 (mod 256): "a" -> "bcdef..."."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = TitansLNNConfig.from_preset("debug")
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, state=None):
+        logits = F.one_hot((input_ids + 1) % 256, 256).double()  # (B, T, V)
+        return SimpleNamespace(logits=logits, state=(state or 0) + input_ids.shape[1])
+
+
+@pytest.fixture
+def counter_model():
+    """The stand-in model above: its greedy output is known, so stop strings and scoring can be tested."""
+    return _Counter()

@@ -35,19 +35,6 @@ def debug_model(variant: str = "mac", vocab_size: int = 256, dtype=torch.float64
     return model.to(dtype).eval()
 
 
-class _Counter(torch.nn.Module):
-    """A stand-in model whose greedy continuation of token x is x + 1 (mod 256): "a" -> "bcdef..."."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = TitansLNNConfig.from_preset("debug")
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, state=None):
-        logits = F.one_hot((input_ids + 1) % 256, 256).double()  # (B, T, V)
-        return SimpleNamespace(logits=logits, state=(state or 0) + input_ids.shape[1])
-
-
 @pytest.fixture(scope="module")
 def model():
     return debug_model()
@@ -108,8 +95,8 @@ def test_answer_is_greedy_generation(model):
     assert answer(model, tok, prompt, max_new_tokens=0) == ""
 
 
-def test_greedy_continue_cuts_at_the_first_stop_string():
-    model, tok = _Counter(), get_tokenizer("byte")
+def test_greedy_continue_cuts_at_the_first_stop_string(counter_model):
+    model, tok = counter_model, get_tokenizer("byte")
     last, state = stream_prompt(model, tok.encode("xyza"), chunk_len=3)
     assert greedy_continue(model, tok, last, state, 8) == "bcdefghi"
     assert greedy_continue(model, tok, last, state, 8, stop=["fg", "de", "zz"]) == "bc"

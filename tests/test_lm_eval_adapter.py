@@ -4,7 +4,6 @@ local tasks (YAML + a JSON-lines file in tmp_path) run offline through ``lm_eval
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,19 +16,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from titans_lnn.evals.lm_eval_adapter import TitansLNNLM  # noqa: E402
 
 from titans_lnn import TitansLNN, TitansLNNConfig  # noqa: E402
-
-
-class _Counter(torch.nn.Module):
-    """A stand-in model whose greedy continuation of token x is x + 1 (mod 256): "a" -> "bcdef..."."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = TitansLNNConfig.from_preset("debug")
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, state=None):
-        logits = F.one_hot((input_ids + 1) % 256, 256).double()  # (B, T, V)
-        return SimpleNamespace(logits=logits, state=(state or 0) + input_ids.shape[1])
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +92,8 @@ def test_generate_until_is_greedy(lm):
     assert free == lm.tokenizer.decode(ref)
 
 
-def test_generate_until_stops():
-    counter = TitansLNNLM(model=_Counter(), tokenizer="byte", chunk_len=2, progress=False)
+def test_generate_until_stops(counter_model):
+    counter = TitansLNNLM(model=counter_model, tokenizer="byte", chunk_len=2, progress=False)
     got = counter.generate_until([req("generate_until", "xyza", {"until": ["de", "zz"], "max_gen_toks": 9}),
                                   req("generate_until", "a", {"until": "d"}),
                                   req("generate_until", "a", {"max_gen_toks": 3}),
