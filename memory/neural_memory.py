@@ -2,7 +2,7 @@
 
     x_t <- RMSNorm(x_t)    (MAC writes attention outputs, whose scale is arbitrary)
     q_t = l2norm(silu(conv(x_t W_Q))),  k_t = l2norm(silu(conv(x_t W_K))),  v_t = silu(conv(x_t W_V))
-    theta_t = max_lr * sigmoid(x_t w_theta),  eta_t = sigmoid(x_t w_eta),  alpha_t = sigmoid(x_t w_alpha)
+    theta_t = max_lr * sigmoid(x_t w_theta),  eta_t = sigmoid(x_t w_eta),  alpha_t = max_forget * sigmoid(x_t w_alpha)
     (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
               to max_grad_norm, chunked (kernels.memory_update)
     out_t = W_O (norm(M_{W_t}(q_t)) * sigmoid(x_t W_G))
@@ -33,14 +33,17 @@ class NeuralMemory(nn.Module):
     """
 
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
-                 max_lr: float = 0.2, max_grad_norm: float | None = 2.0, conv_kernel: int = 4, eps: float = 1e-5):
+                 max_lr: float = 0.2, max_forget: float = 1.0, max_grad_norm: float | None = 2.0,
+                 conv_kernel: int = 4, eps: float = 1e-5):
         super().__init__()
         if dim % heads:
             raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
         if depth < 1 or chunk_size < 1:
             raise ValueError(f"NeuralMemory: depth={depth} and chunk_size={chunk_size} must be >= 1")
         self.dim, self.heads, self.depth, self.chunk_size, self.max_lr = dim, heads, depth, chunk_size, max_lr
-        self.max_grad_norm = max_grad_norm
+        if not 0 <= max_forget <= 1:
+            raise ValueError(f"NeuralMemory: max_forget={max_forget} must be in [0, 1]")
+        self.max_grad_norm, self.max_forget = max_grad_norm, max_forget
         d = dim // heads
         hidden = max(1, int(d * hidden_mult))
         self.layer_shapes = [(d, d)] if depth == 1 else [(hidden, d)] + [(hidden, hidden)] * (depth - 2) + [(d, hidden)]
@@ -58,8 +61,8 @@ class NeuralMemory(nn.Module):
     def from_config(cls, config) -> NeuralMemory:
         c = config
         return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
-                   chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_grad_norm=c.mem_max_grad_norm,
-                   conv_kernel=c.conv_kernel, eps=c.norm_eps)
+                   chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_forget=c.mem_max_forget,
+                   max_grad_norm=c.mem_max_grad_norm, conv_kernel=c.conv_kernel, eps=c.norm_eps)
 
     def reset_memory_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
@@ -131,7 +134,7 @@ class NeuralMemory(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         gates = self.w_gates(x).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
         theta = self.max_lr * torch.sigmoid(gates[0])
-        eta, alpha = torch.sigmoid(gates[1]), torch.sigmoid(gates[2])
+        eta, alpha = torch.sigmoid(gates[1]), self.max_forget * torch.sigmoid(gates[2])
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,
                                    self._weights(state, "w"), self._weights(state, "s"), self._weights(state, "a"),
                                    chunk_size=self.chunk_size, offset=pos % self.chunk_size,

@@ -126,6 +126,23 @@ def test_module_streams_and_learns_at_test_time(depth):
     assert not torch.equal(state["w0"], mem.init_state(2, dtype=torch.float64)["w0"])  # it wrote something
 
 
+def test_max_forget_bounds_the_decay():
+    """alpha = max_forget * sigmoid(.): with no learning (theta = 0) the weights decay by prod(1 - alpha),
+    and with max_forget = 0 they never change."""
+    x = torch.randn(1, 40, 16, dtype=torch.float64)
+    for max_forget in (0.0, 0.5):
+        mem = NeuralMemory(16, heads=2, depth=1, chunk_size=4, max_forget=max_forget).double()
+        with torch.no_grad():
+            mem.w_gates.weight.zero_()
+            mem.w_gates.bias.view(3, 2)[0].fill_(-1e4)  # theta = 0
+            mem.w_gates.bias.view(3, 2)[2].fill_(0.0)  # sigmoid = 1/2
+        _, state = mem(x)
+        w0 = mem.init_weights_[0].detach()[None]
+        torch.testing.assert_close(state["w0"], w0 * (1 - max_forget / 2) ** 40)
+    with pytest.raises(ValueError, match="max_forget=2"):
+        NeuralMemory(16, heads=2, max_forget=2)
+
+
 def test_module_rejects_bad_sizes():
     with pytest.raises(ValueError, match="heads=3 must divide dim=16"):
         NeuralMemory(16, heads=3)
