@@ -199,13 +199,15 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
                 x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
             return x.reshape(B, H, N, C, *x.shape[3:])
 
-        qc, kc, vc, th = chunks(q), chunks(k), chunks(v), chunks(theta)
+        # unbind, not x[:, :, c]: indexing once per chunk makes autograd build a zero gradient of the
+        # whole tensor for every chunk (a backward quadratic in T); unbind's backward is one stack.
+        qc, kc, vc, th = (chunks(x).unbind(2) for x in (q, k, v, theta))
         # Decay bookkeeping for every chunk at once; padded tokens have theta = 0 and are never read.
-        coeffs = _chunk_coefficients(chunks(eta), chunks(alpha))
+        coeffs = [x.unbind(2) for x in _chunk_coefficients(chunks(eta), chunks(alpha))]
         for c in range(N):
             last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
-            y, W, S = _chunk(qc[:, :, c], kc[:, :, c], vc[:, :, c], th[:, :, c],
-                             tuple(x[:, :, c] for x in coeffs), W, S, A, last, max_grad_norm)
+            y, W, S = _chunk(qc[c], kc[c], vc[c], th[c], tuple(x[c] for x in coeffs), W, S, A, last,
+                             max_grad_norm)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
     return torch.cat(ys, dim=2), tuple(W), tuple(S), tuple(A)
