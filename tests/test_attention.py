@@ -15,6 +15,8 @@ CASES = [  # (T, P cached keys, window, segment, sinks, second stream, H, G)
     (40, 6, None, False, 0, False, 4, 2),
     (50, 3, 16, True, 2, True, 4, 2),
     (65, 0, 8, True, 0, True, 2, 1),
+    (45, 13, 8, True, 2, True, 4, 2),  # more cached keys than the window looks back: the key windows crop
+    (45, 13, 8, False, 1, True, 2, 1),
 ]
 
 
@@ -63,3 +65,41 @@ def test_bad_shapes_are_named():
         sliding_window_attention_blocked(q, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), window=4)
     with pytest.raises(ValueError, match="window=0"):
         sliding_window_attention_blocked(q, torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), window=0)
+
+
+def _graph_ops(out: torch.Tensor) -> dict[str, int]:
+    """How many nodes of each kind the autograd graph behind ``out`` has."""
+    counts, seen, todo = {}, set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        counts[type(fn).__name__] = counts.get(type(fn).__name__, 0) + 1
+        todo.extend(f for f, _ in fn.next_functions)
+    return counts
+
+
+@pytest.mark.parametrize("window,segment", [(8, False), (8, True)])
+def test_blocked_backward_is_linear_in_T(window, segment, close):
+    """Regression: slicing or indexing a tensor that needs a gradient once per block (x[:, :, s:e],
+    out[..., s:e] = o) makes autograd build a zero gradient of the whole x for every block, a backward
+    quadratic in T. The graph must hold no such node that grows with the number of blocks; and the
+    result must still equal the reference at an awkward T with cached keys, sinks and a second stream."""
+    def slicing_nodes(T):
+        x = _inputs(T, 5, 4, 2, 2, True)
+        out = sliding_window_attention_blocked(**x, window=window, segment=segment, pos0=3, block=8)
+        ops = _graph_ops(out)
+        return x, out, sum(n for name, n in ops.items()
+                           if any(s in name for s in ("Slice", "Select", "Index", "AsStrided", "Narrow")))
+
+    _, _, few = slicing_nodes(16)
+    x, got, many = slicing_nodes(203)  # 26 blocks, the last one ragged
+    assert many == few, f"per-block slicing in the backward: {few} slicing nodes at T=16, {many} at T=203"
+    ref = sliding_window_attention_ref(**x, window=window, segment=segment, pos0=3)
+    close(ref, got, 1e-12, "out")
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), list(x.values()))
+    g_got = torch.autograd.grad((got * w).sum(), list(x.values()))
+    for name, a, b in zip(x, g_ref, g_got):
+        close(a, b, 1e-12, f"d{name}")

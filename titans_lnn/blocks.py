@@ -61,21 +61,25 @@ class MemoryAsContext(nn.Module):
     def forward(self, x, state, pos):
         attn_state, mem_state = state["attn"], state["mem"]
         outs = []
-        s, T = 0, x.shape[1]
+        lengths, s, T = [], 0, x.shape[1]  # the segment pieces: up to the next multiple of `segment`
         while s < T:
+            lengths.append(min(T - s, self.segment - (pos + s) % self.segment))
+            s += lengths[-1]
+        # split once, not x[:, s:s + L] per segment: autograd's backward of each slice builds a zero
+        # gradient the size of the whole x (a backward quadratic in T); split's backward is one cat.
+        s = 0
+        for xs in x.split(lengths, dim=1):
             p = pos + s
-            L = min(T - s, self.segment - p % self.segment)
             if p % self.segment == 0:  # a new segment: snapshot the memory it reads from
                 mem_state = dict(mem_state)
                 for i, w in enumerate(self.mem._weights(mem_state, "w")):
                     mem_state[f"g{i}"] = w
-            xs = x[:, s:s + L]
             h, conv_r = self.mem.read(xs, mem_state, self.mem._weights(mem_state, "g"))
             y, attn_state = self.attn(xs, attn_state, p, extra=h)
             m, mem_state = self.mem(y, {**mem_state, "conv_r": conv_r}, p)
             mem_state["conv_r"] = conv_r
             outs.append(self.gate(y, m))
-            s += L
+            s += xs.shape[1]
         return torch.cat(outs, dim=1), {"attn": attn_state, "mem": mem_state}
 
 
