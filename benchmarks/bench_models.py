@@ -1,0 +1,135 @@
+"""The models each benchmark compares, ours and the competitors', built with matched configurations.
+
+Every competitor is imported lazily: a missing one raises ``MissingCompetitor``, whose message names
+the extra that installs it. What the matched configurations share, and where the two sides still
+differ, is written out in ``DIFFERENCES`` (copied into RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+INSTALL_HINT = "pip install -e '.[bench]'"
+COMPETITORS = {"ncps": "ncps", "titans-pytorch": "titans_pytorch"}  # PyPI name -> import name
+
+# Section 1: the tiny model's liquid core width.
+LIQUID_WIDTH = 128
+# Section 2: the tiny model's memory (TitansLNNConfig "tiny": d_model 128, mem_heads 2, mem_depth 2, mem_chunk 16).
+MEMORY = dict(dim=128, heads=2, depth=2, hidden_mult=2.0, chunk_size=16, max_grad_norm=2.0)
+# Section 3: titans-pytorch's MAC matched to our "tiny" MAC (d 128, 4 layers, 4 heads of 32, segment 128,
+# 4 persistent tokens, SwiGLU/GEGLU 4x, memory 2 heads of 64, depth 2, hidden 128, chunk 16).
+MAC_KWARGS = dict(num_tokens=256, dim=128, depth=4, segment_len=128, num_persist_mem_tokens=4,
+                  num_longterm_mem_tokens=16, heads=4, dim_head=32, ff_mult=4, neural_memory_segment_len=16)
+
+DIFFERENCES = {
+    "liquid": [
+        "ncps `CfC(128, 128)` (mode `default`, backbone 1 x 128 units, lecun_tanh) steps through time in a Python "
+        "loop: its gates read the previous state, so it cannot run in parallel. `titans_lnn.CfCCell` is the same "
+        "state-dependent cell (sequential too), so the like-for-like parallel counterpart is our `LiquidCore` "
+        "(input-dependent decay, chunked parallel scan) at the same input/output width 128.",
+        "`ours (state 128)` has `liquid_state=1`: 128 state entries, as many as CfC's 128 units. "
+        "`ours (tiny)` is the core as the tiny model uses it (`liquid_state=8`: 1024 state entries).",
+    ],
+    "memory": [
+        "Same dim 128, 2 heads of 64, memory MLP 64 -> 128 -> 64 (depth 2), chunk 16, gradient clipping at 2.0.",
+        "titans-pytorch `batch_size=None` (its default) takes every chunk's gradient at the *initial* weights "
+        "of the call and only carries momentum and decay across chunks: cheaper, and not the paper's update. "
+        "`batch_size=16` re-takes the gradients at each chunk's starting weights, as the paper (and ours) do.",
+        "Ours keeps per-token momentum, learning rate and decay inside a chunk (titans-pytorch: one value per "
+        "chunk for momentum and decay), clips each token's gradient (titans-pytorch: each chunk's), adds a "
+        "causal depthwise convolution on q/k/v and an output gate; titans-pytorch adds a LayerNorm + residual "
+        "around the memory MLP.",
+    ],
+    "model": [
+        "titans-pytorch `MemoryAsContextTransformer(dim=128, depth=4, segment_len=128, heads=4, dim_head=32, "
+        "num_persist_mem_tokens=4, num_longterm_mem_tokens=16, neural_memory_segment_len=16, ff_mult=4)` with "
+        "memory heads 2 x 64, depth 2, expansion 2 (as section 2, its default `batch_size=None`). Its default "
+        "`num_residual_streams=4` (hyper-connections) is one row; `num_residual_streams=1` another.",
+        "Ours (`tiny`, MAC) also has the liquid core in every block, grouped-query attention (2 KV heads), and "
+        "reads one memory token per position (titans-pytorch: 16 long-term memory tokens per 128-token segment).",
+        "Training step: forward, next-token cross-entropy, backward, AdamW step; B = 1. Inference: ours streams "
+        "the sequence in pieces with its fixed-size state; titans-pytorch has no streaming prefill (its cache "
+        "decodes one token per call), so it reads the sequence in one forward call.",
+    ],
+}
+
+
+class MissingCompetitor(RuntimeError):
+    pass
+
+
+def missing_competitors(names) -> list[str]:
+    """The PyPI names among ``names`` whose package does not import here."""
+    return [n for n in names if importlib.util.find_spec(COMPETITORS[n]) is None]
+
+
+def require(name: str):
+    if missing_competitors([name]):
+        raise MissingCompetitor(f"{name} is not installed: {INSTALL_HINT}")
+    return importlib.import_module(COMPETITORS[name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# builders: each returns a module in eval mode on ``device``
+
+
+def liquid(impl: str, device) -> torch.nn.Module:
+    if impl == "ncps":
+        require("ncps")
+        from ncps.torch import CfC
+
+        return CfC(LIQUID_WIDTH, LIQUID_WIDTH).to(device).eval()
+    from titans_lnn import LiquidCore, TitansLNNConfig
+
+    n_state = {"ours-state128": 1, "ours-tiny": 8}[impl]
+    return LiquidCore(TitansLNNConfig.from_preset("tiny", liquid_state=n_state)).to(device).eval()
+
+
+def memory(impl: str, device) -> torch.nn.Module:
+    m = MEMORY
+    if impl == "ours":
+        from titans_lnn.memory import NeuralMemory
+
+        return NeuralMemory(m["dim"], heads=m["heads"], depth=m["depth"], hidden_mult=m["hidden_mult"],
+                            chunk_size=m["chunk_size"], max_grad_norm=m["max_grad_norm"]).to(device).eval()
+    tp = require("titans-pytorch")
+    batch_size = {"titans-default": None, "titans-chunked": m["chunk_size"]}[impl]
+    mem = tp.NeuralMemory(dim=m["dim"], heads=m["heads"], dim_head=m["dim"] // m["heads"],
+                           chunk_size=m["chunk_size"], batch_size=batch_size, max_grad_norm=m["max_grad_norm"],
+                           default_model_kwargs=dict(depth=m["depth"], expansion_factor=m["hidden_mult"]))
+    return _materialize(mem).to(device).eval()
+
+
+def model(impl: str, device, vocab_size: int = 256) -> torch.nn.Module:
+    """ours-mac | ours-full | ours-swa (our variants of the tiny preset) | titans-mac | titans-mac-1stream."""
+    if impl.startswith("ours-"):
+        from titans_lnn import TitansLNN, TitansLNNConfig
+
+        config = TitansLNNConfig.from_preset("tiny", variant=impl[5:], vocab_size=vocab_size)
+        return TitansLNN(config).to(device)
+    tp = require("titans-pytorch")
+    m = MEMORY
+    streams = {"titans-mac": 4, "titans-mac-1stream": 1}[impl]
+    mem_kwargs = dict(heads=m["heads"], dim_head=m["dim"] // m["heads"], max_grad_norm=m["max_grad_norm"],
+                      default_model_kwargs=dict(depth=m["depth"], expansion_factor=m["hidden_mult"]))
+    use_flex = torch.device(device).type == "cuda"
+    mac = tp.MemoryAsContextTransformer(**{**MAC_KWARGS, "num_tokens": vocab_size}, num_residual_streams=streams,
+                                        neural_memory_kwargs=mem_kwargs, use_flex_attn=use_flex)
+    return _materialize(mac).to(device)
+
+
+def _materialize(module: torch.nn.Module) -> torch.nn.Module:
+    """titans-pytorch makes its per-head initial memory weights with ``einops.repeat``, i.e. expanded views
+    whose elements share storage; an optimizer's in-place update (AdamW's weight decay) refuses them. Give
+    each such parameter its own storage (same values)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if 0 in p.stride() and p.numel() > 1:
+                p.data = p.data.clone()
+    return module
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

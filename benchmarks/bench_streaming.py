@@ -1,0 +1,97 @@
+"""Section 5 of the suite: the tiny MAC reads 1M tokens of KJV text and the whole E. coli genome, each
+in one streamed pass in a fresh process; wall time, tokens/s, RSS along the way, and the exponent of
+cumulative time in tokens read. The section dict is the one ``bench_sections`` documents."""
+
+from __future__ import annotations
+
+import time
+
+from bench_common import fit_exponent, fmt_rate, k
+from bench_runner import Ctx, launch
+from bench_sections import GB, PROFILE_T, new_section, profile_note, verdict
+
+
+def stream_specs(ctx: Ctx, genome_bases: int | None) -> list[dict]:
+    piece = ctx.sizes["stream_piece"]
+    bases = ctx.sizes["genome_bases"] if genome_bases is None else genome_bases
+    return [ctx.spec(kind="stream", corpus="kjv", tokens=ctx.sizes["stream_tokens"], piece=piece),
+            ctx.spec(kind="stream", corpus="ecoli-k12", tokens=bases, piece=piece)]
+
+
+def run_streams(ctx: Ctx, specs: list[dict]) -> list[dict]:
+    """The streamed passes, one fresh process each, one after the other."""
+    outs = []
+    for spec in specs:
+        ctx.log(f"  stream: {spec['corpus']} ({k(spec['tokens']) if spec['tokens'] else 'all'} tokens) started")
+        t0 = time.perf_counter()
+        out = launch(ctx, spec, timeout_s=ctx.stream_timeout_s)
+        rec = next((r for r in out.results if r.get("pass") == "stream"), None)
+        outs.append(rec or {"corpus": spec["corpus"], "status": out.status, "tokens": spec["tokens"]})
+        ctx.log(f"  stream: {spec['corpus']} done in {time.perf_counter() - t0:.0f} s ({out.status})")
+    return outs
+
+
+def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
+    fit_min = ctx.sizes["stream_fit_min"]
+    sec = new_section(5, "streaming", "Streaming at scale: the tiny MAC reads text and a genome in one pass",
+                      "1M tokens with peak RSS < 2 GB; time exponent 16K -> 1M <= 1.05; the whole E. coli genome")
+    rows, checks, fit = [], [], None
+    for s in streams:
+        if s.get("status") != "ok":
+            rows.append([s["corpus"], k(s["tokens"]) if s.get("tokens") else "all", s.get("status"), "", "", "", ""])
+            checks.append(False)
+            continue
+        rows.append([s["corpus"], f"{s['tokens']:,}", f"{s['time_s']:.1f}", fmt_rate(s["tokens_per_s"]),
+                     f"{s['rss_start_mib']:,.0f}", f"{s['peak_rss_mib']:,.0f}", f"{s['state_mib']:.2f}"])
+        checks.append(s["peak_rss_mib"] * 2**20 < 2 * GB)
+    kjv = next((s for s in streams if s["corpus"] == "kjv" and s.get("status") == "ok"), None)
+    if kjv:
+        recs = kjv["records"]
+        marks = []
+        T = fit_min
+        while T <= kjv["tokens"]:
+            marks.append(T)
+            T *= 2
+        pts = [(r[0], r[1]) for r in recs if r[0] in marks]
+        if len(pts) >= 2:
+            p, c, r2 = fit_exponent([x for x, _ in pts], [t for _, t in pts])
+            fit = dict(exponent=p, coefficient=c, r2=r2, Ts=[x for x, _ in pts])
+            checks.append(p <= 1.05)
+    genome = next((s for s in streams if s["corpus"].startswith("ecoli")), None)
+    if genome and genome.get("status") == "ok":
+        checks.append(genome["tokens"] >= genome["corpus_tokens"])  # the whole genome was read
+    sec["status"] = verdict(checks)
+    parts = [f"{s['corpus']}: {s['tokens']:,} tokens, peak RSS {s['peak_rss_mib']:,.0f} MiB, "
+             f"{fmt_rate(s['tokens_per_s'])} tokens/s" for s in streams if s.get("status") == "ok"]
+    if fit:
+        parts.append(f"exponent {fit['exponent']:.3f} ({k(fit['Ts'][0])}-{k(fit['Ts'][-1])})")
+    sec["measured"] = "; ".join(parts)
+    sec["tables"].append(dict(caption="", header=["corpus", "tokens", "wall (s)", "tokens/s", "RSS at start (MiB)",
+                                                  "peak RSS (MiB)", "state (MiB)"], rows=rows))
+    if genome and genome.get("status") == "ok" and genome["tokens"] < genome["corpus_tokens"]:
+        sec["notes"].append(f"Only {genome['tokens']:,} of the genome's {genome['corpus_tokens']:,} bases were read "
+                            "(`--genome-bases`, or `--quick`).")
+    sec["notes"].append(
+        "Each pass runs in a fresh process under torch.inference_mode, pieces of "
+        f"{k(ctx.sizes['stream_piece'])} tokens, state carried; RSS is read after every piece. The exponent is a "
+        "least-squares fit of log cumulative time on log tokens read, at T = "
+        f"{k(fit_min)}, 2x, 4x, ... along the KJV pass (1M bytes of the Bible; repeated if shorter).")
+    if concurrent:
+        sec["notes"].append("The genome pass ran on the second core while the other sections (then the KJV pass) ran "
+                            "on the first, every job single-threaded: that is what fits the suite in its time "
+                            "budget on 2 cores.")
+    panels = [dict(title="RSS while streaming", xlabel="tokens read", ylabel="MiB", logx=False, logy=False, ymin=0,
+                   series=[dict(label=f"{s['corpus']} RSS", x=[r[0] for r in s["records"]],
+                                y=[r[2] for r in s["records"]]) for s in streams if s.get("status") == "ok"])]
+    if kjv:
+        panels.append(dict(title="cumulative time, KJV", xlabel="tokens read", ylabel="seconds", logx=True, logy=True,
+                           series=[dict(label="kjv", x=[r[0] for r in kjv["records"]],
+                                        y=[r[1] for r in kjv["records"]])],
+                           fits={"kjv": fit} if fit else {}))
+    sec["plots"].append(dict(file="streaming.png", panels=panels))
+    if sec["status"] != "MET":
+        T = min(PROFILE_T["infer"], 4 * ctx.sizes["stream_piece"])
+        sec["profile"] = profile_note(ctx, ctx.spec(kind="model", impl="ours-mac", Ts=[T], modes=["infer"],
+                                                    piece=ctx.sizes["stream_piece"]))
+    sec["data"] = dict(streams=streams, fit=fit)
+    return sec
