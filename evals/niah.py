@@ -121,11 +121,29 @@ def _summary(results: dict[str, list[dict]], window: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _train_job(name: str, variant: str, steps: int, seed: int, threads: int, model_dir: str) -> dict:
+def niah_config(variant: str, match: str = "mal") -> TitansLNNConfig:
+    """The main job's model of ``variant``. Attention-only variants get a wider MLP so that their
+    parameter count matches the ``match`` hybrid's (within one MLP step): the same size, no memory."""
+    config = TitansLNNConfig(variant=variant, **NIAH_MODEL)
+    if "memory" in config.parts:
+        return config
+    target = TitansLNN(TitansLNNConfig(variant=match, **NIAH_MODEL)).num_parameters()
+
+    def size(mult: float) -> int:
+        return TitansLNN(TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})).num_parameters()
+
+    mult = NIAH_MODEL["mlp_mult"]
+    while size(mult + 0.25) <= target or abs(size(mult + 0.25) - target) < abs(size(mult) - target):
+        mult += 0.25
+    return TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})
+
+
+def _train_job(name: str, variant: str, steps: int, seed: int, threads: int, model_dir: str,
+               match: str = "mal") -> dict:
     """One model's training, in its own process: returns its metadata (the model goes to ``model_dir``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = TitansLNN(TitansLNNConfig(variant=variant, **NIAH_MODEL))
+    model = TitansLNN(niah_config(variant, match))
     t0 = time.perf_counter()
     losses = train_passkey(model, steps, seed=seed, progress=False)
     model.save_pretrained(model_dir)
@@ -172,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name}: loaded {dirs[name]}")
                 meta[name] = old_meta.get(name, {"variant": variant})
             else:
-                jobs[pool.submit(_train_job, name, variant, args.steps, args.seed, threads, str(dirs[name]))] = name
+                jobs[pool.submit(_train_job, name, variant, args.steps, args.seed, threads, str(dirs[name]),
+                                       args.variant)] = name
         if jobs:
             print(f"training {', '.join(f'{n} ({models[n]})' for n in jobs.values())}: {args.steps} steps each, "
                   f"{workers} processes x {threads} threads")

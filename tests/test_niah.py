@@ -57,3 +57,11 @@ def test_hybrid_learns_to_retrieve_beyond_its_window():
                             chunk_len=512, progress=False)
     accuracy = sum(r["correct"] for r in records) / len(records)
     assert accuracy >= 0.5, [(r["depth"], r["expected"], r["got"]) for r in records]
+
+
+def test_baseline_has_the_hybrids_size():
+    from titans_lnn.evals.niah import niah_config
+
+    hybrid, baseline = (TitansLNN(niah_config(v)).num_parameters() for v in ("mal", "swa"))
+    assert abs(baseline - hybrid) / hybrid < 0.02, (hybrid, baseline)
+    assert "memory" not in niah_config("swa").parts and niah_config("swa").window == niah_config("mal").window
