@@ -33,7 +33,7 @@ from titans_lnn.config import TitansLNNConfig
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import ByteTokenizer
 
-# The model both sides use: attention window 64 (<= 256), ~100K parameters, fast enough on 2 cores. What
+# The model both sides use: attention window 64 (<= 256), ~177K parameters, fast enough on 2 cores. What
 # makes retrieval learnable in a few hundred CPU steps (each found by ablation on this task):
 # init_std 0.1 (~1/sqrt(d_model); at 0.02 no variant left the uniform-digit plateau in 1000 steps) with an
 # untied head; a linear memory (depth 1) with inner learning rates up to 1 and no forgetting (with
