@@ -132,9 +132,9 @@ def niah_config(variant: str, match: str = "mal") -> TitansLNNConfig:
     def size(mult: float) -> int:
         return TitansLNN(TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})).num_parameters()
 
-    mult = NIAH_MODEL["mlp_mult"]
-    while size(mult + 0.25) <= target or abs(size(mult + 0.25) - target) < abs(size(mult) - target):
-        mult += 0.25
+    mult, n = NIAH_MODEL["mlp_mult"], size(NIAH_MODEL["mlp_mult"])
+    while abs((wider := size(mult + 0.25)) - target) < abs(n - target):  # sizes grow with mult
+        mult, n = mult + 0.25, wider
     return TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})
 
 

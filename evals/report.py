@@ -68,6 +68,19 @@ def markdown_table(records: Sequence[dict], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig, ax, title: str, path: str | os.PathLike) -> Path:
+    """Title the axes, write the figure as a PNG (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def heatmap(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Depth (down) x length (across) mean scores as a PNG, annotated, red = 0 .. green = 1."""
     import matplotlib
@@ -96,13 +109,7 @@ def heatmap(records: Sequence[dict], path: str | os.PathLike, title: str = "") -
                 if not math.isnan(a):
                     ax.text(i, j, f"{a:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="score")
-    ax.set_title(textwrap.fill(title, 60), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, title, path)
 
 
 def write_report(records: Sequence[dict], out: str | os.PathLike, *, title: str, meta: dict | None = None,
@@ -147,13 +154,7 @@ def bits_curve(result: dict, path: str | os.PathLike, unit: str, title: str = ""
     ax.set_xlabel("context read (tokens)")
     ax.set_ylabel(unit)
     ax.grid(alpha=0.3)
-    ax.set_title(textwrap.fill(title, 60), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, title, path)
 
 
 def write_bits_report(result: dict, out: str | os.PathLike, *, unit: str, title: str, meta: dict | None = None,

@@ -31,6 +31,16 @@ def _inputs(T, P, H, G, n_sink, second, D=6, seed=0):
     return x
 
 
+def _assert_same_function(ref, got, x, close):
+    """Outputs and the gradients of every input in ``x`` agree to 1e-12 (float64)."""
+    close(ref, got, 1e-12, "out")
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), list(x.values()))
+    g_got = torch.autograd.grad((got * w).sum(), list(x.values()))
+    for name, a, b in zip(x, g_ref, g_got):
+        close(a, b, 1e-12, f"d{name}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-P{}-W{}-seg{}-sink{}-k2{}-H{}G{}".format(*c))
 def test_blocked_matches_reference(case, close):
     T, P, W, segment, n_sink, second, H, G = case
@@ -38,12 +48,7 @@ def test_blocked_matches_reference(case, close):
     kw = dict(window=W, segment=segment, pos0=11 if segment else 0)
     ref = sliding_window_attention_ref(**x, **kw)
     got = sliding_window_attention_blocked(**x, **kw, block=16)
-    close(ref, got, 1e-12, "out")
-    w = torch.randn_like(ref)
-    g_ref = torch.autograd.grad((ref * w).sum(), list(x.values()))
-    g_got = torch.autograd.grad((got * w).sum(), list(x.values()))
-    for name, a, b in zip(x, g_ref, g_got):
-        close(a, b, 1e-12, f"d{name}")
+    _assert_same_function(ref, got, x, close)
 
 
 def test_window_one_sees_only_itself():
@@ -97,9 +102,4 @@ def test_blocked_backward_is_linear_in_T(window, segment, close):
     x, got, many = slicing_nodes(203)  # 26 blocks, the last one ragged
     assert many == few, f"per-block slicing in the backward: {few} slicing nodes at T=16, {many} at T=203"
     ref = sliding_window_attention_ref(**x, window=window, segment=segment, pos0=3)
-    close(ref, got, 1e-12, "out")
-    w = torch.randn_like(ref)
-    g_ref = torch.autograd.grad((ref * w).sum(), list(x.values()))
-    g_got = torch.autograd.grad((got * w).sum(), list(x.values()))
-    for name, a, b in zip(x, g_ref, g_got):
-        close(a, b, 1e-12, f"d{name}")
+    _assert_same_function(ref, got, x, close)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from titans_lnn.evals.niah import NIAH_MODEL, passkey_batch, train_passkey
+from titans_lnn.evals.niah import niah_config, passkey_batch, train_passkey
 from titans_lnn.evals.runner import evaluate_task
 
-from titans_lnn import TitansLNN, TitansLNNConfig
+from titans_lnn import TitansLNN
 from titans_lnn.cli import main
 from titans_lnn.tokenizers import ByteTokenizer
 
@@ -49,7 +49,7 @@ def test_hybrid_learns_to_retrieve_beyond_its_window():
     for a 5-digit key: 1e-5), streaming the prompt through its fixed-size state."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = TitansLNN(TitansLNNConfig(variant="mal", **NIAH_MODEL))
+    model = TitansLNN(niah_config("mal"))
     losses = train_passkey(model, 600, seed=0, progress=False)
     assert sum(losses[-20:]) / 20 < 1.0, losses[-20:]  # uniform digits: ~1.7
     model.eval()
@@ -60,8 +60,6 @@ def test_hybrid_learns_to_retrieve_beyond_its_window():
 
 
 def test_baseline_has_the_hybrids_size():
-    from titans_lnn.evals.niah import niah_config
-
     hybrid, baseline = (TitansLNN(niah_config(v)).num_parameters() for v in ("mal", "swa"))
     assert abs(baseline - hybrid) / hybrid < 0.02, (hybrid, baseline)
     assert "memory" not in niah_config("swa").parts and niah_config("swa").window == niah_config("mal").window
