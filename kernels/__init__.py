@@ -24,14 +24,14 @@ def liquid_scan(log_a, b, h0=None, *, impl: str | None = None):
 
 
 def memory_update(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size: int, offset: int = 0,
-                  max_grad_norm: float | None = None, impl: str | None = None):
+                  max_grad_norm: float | None = None, stable: bool = False, impl: str | None = None):
     """The Titans memory over a sequence; returns (y, weights, momentum, anchor). See ``memory_update.py``."""
     if torch.compiler.is_compiling():
         return ops.memory_update(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size=chunk_size,
-                                 offset=offset, max_grad_norm=max_grad_norm, impl=impl)
+                                 offset=offset, max_grad_norm=max_grad_norm, stable=stable, impl=impl)
     fn = dispatch.get("memory_update", impl, q.is_cuda)
     return fn(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size=chunk_size, offset=offset,
-              max_grad_norm=max_grad_norm)
+              max_grad_norm=max_grad_norm, stable=stable)
 
 
 def sliding_window_attention(q, k, v, *, window, sink_k=None, sink_v=None, k2=None, v2=None, segment=False,

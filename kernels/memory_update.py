@@ -16,11 +16,30 @@ Clipping each token's gradient (as titans-pytorch's ``max_grad_norm``) bounds ev
 it, an outer training run that raises theta drives the inner descent unstable (an MLP's curvature
 grows with its own weights) and the memory's weights blow up. Clipping only rescales theta_t, so the
 closed form below is unchanged. ``max_grad_norm=None`` turns it off.
+
+``stable=True`` bounds the step by the curvature (issue 17: at the paper's settings a deep memory's
+inner descent with momentum amplifies perturbations ~10x per 100 tokens). With kappa_t an upper
+bound on the largest eigenvalue of the Gauss-Newton curvature of the token's loss at the anchor,
+    kappa_t = 2 sum_l ||x_l||^2 ||P_l||^2,   P_l = d M / d z_l  (||P_L|| = 1; for l < L the Frobenius
+              norm of W_{l+1} diag(silu'(z_l)) times ||P_{l+1}||, a bound on the spectral norm),
+u_t = theta_t kappa_t / (1 - eta_t) is the token's momentum-amplified step in units of the curvature.
+Every gradient of a chunk is taken at the same anchor, so the chunk's steps add up along a shared
+direction: the bound is on their sum. With U_t = sum of u over the chunk's tokens up to t,
+    theta_t <- theta_t / ((1 + U_{t-1}) (1 + U_t))
+which telescopes: the chunk's steps sum to 1 - 1 / (1 + U) < 1 in units of the curvature, at any gate
+value, half the stability limit (2) of the inner loss. It is causal (token t sees only the chunk's
+tokens up to t), a token after silent ones (u = 0) keeps its whole step, and with C = 1 it is
+Longhorn's implicit step theta / (1 + u): for a linear memory with unit keys and eta = 0 the delta
+update shrinks the error on k by 1 / (1 + 2 theta), a contraction for every theta >= 0. U travels
+with the anchor (its last entry, (B, H, 1, 1)) so that a call starting inside a chunk continues it.
+It is applied before clipping, and like clipping it only rescales theta_t, from quantities known at
+the anchor and the chunk's earlier tokens, so the closed form below is unchanged.
 A call may start inside a chunk (streaming): ``offset`` tokens of the current chunk were consumed
 by earlier calls, whose anchor is passed in.
 
 Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); theta, eta, alpha (B, H, T);
-weights, momentum, anchor: tuples of (B, H, out_l, in_l), one per layer.
+weights, momentum, anchor: tuples of (B, H, out_l, in_l), one per layer (``stable``: anchor has one more
+entry, the chunk's spent step U, (B, H, 1, 1); a weights-only anchor counts as U = 0).
 Returns y (B, H, T, Dv), and the new (weights, momentum, anchor).
 
 ``memory_update_ref`` is the per-token loop (gradients by autograd: the specification).
@@ -65,6 +84,68 @@ def _clip_scale(sq_norm: torch.Tensor, max_grad_norm: float | None) -> torch.Ten
     return torch.where(clipped, max_grad_norm * torch.rsqrt(safe), torch.ones_like(sq_norm))
 
 
+def anchor_forward(weights, x):
+    """The MLP at ``weights`` on x, keeping each layer's input x_l and pre-activation z_l.
+    weights: tuple of (B, H, out_l, in_l); x: (B, H, N, Dk) -> (M(x), [x_l], [z_l])."""
+    xs, zs = [], []
+    h = x
+    for i, w in enumerate(weights):
+        xs.append(h)
+        z = torch.einsum("bhoi,bhli->bhlo", w, h)
+        zs.append(z)
+        h = F.silu(z) if i < len(weights) - 1 else z
+    return (h if len(weights) == 1 else x + h), xs, zs
+
+
+def curvature(weights, xs, zs) -> torch.Tensor:
+    """kappa: an upper bound on the largest eigenvalue of the Gauss-Newton curvature of
+    ||M(x) - v||^2 w.r.t. all weights, per token, from ``anchor_forward``'s xs, zs: (B, H, N)."""
+    n = len(weights)
+    reach = torch.ones_like(xs[0][..., 0])  # ||P_l||^2 bound, from the last layer back: (B, H, N)
+    kappa = xs[-1].pow(2).sum(-1)
+    for i in range(n - 2, -1, -1):
+        col = weights[i + 1].pow(2).sum(-2)  # ||W_{l+1}[:, j]||^2: (B, H, in)
+        reach = reach * torch.einsum("bhlj,bhj->bhl", _silu_grad(zs[i]).pow(2), col)
+        kappa = kappa + xs[i].pow(2).sum(-1) * reach
+    return 2 * kappa
+
+
+def stable_steps(theta, eta, kappa, spent):
+    """``stable=True``'s rescaled theta. theta, eta, kappa: (B, H, N), the tokens of one chunk in
+    order, after ``spent`` (B, H): the chunk's U so far. Returns (theta', U after the last token)."""
+    u = theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
+    total = spent[..., None] + u.cumsum(-1)
+    return theta / ((1 + total - u) * (1 + total)), total[..., -1]
+
+
+def stable_steps_sequence(theta, eta, kappa, spent, *, chunk_size, offset=0):
+    """``stable_steps`` over a whole sequence split in chunks (for a curvature that does not depend
+    on the anchor, as a linear memory's 2 ||k||^2). theta, eta, kappa: (B, H, T); spent: (B, H), the
+    U of the chunk that ``offset`` tokens of belong to an earlier call. Returns (theta', U at the end)."""
+    B, H, T = theta.shape
+    u = theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
+    head = u.new_zeros(B, H, offset)  # the chunk's tokens read by earlier calls, their U in front
+    if offset:
+        head[..., 0] = spent
+    u = torch.cat([head, u], dim=-1)
+    n = -(-(offset + T) // chunk_size) * chunk_size
+    total = F.pad(u, (0, n - u.shape[-1])).view(B, H, -1, chunk_size).cumsum(-1).view(B, H, n)  # (B, H, n)
+    total, u = total[..., offset:offset + T], u[..., offset:]
+    return theta / ((1 + total - u) * (1 + total)), total[..., -1]
+
+
+def _split_anchor(anchor, n, stable):
+    """(the anchor's n weights, its spent step U (B, H) or None)."""
+    if not stable:
+        return list(anchor[:n]), None
+    spent = anchor[n][..., 0, 0] if len(anchor) > n else anchor[0].new_zeros(anchor[0].shape[:2])
+    return list(anchor[:n]), spent
+
+
+def _join_anchor(A, spent):
+    return tuple(A) if spent is None else (*A, spent[..., None, None])
+
+
 def _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset):
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"memory_update: q, k must be (B, H, T, Dk) and v (B, H, T, Dv); got q {tuple(q.shape)}, "
@@ -72,34 +153,41 @@ def _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, of
     for name, g in (("theta", theta), ("eta", eta), ("alpha", alpha)):
         if g.shape != q.shape[:3]:
             raise ValueError(f"memory_update: {name} must be (B, H, T) = {tuple(q.shape[:3])}; got {tuple(g.shape)}")
-    if not (len(weights) == len(momentum) == len(anchor)) or not weights:
-        raise ValueError("memory_update: weights, momentum and anchor must be non-empty tuples of equal length")
+    if not (len(weights) == len(momentum) and len(anchor) in (len(weights), len(weights) + 1)) or not weights:
+        raise ValueError("memory_update: weights, momentum and anchor must be non-empty tuples of equal length "
+                         "(anchor: one more with stable=True)")
     if not 0 <= offset < chunk_size:
         raise ValueError(f"memory_update: offset={offset} must be in [0, chunk_size={chunk_size})")
 
 
 def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0,
-                      max_grad_norm=None):
+                      max_grad_norm=None, stable=False):
     """Per-token reference; gradients of the inner loss by autograd (differentiable end to end)."""
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
-    W, S, A = list(weights), list(momentum), list(anchor)
+    W, S = list(weights), list(momentum)
+    A, spent = _split_anchor(anchor, len(weights), stable)
     ys = []
     for t in range(q.shape[2]):
         if (offset + t) % chunk_size == 0:
             A = list(W)
+            spent = None if spent is None else torch.zeros_like(spent)
         with torch.enable_grad():
             A_ = [a if a.requires_grad else a.detach().requires_grad_() for a in A]
             pred = mlp_forward(A_, k[:, :, t:t + 1])
             loss = (pred - v[:, :, t:t + 1]).pow(2).sum()
             grads = torch.autograd.grad(loss, A_, create_graph=torch.is_grad_enabled())
+        th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
+        if stable:
+            _, xs, zs = anchor_forward(A, k[:, :, t:t + 1])
+            th, spent = stable_steps(th[..., 0], et[..., 0], curvature(A, xs, zs), spent)
+            th = th[..., None]
         sq = sum(g.pow(2).sum((-2, -1)) for g in grads)  # (B, H)
         grads = [g * _clip_scale(sq, max_grad_norm)[..., None, None] for g in grads]
-        th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         S = [et * s - th * g for s, g in zip(S, grads)]
         W = [(1 - al) * w + s for w, s in zip(W, S)]
         ys.append(mlp_forward(W, q[:, :, t:t + 1]))
     y = torch.cat(ys, dim=2) if ys else v[:, :, :0]
-    return y, tuple(W), tuple(S), tuple(A)
+    return y, tuple(W), tuple(S), _join_anchor(A, spent)
 
 
 def _chunk_coefficients(eta, alpha):
@@ -121,23 +209,19 @@ def _chunk_coefficients(eta, alpha):
     return log_b.exp(), E, dbe, d_beta @ d_e, d_e
 
 
-def _chunk(q, k, v, theta, coeffs, W0, S0, A, last, max_grad_norm):
-    """One chunk of L tokens (row ``last`` is the last real token; later rows are padding).
+def _chunk(q, k, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
+    """One chunk of L tokens (row ``last`` is the last real token; later rows are padding); ``spent``:
+    the chunk's U before its first row (``stable``), or None.
 
     q, k: (B, H, L, Dk); v: (B, H, L, Dv); coeffs from ``_chunk_coefficients`` for this chunk.
-    Returns y (B, H, L, Dv) and the weights and momentum after token ``last``.
+    Returns y (B, H, L, Dv), the weights and momentum after token ``last``, and U after it.
     """
     beta, E, dbe, dd, d_e = coeffs
     n = len(A)
     # Forward at the anchor on the keys; keep each layer's input x_l and pre-activation z_l.
-    xs, zs = [], []
-    h = k
-    for i, a in enumerate(A):
-        xs.append(h)
-        z = torch.einsum("bhoi,bhli->bhlo", a, h)
-        zs.append(z)
-        h = F.silu(z) if i < n - 1 else z
-    out = h if n == 1 else k + h
+    out, xs, zs = anchor_forward(A, k)
+    if spent is not None:  # padded rows have theta = 0, so u = 0: U after ``last`` is U after the last row
+        theta, spent = stable_steps(theta, eta, curvature(A, xs, zs), spent)
     # Backward in closed form: delta_l = dLoss/dz_l per token; the gradient of W_l is delta_l x_l^T.
     delta = 2 * (out - v)
     deltas = [None] * n
@@ -166,25 +250,26 @@ def _chunk(q, k, v, theta, coeffs, W0, S0, A, last, max_grad_norm):
         mom = torch.einsum("bhl,bhlo,bhli->bhoi", de_last, deltas[i], xs[i])
         W.append(beta[:, :, last, None, None] * W0[i] + dbe[:, :, last, None, None] * S0[i] - upd)
         S.append(E[:, :, last, None, None] * S0[i] - mom)
-    return y, W, S
+    return y, W, S, spent
 
 
 def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0,
-                          max_grad_norm=None):
+                          max_grad_norm=None, stable=False):
     """Chunk-parallel form of ``memory_update_ref``: same contract, a Python loop over chunks only."""
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     B, H, T, _ = q.shape
-    W, S, A = list(weights), list(momentum), list(anchor)
+    W, S = list(weights), list(momentum)
+    A, spent = _split_anchor(anchor, len(weights), stable)
     if T == 0:
-        return v[:, :, :0], tuple(W), tuple(S), tuple(A)
+        return v[:, :, :0], tuple(W), tuple(S), _join_anchor(A, spent)
     ys = []
     start = 0
     if offset:  # finish the chunk that an earlier call started, with its anchor
         L = min(T, chunk_size - offset)
         sl = slice(0, L)
         coeffs = _chunk_coefficients(eta[:, :, sl], alpha[:, :, sl])
-        y, W, S = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], coeffs, W, S, A, L - 1,
-                         max_grad_norm)
+        y, W, S, spent = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl], coeffs, W, S,
+                                A, L - 1, max_grad_norm, spent)
         ys.append(y)
         start = L
     rest = T - start
@@ -201,13 +286,14 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
 
         # unbind, not x[:, :, c]: indexing once per chunk makes autograd build a zero gradient of the
         # whole tensor for every chunk (a backward quadratic in T); unbind's backward is one stack.
-        qc, kc, vc, th = (chunks(x).unbind(2) for x in (q, k, v, theta))
+        qc, kc, vc, th, et = (chunks(x).unbind(2) for x in (q, k, v, theta, eta))
         # Decay bookkeeping for every chunk at once; padded tokens have theta = 0 and are never read.
         coeffs = [x.unbind(2) for x in _chunk_coefficients(chunks(eta), chunks(alpha))]
         for c in range(N):
             last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
-            y, W, S = _chunk(qc[c], kc[c], vc[c], th[c], tuple(x[c] for x in coeffs), W, S, A, last,
-                             max_grad_norm)
+            spent = None if spent is None else torch.zeros_like(spent)
+            y, W, S, spent = _chunk(qc[c], kc[c], vc[c], th[c], et[c], tuple(x[c] for x in coeffs), W, S, A, last,
+                                    max_grad_norm, spent)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
-    return torch.cat(ys, dim=2), tuple(W), tuple(S), tuple(A)
+    return torch.cat(ys, dim=2), tuple(W), tuple(S), _join_anchor(A, spent)

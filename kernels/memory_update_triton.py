@@ -34,7 +34,8 @@ installed; calling ``memory_update_triton`` without it raises ``RuntimeError``.
 from __future__ import annotations
 
 import torch
-from titans_lnn.kernels.memory_update import _check, memory_update_chunked
+from titans_lnn.kernels.memory_update import (_check, _join_anchor, _split_anchor, memory_update_chunked,
+                                              stable_steps_sequence)
 from titans_lnn.kernels.triton_utils import (
     autotune,
     cdiv,
@@ -364,15 +365,24 @@ def _needs_grad(*tensors) -> bool:
 
 
 def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size, offset=0,
-                         max_grad_norm=None):
+                         max_grad_norm=None, stable=False):
     """Triton memory update, same contract as ``memory_update_ref`` (see the module docstring).
 
     Depths 1 and 2 run the kernel on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``),
     fp32/fp16/bf16 inputs, computing in fp32; y has q's dtype and the states keep their dtypes.
-    Other depths and over-wide heads run ``memory_update_chunked``.
+    Other depths and over-wide heads run ``memory_update_chunked``. ``stable=True``: a linear memory's
+    curvature 2 ||k_t||^2 does not depend on the weights, so theta is rescaled here and the kernel runs
+    as usual; a deeper memory's depends on the anchor, which the kernel does not compute yet, so it
+    runs ``memory_update_chunked``.
     """
     require_triton("memory_update_triton")
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
+    spent = None
+    if stable and len(weights) == 1 and q.shape[2]:
+        anchor, spent = _split_anchor(anchor, 1, True)
+        kappa = 2 * k.to(theta.dtype).pow(2).sum(-1)
+        theta, spent = stable_steps_sequence(theta, eta, kappa, spent, chunk_size=chunk_size, offset=offset)
+        stable = False
     args = (q, k, v, theta, eta, alpha, weights, momentum, anchor)
     T, Dk = q.shape[2:]
     depth = len(weights)
@@ -382,8 +392,10 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
         fits = next_power_of_2(Dk) <= MAX_BLOCK_IN and next_power_of_2(weights[0].shape[2]) <= MAX_BLOCK_HIDDEN
     else:
         fits = False
-    if not fits or T == 0:
-        return memory_update_chunked(*args, chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm)
+    if not fits or T == 0 or stable:
+        y, W, S, A = memory_update_chunked(*args, chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm,
+                                           stable=stable)
+        return y, W, S, _join_anchor(A, spent)
     state = (*weights, *momentum, *anchor)
     check_device("memory_update_triton", q, k, v, theta, eta, alpha, *state)
     check_dtype("memory_update_triton", q, k, v, theta, eta, alpha, *state)
@@ -412,4 +424,4 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
                 y1, W, S, A, _ = _forward(*seqs, W, S, T0, chunk_size, 1, False, max_grad_norm)
         ys.append(y1)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
-    return y, tuple(W), tuple(S), tuple(A)
+    return y, tuple(W), tuple(S), _join_anchor(A, spent)

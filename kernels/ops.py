@@ -10,7 +10,7 @@ backward:
   gradient is itself a liquid scan in reverse time (``g_t = dh_t + a_{t+1} g_{t+1}``), run by the same
   op, then elementwise products; nothing is recomputed.
 - ``titans_lnn::memory_update(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size,
-  offset, max_grad_norm, impl) -> [y, *W, *S, *A]``. Backward: ``memory_update_backward`` reruns the
+  offset, max_grad_norm, stable, impl) -> [y, *W, *S, *A]``. Backward: ``memory_update_backward`` reruns the
   forward of the chosen implementation under autograd and back-propagates (one extra forward; the
   Triton implementation's own backward then recomputes from its chunk checkpoints as usual).
 - ``titans_lnn::sliding_window_attention(q, k, v, sink_k, sink_v, k2, v2, window, segment, pos0, impl)``;
@@ -145,24 +145,24 @@ def _memory_outputs(q, weights, momentum, anchor, out):
 @custom_op("titans_lnn::memory_update", mutates_args=())
 def memory_update_op(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
                      weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], chunk_size: int,
-                     offset: int, max_grad_norm: float | None, impl: str) -> list[Tensor]:
+                     offset: int, max_grad_norm: float | None, stable: bool, impl: str) -> list[Tensor]:
     fn = dispatch.get("memory_update", impl or None, q.is_cuda)
     with torch.no_grad():
         out = fn(q, k, v, theta, eta, alpha, tuple(weights), tuple(momentum), tuple(anchor), chunk_size=chunk_size,
-                 offset=offset, max_grad_norm=max_grad_norm)
+                 offset=offset, max_grad_norm=max_grad_norm, stable=stable)
     return _fresh(_memory_outputs(q, weights, momentum, anchor, out),
                   (q, k, v, theta, eta, alpha, *weights, *momentum, *anchor))
 
 
 @memory_update_op.register_fake
-def _(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset, max_grad_norm, impl):
+def _(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset, max_grad_norm, stable, impl):
     y = q.new_empty(*q.shape[:3], v.shape[-1])
     return [y, *(_empty(x) for x in (*weights, *momentum, *anchor))]
 
 
 @custom_op("titans_lnn::memory_update_backward", mutates_args=())
 def memory_update_backward_op(inputs: list[Tensor], grad_outputs: list[Tensor], chunk_size: int, offset: int,
-                              max_grad_norm: float | None, impl: str) -> list[Tensor]:
+                              max_grad_norm: float | None, stable: bool, impl: str) -> list[Tensor]:
     """Gradients w.r.t. [q, k, v, theta, eta, alpha, *W, *S, *A], by rerunning the forward."""
     n = (len(inputs) - 6) // 3
     fn = dispatch.get("memory_update", impl or None, inputs[0].is_cuda)
@@ -170,20 +170,20 @@ def memory_update_backward_op(inputs: list[Tensor], grad_outputs: list[Tensor], 
         leaves = _leaves(inputs)
         W, S, A = leaves[6:6 + n], leaves[6 + n:6 + 2 * n], leaves[6 + 2 * n:]
         out = fn(*leaves[:6], tuple(W), tuple(S), tuple(A), chunk_size=chunk_size, offset=offset,
-                 max_grad_norm=max_grad_norm)
+                 max_grad_norm=max_grad_norm, stable=stable)
         outs = _memory_outputs(leaves[0], W, S, A, out)
         return _fresh(_grads(outs, leaves, grad_outputs), (*inputs, *grad_outputs))
 
 
 @memory_update_backward_op.register_fake
-def _(inputs, grad_outputs, chunk_size, offset, max_grad_norm, impl):
+def _(inputs, grad_outputs, chunk_size, offset, max_grad_norm, stable, impl):
     return [_empty(x) for x in inputs]
 
 
 def _memory_setup(ctx, inputs, output):
-    q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset, max_grad_norm, impl = inputs
+    q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset, max_grad_norm, stable, impl = inputs
     ctx.save_for_backward(q, k, v, theta, eta, alpha, *weights, *momentum, *anchor)
-    ctx.args = (chunk_size, offset, max_grad_norm, impl)
+    ctx.args = (chunk_size, offset, max_grad_norm, stable, impl)
     ctx.n = len(weights)
 
 
@@ -193,13 +193,13 @@ def _memory_backward(ctx, grad_outputs):
     grad_outputs = [torch.zeros_like(t) if g is None else g for g, t in zip(grad_outputs, templates)]
     grads = torch.ops.titans_lnn.memory_update_backward(inputs, grad_outputs, *ctx.args)
     n = ctx.n
-    return (*grads[:6], grads[6:6 + n], grads[6 + n:6 + 2 * n], grads[6 + 2 * n:], None, None, None, None)
+    return (*grads[:6], grads[6:6 + n], grads[6 + n:6 + 2 * n], grads[6 + 2 * n:], None, None, None, None, None)
 
 
 def _output_templates(inputs, n):
     """Tensors shaped like the op's outputs (for zero gradients of unused outputs)."""
     q, v = inputs[0], inputs[2]
-    return [q.new_empty(*q.shape[:3], v.shape[-1]), *inputs[6:6 + 3 * n]]
+    return [q.new_empty(*q.shape[:3], v.shape[-1]), *inputs[6:]]
 
 
 memory_update_op.register_autograd(_memory_backward, setup_context=_memory_setup)
@@ -271,10 +271,10 @@ def liquid_scan(log_a, b, h0=None, *, impl: str | None = None):
 
 
 def memory_update(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, chunk_size: int, offset: int = 0,
-                  max_grad_norm: float | None = None, impl: str | None = None):
+                  max_grad_norm: float | None = None, stable: bool = False, impl: str | None = None):
     n = len(weights)
     out = torch.ops.titans_lnn.memory_update(q, k, v, theta, eta, alpha, list(weights), list(momentum), list(anchor),
-                                             chunk_size, offset, max_grad_norm, impl or "")
+                                             chunk_size, offset, max_grad_norm, stable, impl or "")
     return out[0], tuple(out[1:1 + n]), tuple(out[1 + n:1 + 2 * n]), tuple(out[1 + 2 * n:])
 
 

@@ -4,7 +4,9 @@
     q_t = l2norm(silu(conv(x_t W_Q))),  k_t = l2norm(silu(conv(x_t W_K))),  v_t = silu(conv(x_t W_V))
     theta_t = max_lr * sigmoid(x_t w_theta),  eta_t = sigmoid(x_t w_eta),  alpha_t = max_forget * sigmoid(x_t w_alpha)
     (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
-              to max_grad_norm, chunked (kernels.memory_update)
+              to max_grad_norm, chunked (kernels.memory_update); with stable_step (the default) theta_t
+              is first bounded by the curvature, theta_t <- theta_t / (1 + theta_t kappa_t / (1 - eta_t)),
+              so that the inner descent never amplifies a perturbation of its weights (issue 17)
     out_t = W_O (norm(M_{W_t}(q_t)) * sigmoid(x_t W_G))
 
 per head; every head is an independent memory (an MLP of depth L_M, learned initial weights).
@@ -34,7 +36,7 @@ class NeuralMemory(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
                  max_lr: float = 0.2, max_forget: float = 1.0, max_grad_norm: float | None = 2.0,
-                 conv_kernel: int = 4, eps: float = 1e-5):
+                 conv_kernel: int = 4, stable_step: bool = True, eps: float = 1e-5):
         super().__init__()
         if dim % heads:
             raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
@@ -43,7 +45,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.depth, self.chunk_size, self.max_lr = dim, heads, depth, chunk_size, max_lr
         if not 0 <= max_forget <= 1:
             raise ValueError(f"NeuralMemory: max_forget={max_forget} must be in [0, 1]")
-        self.max_grad_norm, self.max_forget = max_grad_norm, max_forget
+        self.max_grad_norm, self.max_forget, self.stable_step = max_grad_norm, max_forget, stable_step
         d = dim // heads
         hidden = max(1, int(d * hidden_mult))
         self.layer_shapes = [(d, d)] if depth == 1 else [(hidden, d)] + [(hidden, hidden)] * (depth - 2) + [(d, hidden)]
@@ -62,7 +64,8 @@ class NeuralMemory(nn.Module):
         c = config
         return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
                    chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_forget=c.mem_max_forget,
-                   max_grad_norm=c.mem_max_grad_norm, conv_kernel=c.conv_kernel, eps=c.norm_eps)
+                   max_grad_norm=c.mem_max_grad_norm, conv_kernel=c.conv_kernel, stable_step=c.mem_stable_step,
+                   eps=c.norm_eps)
 
     def reset_memory_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
@@ -91,6 +94,8 @@ class NeuralMemory(nn.Module):
         for name, conv in zip("qkv", self.convs):
             state[f"conv_{name}"] = conv.init_state(batch_size, device, dtype)
         state["conv_r"] = self.convs[0].init_state(batch_size, device, dtype)
+        if self.stable_step:  # the step spent in the current chunk (kernels.memory_update, stable=True)
+            state["spent"] = torch.zeros(batch_size, self.heads, 1, 1, device=device, dtype=dtype)
         state["fresh"] = torch.ones(batch_size, device=device, dtype=dtype)
         return state
 
@@ -135,12 +140,15 @@ class NeuralMemory(nn.Module):
         gates = self.w_gates(x).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
         theta = self.max_lr * torch.sigmoid(gates[0])
         eta, alpha = torch.sigmoid(gates[1]), self.max_forget * torch.sigmoid(gates[2])
+        anchor = self._weights(state, "a") + ((state["spent"],) if self.stable_step else ())
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,
-                                   self._weights(state, "w"), self._weights(state, "s"), self._weights(state, "a"),
+                                   self._weights(state, "w"), self._weights(state, "s"), anchor,
                                    chunk_size=self.chunk_size, offset=pos % self.chunk_size,
-                                   max_grad_norm=self.max_grad_norm, impl=impl)
+                                   max_grad_norm=self.max_grad_norm, stable=self.stable_step, impl=impl)
         for i in range(self.depth):
             new[f"w{i}"], new[f"s{i}"], new[f"a{i}"], new[f"g{i}"] = W[i], S[i], A[i], state[f"g{i}"]
+        if self.stable_step:
+            new["spent"] = A[self.depth]
         new["conv_r"] = state["conv_r"]
         new["fresh"] = torch.zeros_like(state["fresh"])
         return self._output(y.to(x.dtype), x), new

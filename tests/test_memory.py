@@ -177,3 +177,98 @@ def test_clipped_backward_is_finite_in_fp32_with_padding():
     out = _call(memory_update_chunked, tensors, n, 4, 0, max_grad_norm=0.5)
     grads = torch.autograd.grad(sum(o.sum() for o in out), tensors, allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+# The curvature-bounded step (stable=True): chunked == reference with the chunk's spent step U carried.
+STABLE_CASES = [(1, 1, 0), (13, 1, 0), (13, 4, 3), (20, 5, 2), (63, 16, 0), (3, 8, 5)]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda d: f"depth{d}")
+@pytest.mark.parametrize("case", STABLE_CASES, ids=lambda c: "T{}-C{}-off{}".format(*c))
+def test_stable_chunked_matches_reference(depth, case, close):
+    T, C, offset = case
+    tensors, n = _inputs(T=T, depth=depth, grad=True)
+    spent = torch.rand(2, 2, 1, 1, dtype=torch.float64, requires_grad=True)  # U of the chunk's earlier tokens
+    tensors = tensors + [spent]
+    ref = _call(memory_update_ref, tensors, n, C, offset, max_grad_norm=0.5, stable=True)
+    got = _call(memory_update_chunked, tensors, n, C, offset, max_grad_norm=0.5, stable=True)
+    assert len(ref) == len(got) == 1 + 3 * n + 1
+    for i, (a, b) in enumerate(zip(ref, got)):
+        close(a, b, 1e-9, f"output {i}")
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in ref]
+    g_ref = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ref, ws)), tensors, allow_unused=True)
+    g_got = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, ws)), tensors, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_ref, g_got)):
+        if a is None:
+            assert b is None or b.abs().max() == 0
+            continue
+        close(a, b, 1e-9, f"grad {i}")
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=lambda d: f"depth{d}")
+def test_stable_split_anywhere_equals_one_call(depth):
+    """Carrying (W, S, anchor + U) across calls that cut chunks anywhere gives one call's result."""
+    tensors, n = _inputs(T=29, depth=depth, seed=2)
+    q, k, v, theta, eta, alpha = tensors[:6]
+    W, S = tuple(tensors[6:6 + n]), tuple(tensors[6 + n:6 + 2 * n])
+    whole = memory_update_chunked(q, k, v, theta, eta, alpha, W, S, W, chunk_size=4, stable=True)
+    A, ys, t0 = W, [], 0
+    for t1 in (3, 4, 11, 12, 13, 29):
+        sl = slice(t0, t1)
+        y, W, S, A = memory_update_chunked(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
+                                           alpha[:, :, sl], W, S, A, chunk_size=4, offset=t0 % 4, stable=True)
+        ys.append(y)
+        t0 = t1
+    torch.testing.assert_close(torch.cat(ys, 2), whole[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip((*W, *S, *A), (*whole[1], *whole[2], *whole[3])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_stable_chunk_steps_sum_below_one():
+    """The chunk's steps, in units of the curvature and momentum-amplified, sum to < 1 for any gates:
+    a linear memory with unit keys has kappa = 2, so sum_t theta'_t 2 / (1 - eta_t) < 1 per chunk."""
+    from titans_lnn.kernels.memory_update import stable_steps_sequence
+
+    g = torch.Generator().manual_seed(0)
+    theta = 10 * torch.rand(3, 2, 50, generator=g, dtype=torch.float64)
+    eta = torch.rand(3, 2, 50, generator=g, dtype=torch.float64)
+    kappa = torch.full_like(theta, 2.0)
+    scaled, _ = stable_steps_sequence(theta, eta, kappa, torch.zeros(3, 2, dtype=torch.float64), chunk_size=8)
+    u = scaled * kappa / (1 - eta)
+    per_chunk = torch.nn.functional.pad(u, (0, 6)).view(3, 2, 7, 8).sum(-1)
+    assert per_chunk.max() < 1
+    # A token after silent ones keeps its whole (Longhorn) step theta / (1 + u).
+    theta2 = torch.zeros(1, 1, 8, dtype=torch.float64)
+    theta2[..., 5] = 0.7
+    eta2 = torch.zeros_like(theta2)
+    scaled2, spent = stable_steps_sequence(theta2, eta2, 2 * torch.ones_like(theta2), torch.zeros(1, 1,
+                                           dtype=torch.float64), chunk_size=8)
+    torch.testing.assert_close(scaled2[..., 5], torch.tensor([[0.7 / 2.4]], dtype=torch.float64))
+    torch.testing.assert_close(spent, torch.tensor([[1.4]], dtype=torch.float64))
+
+
+def test_curvature_bounds_the_gauss_newton_eigenvalue():
+    """kappa >= the largest eigenvalue of 2 J^T J (J: the memory output's Jacobian w.r.t. all weights)."""
+    from titans_lnn.kernels.memory_update import anchor_forward, curvature
+
+    g = torch.Generator().manual_seed(1)
+    for depth in (1, 2, 3):
+        shapes = [(5, 5)] if depth == 1 else [(7, 5)] + [(7, 7)] * (depth - 2) + [(5, 7)]
+        W = [torch.randn(1, 1, *s, generator=g, dtype=torch.float64) for s in shapes]
+        k = F.normalize(torch.randn(1, 1, 1, 5, generator=g, dtype=torch.float64), dim=-1)
+        _, xs, zs = anchor_forward(W, k)
+        kappa = curvature(W, xs, zs).item()
+        flat = torch.cat([w.flatten() for w in W])
+
+        def out(p, W=W, k=k):
+            ws, i = [], 0
+            for w in W:
+                ws.append(p[i:i + w.numel()].view_as(w))
+                i += w.numel()
+            return mlp_forward(ws, k).flatten()
+
+        J = torch.autograd.functional.jacobian(out, flat)  # (Dv, params)
+        top = torch.linalg.eigvalsh(2 * J @ J.T).max().item()
+        assert top <= kappa * (1 + 1e-9), (depth, top, kappa)
+        assert top >= kappa / 20, (depth, top, kappa)  # and not uselessly loose

@@ -68,11 +68,12 @@ def flat_outputs(out):
     return [y, *W, *S, *A]
 
 
-def run(fn, seqs, states, chunk_size, offset, seed=1, max_grad_norm=None):
+def run(fn, seqs, states, chunk_size, offset, seed=1, max_grad_norm=None, stable=False):
     """Outputs of fn and grads of a random weighted sum of them w.r.t. every input (zeros if unused)."""
     leaves = [x.detach().clone().requires_grad_() for x in seqs]
     st = [[x.detach().clone().requires_grad_() for x in t] for t in states]
-    out = fn(*leaves, *(tuple(t) for t in st), chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm)
+    out = fn(*leaves, *(tuple(t) for t in st), chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm,
+             stable=stable)
     outs = flat_outputs(out)
     g = torch.Generator().manual_seed(seed)
     loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
@@ -85,16 +86,20 @@ def run(fn, seqs, states, chunk_size, offset, seed=1, max_grad_norm=None):
 NAMES_SEQ = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
-def check(depth, T, chunk_size, offset, max_grad_norm=None, **dims):
+def check(depth, T, chunk_size, offset, max_grad_norm=None, stable=False, **dims):
     seqs, states = make_inputs(depth, T=T, **dims)
-    outs, grads = run(mut.memory_update_triton, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm)
-    outs_ref, grads_ref = run(memory_update_ref, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm)
+    if stable:  # the chunk's spent step U rides at the end of the anchor
+        states[2] = [*states[2], torch.rand(*states[2][0].shape[:2], 1, 1, dtype=states[2][0].dtype).to(DEVICE)]
+    outs, grads = run(mut.memory_update_triton, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm,
+                      stable=stable)
+    outs_ref, grads_ref = run(memory_update_ref, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm,
+                              stable=stable)
     n = depth
-    out_names = ["y"] + [f"{s}{i}" for s in "WSA" for i in range(n)]
+    out_names = ["y"] + [f"{s}{i}" for s in "WSA" for i in range(n)] + (["U"] if stable else [])
     for name, r, o in zip(out_names, outs_ref, outs):
         assert o.dtype == r.dtype, f"{name}: dtype {o.dtype} != {r.dtype}"
         assert_close(name, r, o)
-    grad_names = [f"d{s}" for s in NAMES_SEQ] + [f"d{s}{i}" for s in "WSA" for i in range(n)]
+    grad_names = [f"d{s}" for s in NAMES_SEQ] + [f"d{s}{i}" for s in "WSA" for i in range(n)] + (["dU"] if stable else [])
     for name, r, o in zip(grad_names, grads_ref, grads):
         assert_close(name, r, o)
 
@@ -121,6 +126,14 @@ CLIP_CASES = [(1, 4, 0), (13, 4, 2), (13, 16, 0), (65, 16, 9)]
 def test_clipped_matches_reference(depth, T, chunk_size, offset):
     """max_grad_norm=0.5 clips every token's gradient (its norm is ~2 ||v|| here)."""
     check(depth, T, chunk_size, offset, max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("T,chunk_size,offset", CLIP_CASES, ids=[f"T{t}-C{c}-off{o}" for t, c, o in CLIP_CASES])
+@pytest.mark.parametrize("depth", [1, 2], ids=["linear", "mlp"])
+def test_stable_matches_reference(depth, T, chunk_size, offset):
+    """stable=True: the linear memory's rescaled theta goes through the kernel (the MLP's runs the
+    chunked PyTorch form), clipped too; the chunk's spent step U carried in and out."""
+    check(depth, T, chunk_size, offset, max_grad_norm=0.5, stable=True)
 
 
 @pytest.mark.parametrize("depth", [1, 2], ids=["linear", "mlp"])
