@@ -28,7 +28,7 @@ from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "answer", "evaluate_mqar", "evaluate_task", "greedy_continue", "load_model",
-           "max_new_tokens_for", "stream_nll", "stream_nll_state", "stream_prompt"]
+           "evaluate_samples", "max_new_tokens_for", "stream_nll", "stream_nll_state", "stream_prompt"]
 
 # Greedy tokens to generate per task (byte tokens; a subword tokenizer needs fewer): the answer
 # with its leading space and trailing period, and some slack.
@@ -257,6 +257,46 @@ def evaluate_task(model: TitansLNN, tokenizer: Tokenizer, task: str, lengths: Se
         if on_record is not None:
             on_record(rec)
         bar.set_postfix(acc=f"{sum(r['score'] for r in records) / len(records):.2f}")
+    return records
+
+
+@torch.no_grad()
+def evaluate_samples(model: TitansLNN, tokenizer: Tokenizer, samples: Sequence, *, chunk_len: int = 4096,
+                     max_new_tokens: int | None = None, pad: str = " ") -> list[dict]:
+    """Greedy answers to several prompts at once: one batch streamed through the fixed-size state.
+
+    Prompts of unequal token counts are left-padded with ``pad`` (repeated) to the longest, so that
+    they all end together and the answers are decoded in lockstep; the pad is whitespace before the
+    task's header, which every task here ignores. Returns one record per sample, as
+    :func:`evaluate_task` (``seconds`` is the sample's share of the batch).
+    """
+    if not samples:
+        return []
+    t0 = time.perf_counter()
+    device = _device(model)
+    encoded = [list(tokenizer.encode(s.prompt)) for s in samples]
+    width = max(len(e) for e in encoded)
+    pad_id = tokenizer.encode(pad)[0]
+    ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], dtype=torch.long, device=device)
+    budget = max_new_tokens if max_new_tokens is not None else max_new_tokens_for(samples[0].task)
+    last, state = stream_prompt(model, ids, chunk_len)
+    new = []
+    for i in range(budget):
+        nxt = last.argmax(-1, keepdim=True)  # (B, 1)
+        new.append(nxt)
+        if i + 1 < budget:
+            out = model(nxt, state=state)
+            last, state = out.logits[:, -1], out.state
+    tokens = torch.cat(new, 1).tolist()  # (B, budget)
+    per = round((time.perf_counter() - t0) / len(samples), 4)
+    records = []
+    for sample, enc, toks in zip(samples, encoded, tokens):
+        got = tokenizer.decode(toks)
+        value = score(sample, got)
+        records.append({"task": sample.task, "length": int(sample.length), "n_tokens": len(enc),
+                        "depth": sample.depth, "needle_depth": sample.depth,
+                        "expected": sample.answer, "got": got, "score": value, "correct": value == 1.0,
+                        "seconds": per})
     return records
 
 

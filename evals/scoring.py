@@ -68,6 +68,17 @@ def score(sample: Sample, prediction: str) -> float:
     raise ValueError(f"unknown metric {sample.metric!r}; known: ['contains_all', 'exact_match', 'passkey']")
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for a proportion (95% for z = 1.96): sensible at 0/n and n/n, where
+    the normal approximation collapses to a point. Returns (low, high) in [0, 1]; (0, 1) for n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def mqar_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of MQAR answer positions (labels != -100) predicted right.
 

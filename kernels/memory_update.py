@@ -23,15 +23,20 @@ bound on the largest eigenvalue of the Gauss-Newton curvature of the token's los
     kappa_t = 2 sum_l ||x_l||^2 ||P_l||^2,   P_l = d M / d z_l  (||P_L|| = 1; for l < L the Frobenius
               norm of W_{l+1} diag(silu'(z_l)) times ||P_{l+1}||, a bound on the spectral norm),
 u_t = theta_t kappa_t / (1 - eta_t) is the token's momentum-amplified step in units of the curvature.
-Every gradient of a chunk is taken at the same anchor, so the chunk's steps add up along a shared
-direction: the bound is on their sum. With U_t = sum of u over the chunk's tokens up to t,
-    theta_t <- theta_t / ((1 + U_{t-1}) (1 + U_t))
-which telescopes: the chunk's steps sum to 1 - 1 / (1 + U) < 1 in units of the curvature, at any gate
-value, half the stability limit (2) of the inner loss. It is causal (token t sees only the chunk's
-tokens up to t), a token after silent ones (u = 0) keeps its whole step, and with C = 1 it is
+Every gradient of a chunk is taken at the same anchor, so the chunk's steps add up where their keys
+overlap: 16 steps along one key from one anchor overshoot 16 times. So each token's step is cut by
+the steps the chunk has already taken along its key,
+    P_t = sum_{s < t in the chunk} u_s cos^2(k_s, k_t) = k^_t^T Q k^_t,   Q = sum_s u_s k^_s k^_s^T
+    theta_t <- theta_t / ((1 + P_t) (1 + P_t + u_t))
+Along one repeated key this telescopes: the chunk's steps sum to 1 - 1 / (1 + U) < 1 (U = sum u),
+half the stability limit (2) of the inner loss, at any gate value; keys orthogonal to the earlier
+ones keep their whole step u / (1 + u), so a needle of several tokens is written in full (with
+U alone, the fifth digit of a passkey got a fiftieth of the first's step). With C = 1 this is
 Longhorn's implicit step theta / (1 + u): for a linear memory with unit keys and eta = 0 the delta
-update shrinks the error on k by 1 / (1 + 2 theta), a contraction for every theta >= 0. U travels
-with the anchor (its last entry, (B, H, 1, 1)) so that a call starting inside a chunk continues it.
+update shrinks the error on k by 1 / (1 + 2 theta), a contraction for every theta >= 0. In between
+(partly overlapping keys) it is a heuristic, checked by the perturbation tests (stability.py). Q
+travels with the anchor (its last entry, (B, H, Dk, Dk)) so that a call starting inside a chunk
+continues it; it uses the keys (the first layer's inputs) for every depth.
 It is applied before clipping, and like clipping it only rescales theta_t, from quantities known at
 the anchor and the chunk's earlier tokens, so the closed form below is unchanged.
 A call may start inside a chunk (streaming): ``offset`` tokens of the current chunk were consumed
@@ -39,7 +44,7 @@ by earlier calls, whose anchor is passed in.
 
 Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); theta, eta, alpha (B, H, T);
 weights, momentum, anchor: tuples of (B, H, out_l, in_l), one per layer (``stable``: anchor has one more
-entry, the chunk's spent step U, (B, H, 1, 1); a weights-only anchor counts as U = 0).
+entry, the chunk's Q, (B, H, Dk, Dk); a weights-only anchor counts as Q = 0).
 Returns y (B, H, T, Dv), and the new (weights, momentum, anchor).
 
 ``memory_update_ref`` is the per-token loop (gradients by autograd: the specification).
@@ -110,40 +115,57 @@ def curvature(weights, xs, zs) -> torch.Tensor:
     return 2 * kappa
 
 
-def stable_steps(theta, eta, kappa, spent):
-    """``stable=True``'s rescaled theta. theta, eta, kappa: (B, H, N), the tokens of one chunk in
-    order, after ``spent`` (B, H): the chunk's U so far. Returns (theta', U after the last token)."""
+def stable_steps(theta, eta, kappa, k, spent):
+    """``stable=True``'s rescaled theta for the tokens of one chunk, in order. theta, eta, kappa:
+    (B, H, N); k: (B, H, N, Dk); spent: (B, H, Dk, Dk), the chunk's Q before its first token.
+    Returns (theta', Q after the last token)."""
     u = theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
-    total = spent[..., None] + u.cumsum(-1)
-    return theta / ((1 + total - u) * (1 + total)), total[..., -1]
+    kh = F.normalize(k, dim=-1)
+    overlap = (kh @ kh.transpose(-1, -2)).pow(2).tril(-1)  # (B, H, N, N): cos^2 with the earlier tokens
+    before = (overlap @ u[..., None])[..., 0] + torch.einsum("bhnd,bhde,bhne->bhn", kh, spent, kh)
+    spent = spent + torch.einsum("bhn,bhnd,bhne->bhde", u, kh, kh)
+    return theta / ((1 + before) * (1 + before + u)), spent
 
 
-def stable_steps_sequence(theta, eta, kappa, spent, *, chunk_size, offset=0):
+def stable_steps_sequence(theta, eta, kappa, k, spent, *, chunk_size, offset=0):
     """``stable_steps`` over a whole sequence split in chunks (for a curvature that does not depend
-    on the anchor, as a linear memory's 2 ||k||^2). theta, eta, kappa: (B, H, T); spent: (B, H), the
-    U of the chunk that ``offset`` tokens of belong to an earlier call. Returns (theta', U at the end)."""
+    on the anchor, as a linear memory's 2 ||k||^2). theta, eta, kappa: (B, H, T); k: (B, H, T, Dk);
+    spent: (B, H, Dk, Dk), Q of the chunk that the first ``offset`` tokens (read by an earlier call)
+    belong to. Returns (theta', Q at the end)."""
     B, H, T = theta.shape
-    u = theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
-    head = u.new_zeros(B, H, offset)  # the chunk's tokens read by earlier calls, their U in front
+    Dk = k.shape[-1]
+    C = chunk_size
+    n = -(-(offset + T) // C) * C
+
+    def chunks(x):  # (B, H, T, ...) -> (B, H, n / C, C, ...), offset zeros in front, zeros at the end
+        x = x.movedim(2, -1)
+        x = F.pad(x, (offset, n - offset - T)).movedim(-1, 2)
+        return x.reshape(B, H, n // C, C, *x.shape[3:])
+
+    u = chunks(theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny))  # (B, H, N, C)
+    kh = chunks(F.normalize(k, dim=-1))  # (B, H, N, C, Dk); padded rows have u = 0 and k = 0
+    overlap = (kh @ kh.transpose(-1, -2)).pow(2).tril(-1)  # (B, H, N, C, C)
+    before = (overlap @ u[..., None])[..., 0]
+    start = torch.zeros(B, H, n // C, Dk, Dk, dtype=theta.dtype, device=theta.device)
     if offset:
-        head[..., 0] = spent
-    u = torch.cat([head, u], dim=-1)
-    n = -(-(offset + T) // chunk_size) * chunk_size
-    total = F.pad(u, (0, n - u.shape[-1])).view(B, H, -1, chunk_size).cumsum(-1).view(B, H, n)  # (B, H, n)
-    total, u = total[..., offset:offset + T], u[..., offset:]
-    return theta / ((1 + total - u) * (1 + total)), total[..., -1]
+        start[:, :, 0] = spent
+    before = before + torch.einsum("bhncd,bhnde,bhnce->bhnc", kh, start, kh)
+    end = start[:, :, -1] + torch.einsum("bhc,bhcd,bhce->bhde", u[:, :, -1], kh[:, :, -1], kh[:, :, -1])
+    before, u = before.reshape(B, H, n)[..., offset:offset + T], u.reshape(B, H, n)[..., offset:offset + T]
+    return theta / ((1 + before) * (1 + before + u)), end
 
 
-def _split_anchor(anchor, n, stable):
-    """(the anchor's n weights, its spent step U (B, H) or None)."""
+def _split_anchor(anchor, n, stable, k):
+    """(the anchor's n weights, its Q (B, H, Dk, Dk), or None when not stable)."""
     if not stable:
         return list(anchor[:n]), None
-    spent = anchor[n][..., 0, 0] if len(anchor) > n else anchor[0].new_zeros(anchor[0].shape[:2])
+    B, H, _, Dk = k.shape
+    spent = anchor[n] if len(anchor) > n else k.new_zeros(B, H, Dk, Dk)
     return list(anchor[:n]), spent
 
 
 def _join_anchor(A, spent):
-    return tuple(A) if spent is None else (*A, spent[..., None, None])
+    return tuple(A) if spent is None else (*A, spent)
 
 
 def _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset):
@@ -165,7 +187,7 @@ def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, 
     """Per-token reference; gradients of the inner loss by autograd (differentiable end to end)."""
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     W, S = list(weights), list(momentum)
-    A, spent = _split_anchor(anchor, len(weights), stable)
+    A, spent = _split_anchor(anchor, len(weights), stable, k)
     ys = []
     for t in range(q.shape[2]):
         if (offset + t) % chunk_size == 0:
@@ -179,7 +201,7 @@ def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, 
         th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         if stable:
             _, xs, zs = anchor_forward(A, k[:, :, t:t + 1])
-            th, spent = stable_steps(th[..., 0], et[..., 0], curvature(A, xs, zs), spent)
+            th, spent = stable_steps(th[..., 0], et[..., 0], curvature(A, xs, zs), k[:, :, t:t + 1], spent)
             th = th[..., None]
         sq = sum(g.pow(2).sum((-2, -1)) for g in grads)  # (B, H)
         grads = [g * _clip_scale(sq, max_grad_norm)[..., None, None] for g in grads]
@@ -220,8 +242,8 @@ def _chunk(q, k, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
     n = len(A)
     # Forward at the anchor on the keys; keep each layer's input x_l and pre-activation z_l.
     out, xs, zs = anchor_forward(A, k)
-    if spent is not None:  # padded rows have theta = 0, so u = 0: U after ``last`` is U after the last row
-        theta, spent = stable_steps(theta, eta, curvature(A, xs, zs), spent)
+    if spent is not None:  # padded rows have theta = 0, so u = 0: Q after ``last`` is Q after the last row
+        theta, spent = stable_steps(theta, eta, curvature(A, xs, zs), k, spent)
     # Backward in closed form: delta_l = dLoss/dz_l per token; the gradient of W_l is delta_l x_l^T.
     delta = 2 * (out - v)
     deltas = [None] * n
@@ -259,7 +281,7 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     B, H, T, _ = q.shape
     W, S = list(weights), list(momentum)
-    A, spent = _split_anchor(anchor, len(weights), stable)
+    A, spent = _split_anchor(anchor, len(weights), stable, k)
     if T == 0:
         return v[:, :, :0], tuple(W), tuple(S), _join_anchor(A, spent)
     ys = []

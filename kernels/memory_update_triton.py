@@ -379,9 +379,12 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
     _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     spent = None
     if stable and len(weights) == 1 and q.shape[2]:
-        anchor, spent = _split_anchor(anchor, 1, True)
-        kappa = 2 * k.to(theta.dtype).pow(2).sum(-1)
-        theta, spent = stable_steps_sequence(theta, eta, kappa, spent, chunk_size=chunk_size, offset=offset)
+        anchor, spent = _split_anchor(anchor, 1, True, k)
+        kf = k.to(theta.dtype)
+        dtype = spent.dtype
+        theta, spent = stable_steps_sequence(theta, eta, 2 * kf.pow(2).sum(-1), kf, spent.to(theta.dtype),
+                                             chunk_size=chunk_size, offset=offset)
+        spent = spent.to(dtype)
         stable = False
     args = (q, k, v, theta, eta, alpha, weights, momentum, anchor)
     T, Dk = q.shape[2:]

@@ -2,14 +2,26 @@
 
     x_t <- RMSNorm(x_t)    (MAC writes attention outputs, whose scale is arbitrary)
     q_t = l2norm(silu(conv(x_t W_Q))),  k_t = l2norm(silu(conv(x_t W_K))),  v_t = silu(conv(x_t W_V))
-    theta_t = max_lr * sigmoid(x_t w_theta),  eta_t = sigmoid(x_t w_eta),  alpha_t = max_forget * sigmoid(x_t w_alpha)
+    theta_t = max_lr * sigmoid(x_t w_theta)   (write_gate "sigmoid", the paper's)
+            = max_lr * clamp(x_t w_theta, 0, 1)   (write_gate "relu": exactly 0 on the tokens it learns to skip)
+    eta_t = sigmoid(x_t w_eta),  alpha_t = max_forget * sigmoid(x_t w_alpha)
     (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
               to max_grad_norm, chunked (kernels.memory_update); with stable_step (the default) theta_t
-              is first bounded by the curvature, theta_t <- theta_t / (1 + theta_t kappa_t / (1 - eta_t)),
-              so that the inner descent never amplifies a perturbation of its weights (issue 17)
+              is first bounded by the curvature so that the inner descent never amplifies a
+              perturbation of its weights (issue 17; the rule is in kernels/memory_update.py)
     out_t = W_O (norm(M_{W_t}(q_t)) * sigmoid(x_t W_G))
 
-per head; every head is an independent memory (an MLP of depth L_M, learned initial weights).
+Why a gate that reaches 0: every write moves the weights, so a needle written once fades with every
+later write whose key overlaps its own (roughly exp(-N theta / d) after N writes with unit keys in
+d dimensions). A sigmoid gate never writes exactly nothing; after a million filler tokens even
+theta ~ 0.01 has erased the needle. A clamped-linear gate writes exactly nothing on the tokens where
+its logit is negative, so what it skips costs the memory nothing, however long the text (the
+gradient passes straight through below 0, so a skipped token can learn to be written again; the
+selective step of Mamba, arXiv 2312.00752 sec. 4.1, and ARMT's sparse writes, arXiv 2407.04841).
+``last_theta`` keeps the last call's gates (B, H, T), for a sparsity penalty in training and for
+diagnostics (which tokens were written).
+
+Per head; every head is an independent memory (an MLP of depth L_M, learned initial weights).
 Usable on its own: ``NeuralMemory(dim=256, heads=4)(x)`` or with a carried ``state``.
 """
 
@@ -36,7 +48,7 @@ class NeuralMemory(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
                  max_lr: float = 0.2, max_forget: float = 1.0, max_grad_norm: float | None = 2.0,
-                 conv_kernel: int = 4, stable_step: bool = True, eps: float = 1e-5):
+                 conv_kernel: int = 4, stable_step: bool = True, write_gate: str = "sigmoid", eps: float = 1e-5):
         super().__init__()
         if dim % heads:
             raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
@@ -45,7 +57,11 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.depth, self.chunk_size, self.max_lr = dim, heads, depth, chunk_size, max_lr
         if not 0 <= max_forget <= 1:
             raise ValueError(f"NeuralMemory: max_forget={max_forget} must be in [0, 1]")
+        if write_gate not in ("sigmoid", "relu"):
+            raise ValueError(f"NeuralMemory: write_gate={write_gate!r} must be 'sigmoid' or 'relu'")
         self.max_grad_norm, self.max_forget, self.stable_step = max_grad_norm, max_forget, stable_step
+        self.write_gate = write_gate
+        self.last_theta: torch.Tensor | None = None
         d = dim // heads
         hidden = max(1, int(d * hidden_mult))
         self.layer_shapes = [(d, d)] if depth == 1 else [(hidden, d)] + [(hidden, hidden)] * (depth - 2) + [(d, hidden)]
@@ -65,12 +81,13 @@ class NeuralMemory(nn.Module):
         return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
                    chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_forget=c.mem_max_forget,
                    max_grad_norm=c.mem_max_grad_norm, conv_kernel=c.conv_kernel, stable_step=c.mem_stable_step,
-                   eps=c.norm_eps)
+                   write_gate=c.mem_write_gate, eps=c.norm_eps)
 
     def reset_memory_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
         as the identity through its residual); gates start at a small learning rate (theta ~ 0.1
-        max_lr), strong momentum (eta ~ 0.9) and slow forgetting (alpha ~ 0.01)."""
+        max_lr; the relu gate writes every token at first, ~0.1 max_lr plus noise), strong momentum
+        (eta ~ 0.9) and slow forgetting (alpha ~ 0.01)."""
         for i, w in enumerate(self.init_weights_):
             if self.depth > 1 and i == self.depth - 1:
                 nn.init.zeros_(w)
@@ -78,7 +95,7 @@ class NeuralMemory(nn.Module):
                 nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[-1]))
         with torch.no_grad():
             bias = self.w_gates.bias.view(3, self.heads)
-            bias[0].fill_(math.log(0.1 / 0.9))
+            bias[0].fill_(math.log(0.1 / 0.9) if self.write_gate == "sigmoid" else 0.1)
             bias[1].fill_(math.log(0.9 / 0.1))
             bias[2].fill_(math.log(0.01 / 0.99))
 
@@ -94,8 +111,9 @@ class NeuralMemory(nn.Module):
         for name, conv in zip("qkv", self.convs):
             state[f"conv_{name}"] = conv.init_state(batch_size, device, dtype)
         state["conv_r"] = self.convs[0].init_state(batch_size, device, dtype)
-        if self.stable_step:  # the step spent in the current chunk (kernels.memory_update, stable=True)
-            state["spent"] = torch.zeros(batch_size, self.heads, 1, 1, device=device, dtype=dtype)
+        if self.stable_step:  # the steps taken in the current chunk, by key (kernels.memory_update, stable=True)
+            d = self.layer_shapes[0][1]
+            state["spent"] = torch.zeros(batch_size, self.heads, d, d, device=device, dtype=dtype)
         state["fresh"] = torch.ones(batch_size, device=device, dtype=dtype)
         return state
 
@@ -138,7 +156,12 @@ class NeuralMemory(nn.Module):
         q, k, v, new = self._project(x, state)
         dtype = torch.promote_types(x.dtype, torch.float32)
         gates = self.w_gates(x).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
-        theta = self.max_lr * torch.sigmoid(gates[0])
+        if self.write_gate == "sigmoid":
+            theta = self.max_lr * torch.sigmoid(gates[0])
+        else:  # straight-through below 0: a skipped token still learns whether it should have been written
+            s = gates[0]
+            theta = self.max_lr * (s.clamp(0, 1) + torch.where(s < 0, s - s.detach(), torch.zeros_like(s)))
+        self.last_theta = theta
         eta, alpha = torch.sigmoid(gates[1]), self.max_forget * torch.sigmoid(gates[2])
         anchor = self._weights(state, "a") + ((state["spent"],) if self.stable_step else ())
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,

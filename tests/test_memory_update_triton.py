@@ -86,10 +86,11 @@ def run(fn, seqs, states, chunk_size, offset, seed=1, max_grad_norm=None, stable
 NAMES_SEQ = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
-def check(depth, T, chunk_size, offset, max_grad_norm=None, stable=False, **dims):
-    seqs, states = make_inputs(depth, T=T, **dims)
-    if stable:  # the chunk's spent step U rides at the end of the anchor
-        states[2] = [*states[2], torch.rand(*states[2][0].shape[:2], 1, 1, dtype=states[2][0].dtype).to(DEVICE)]
+def check(depth, T, chunk_size, offset, max_grad_norm=None, stable=False, Dk=12, **dims):
+    seqs, states = make_inputs(depth, T=T, Dk=Dk, **dims)
+    if stable:  # the chunk's Q (steps taken by key, PSD) rides at the end of the anchor
+        r = torch.rand(*states[2][0].shape[:2], Dk, Dk, dtype=states[2][0].dtype)
+        states[2] = [*states[2], (0.3 * r @ r.transpose(-1, -2)).to(DEVICE)]
     outs, grads = run(mut.memory_update_triton, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm,
                       stable=stable)
     outs_ref, grads_ref = run(memory_update_ref, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm,
@@ -132,7 +133,7 @@ def test_clipped_matches_reference(depth, T, chunk_size, offset):
 @pytest.mark.parametrize("depth", [1, 2], ids=["linear", "mlp"])
 def test_stable_matches_reference(depth, T, chunk_size, offset):
     """stable=True: the linear memory's rescaled theta goes through the kernel (the MLP's runs the
-    chunked PyTorch form), clipped too; the chunk's spent step U carried in and out."""
+    chunked PyTorch form), clipped too; the chunk's Q carried in and out."""
     check(depth, T, chunk_size, offset, max_grad_norm=0.5, stable=True)
 
 

@@ -1,0 +1,134 @@
+"""Training the main job's models: the model both sides use, task batches, the training loop.
+
+The loss is on the answer only: a random key can be predicted only by retrieving it. Training
+prompts draw their seeds from [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE) and evaluation prompts from
+below TRAIN_SEED_BASE, so no evaluated prompt (and no needle placement) was seen in training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import torch
+from titans_lnn.evals.tasks import make_sample
+
+from titans_lnn.config import TitansLNNConfig
+from titans_lnn.model import TitansLNN
+
+TRAIN_SEED_BASE = 2**31
+
+# The model both sides use: attention window 64 (<= 256), ~177K parameters, fast enough on 2 cores. What
+# makes retrieval learnable in a few hundred CPU steps (each found by ablation on this task):
+# init_std 0.1 (~1/sqrt(d_model); at 0.02 no variant left the uniform-digit plateau in 1000 steps) with an
+# untied head; a linear memory (depth 1) with inner learning rates up to 1 and no forgetting (with
+# alpha > 0 a needle fades as (1 - alpha)^distance: gone long before 1M tokens); q/k/v convolutions of
+# width 8, so a key can tell "pass key is " from "sky is ".
+NIAH_MODEL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
+                  mem_heads=2, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
+                  conv_kernel=8, init_std=0.1, tie_embeddings=False)
+
+
+def answer_text(sample) -> str:
+    """What follows the prompt in training: the answer (values joined by ", ")."""
+    return sample.answer if isinstance(sample.answer, str) else ", ".join(sample.answer)
+
+
+def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: random.Random):
+    """Prompts of ``task`` followed by their answer, as byte ids; labels only on the answer (B, T).
+    Seeds are drawn from [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt."""
+    length = rng.randint(min_len, max_len)
+    xs, ys = [], []
+    for _ in range(batch_size):
+        depth = None if task.startswith("babilong_") else rng.random()
+        sample = make_sample(task, length, depth, seed=TRAIN_SEED_BASE + rng.randrange(TRAIN_SEED_BASE))
+        answer = answer_text(sample)
+        full = torch.tensor(list((sample.prompt + " " + answer + ".").encode()))
+        labels = torch.full_like(full, -100)
+        first = len(full) - len(answer.encode()) - 2  # the space before the answer
+        labels[first - 1:-1] = full[first:]  # aligned: position t predicts token t + 1
+        xs.append(full[:-1])
+        ys.append(labels[:-1])
+    n = min(len(x) for x in xs)
+    return torch.stack([x[-n:] for x in xs]), torch.stack([y[-n:] for y in ys])
+
+
+def memory_modules(model: TitansLNN) -> list:
+    from titans_lnn.memory import NeuralMemory
+
+    return [m for m in model.modules() if isinstance(m, NeuralMemory)]
+
+
+def write_rate(model: TitansLNN) -> torch.Tensor:
+    """Mean theta / max_lr over the last call's tokens and heads, summed over the memories (0 without any)."""
+    rates = [m.last_theta.mean() / m.max_lr for m in memory_modules(model) if m.last_theta is not None]
+    return sum(rates) if rates else torch.zeros(())
+
+
+def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Random):
+    """``task_batch`` of passkey prompts."""
+    return task_batch("passkey", batch_size, min_len, max_len, rng)
+
+
+def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_size: int = 16, min_len: int = 260,
+                  max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
+                  lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_below: float = 0.2,
+                  progress: bool = True, on_step: Callable[[int], None] | None = None) -> list[float]:
+    """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
+    steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
+    the memory learns to keep a key through more filler than it was first trained on.
+    ``write_penalty`` adds that weight times the memories' mean write gate (theta / max_lr) to the
+    loss once the answer loss (mean of the last 20 steps) is below ``penalty_below``.
+    ``on_step(step)`` is called after each step (progress across processes)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(20, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=f"train {model.config.variant}", disable=not progress)
+    long_from = steps - int(round(long_frac * steps))
+    long_batch = max(1, batch_size * max_len // long_len[1])
+    for step in bar:
+        if step < long_from:
+            x, y = task_batch(task, batch_size, min_len, max_len, rng)
+        else:
+            x, y = task_batch(task, long_batch, *long_len, rng)
+        loss = model(x, labels=y).loss
+        total = loss
+        # Sparse writes, once retrieval works: with Adam, a penalty that is the gate's only gradient
+        # closes every gate within a few hundred steps, whatever its weight, before retrieval is learned.
+        if write_penalty and losses and sum(losses[-20:]) / len(losses[-20:]) < penalty_below:
+            total = loss + write_penalty * write_rate(model)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if on_step is not None:
+            on_step(step + 1)
+    return losses
+
+
+def niah_config(variant: str, match: str = "mal") -> TitansLNNConfig:
+    """The main job's model of ``variant``. Attention-only variants get a wider MLP so that their
+    parameter count matches the ``match`` hybrid's (within one MLP step): the same size, no memory."""
+    config = TitansLNNConfig(variant=variant, **NIAH_MODEL)
+    if "memory" in config.parts:
+        return config
+    target = TitansLNN(TitansLNNConfig(variant=match, **NIAH_MODEL)).num_parameters()
+
+    def size(mult: float) -> int:
+        return TitansLNN(TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})).num_parameters()
+
+    mult, n = NIAH_MODEL["mlp_mult"], size(NIAH_MODEL["mlp_mult"])
+    while abs((wider := size(mult + 0.25)) - target) < abs(n - target):  # sizes grow with mult
+        mult, n = mult + 0.25, wider
+    return TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})
