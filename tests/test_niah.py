@@ -36,7 +36,11 @@ def test_niah_command_writes_outputs(tmp_path, capsys):
         assert len(records) == 2 and {r["length"] for r in records} == {320, 400}
         assert (out / name / "heatmap.png").stat().st_size > 0
         assert (out / name / "model" / "config.json").exists()
-    assert "Passkey retrieval accuracy" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "passkey accuracy" in summary and "Wilson" in summary and "n=1" in summary
+    assert (out / "hybrid" / "readout.png").stat().st_size > 0 and "filler tokens written" in summary
+    seeds = [r["seed"] for name in ("hybrid",) for r in json.loads((out / name / "results.json").read_text())["records"]]
+    assert len(set(seeds)) == len(seeds)  # one key per sample, not one key everywhere
     assert "outputs:" in capsys.readouterr().out
     # --reuse loads what the first run saved instead of training again
     assert main(["niah", "--reuse", "--lengths", "320", "--depths", "0", "--out", str(out), "--no-progress"]) == 0
@@ -63,3 +67,84 @@ def test_baseline_has_the_hybrids_size():
     hybrid, baseline = (TitansLNN(niah_config(v)).num_parameters() for v in ("mal", "swa"))
     assert abs(baseline - hybrid) / hybrid < 0.02, (hybrid, baseline)
     assert "memory" not in niah_config("swa").parts and niah_config("swa").window == niah_config("mal").window
+
+
+def test_eval_seeds_are_distinct_and_never_training_seeds():
+    from titans_lnn.evals.niah import eval_seed
+    from titans_lnn.evals.niah_train import TRAIN_SEED_BASE
+
+    seeds = [eval_seed(s, j, i) for s in (0, 1, 7) for j in range(6) for i in range(50)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < TRAIN_SEED_BASE
+    with pytest.raises(ValueError, match="outside"):
+        eval_seed(10**4, 0, 0)
+
+
+def test_training_prompts_use_training_seeds(monkeypatch):
+    """Every prompt a training batch draws has a seed >= TRAIN_SEED_BASE (evaluation's are below)."""
+    import random
+
+    import titans_lnn.evals.niah_train as nt
+
+    seen = []
+    real = nt.make_sample
+
+    def spy(task, length, depth=None, seed=0, **kw):
+        seen.append(seed)
+        return real(task, length, depth, seed, **kw)
+
+    monkeypatch.setattr(nt, "make_sample", spy)
+    nt.task_batch("passkey", 4, 300, 300, random.Random(0))
+    nt.task_batch("niah_single_2", 2, 600, 600, random.Random(1))
+    assert len(seen) == 6 and min(seen) >= nt.TRAIN_SEED_BASE
+
+
+def test_task_batch_labels_the_answer_of_any_task():
+    import random
+
+    from titans_lnn.evals.niah_train import task_batch
+
+    for task in ("niah_single_2", "babilong_qa1"):
+        x, y = task_batch(task, 2, 900, 900, random.Random(0))
+        for row in y:
+            target = bytes(row[row >= 0].tolist()).decode()
+            assert target.startswith(" ") and target.endswith(".") and len(target) > 2, (task, target)
+
+
+def test_batched_evaluation_answers_as_one_at_a_time():
+    """Left-padding several prompts into one batch gives each the greedy answer it gets alone."""
+    from titans_lnn.evals.runner import answer, evaluate_samples
+    from titans_lnn.evals.tasks import make_sample
+
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal")).eval()
+    tok = ByteTokenizer()
+    samples = [make_sample("passkey", n, d, seed=i) for i, (n, d) in enumerate([(300, 0.2), (290, 0.8), (310, 0.5)])]
+    records = evaluate_samples(model, tok, samples, chunk_len=128, max_new_tokens=6)
+    for sample, rec in zip(samples, records):
+        # the pad is spaces before the header: the single run gets the same padding
+        width = max(len(s.prompt) for s in samples)
+        alone = answer(model, tok, " " * (width - len(sample.prompt)) + sample.prompt, 6, chunk_len=128)
+        assert rec["got"] == alone and rec["expected"] == sample.answer
+
+
+def test_wilson_interval():
+    from titans_lnn.evals.scoring import wilson_interval
+
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and 0.69 < lo < 0.73  # 95%: [0.722, 1]
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.27 < hi < 0.31
+    lo, hi = wilson_interval(5, 10)
+    assert 0.23 < lo < 0.24 and 0.76 < hi < 0.77
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_readout_diagnostics_count_filler_writes():
+    from titans_lnn.evals.niah import needle_readout
+
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal")).eval()
+    d = needle_readout(model, [200, 500], chunk_len=128)
+    assert d["distances"] == [200, 500] and len(d["logp_key"]) == 2 and all(x < 0 for x in d["logp_key"])
+    # one fraction per memory layer, in [0, 1]
+    assert all(len(w) == 2 and all(0 <= x <= 1 for x in w) for w in d["filler_written"])

@@ -1,8 +1,8 @@
 """Issue 17: the memory's inner descent must not amplify perturbations, so that streaming stays
 equal to one pass over thousands of tokens (titans_lnn.stability, ``titans-lnn stability``).
 
-Random weights (seeded), KJV text, float64 unless a test says otherwise. Timings on 1 free core:
-streamed == one pass over 2K tokens ~1-2 s a case, a 4K perturbation run on tiny ~2-4 s.
+Random weights (seeded), KJV text, float64 unless a test says otherwise. On 2 busy cores the default
+tests take ~50 s together (the longest, extreme gates on MAC, ~8 s), the slow 16K ones ~75 s.
 """
 
 import math

@@ -181,18 +181,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.tokens < args.block:
         return usage(f"--tokens {args.tokens} is shorter than one --block ({args.block})")
     dtype = getattr(torch, args.dtype)
-    variant = args.variant or "mac"
-    variants = [None] if args.checkpoint else list(MEMORY_VARIANTS) if variant == "all" else [variant]
+    preset = None if args.checkpoint else args.preset or "tiny"
+    if args.checkpoint:
+        variants = [None]  # the checkpoint's own
+    else:
+        variants = list(MEMORY_VARIANTS) if args.variant == "all" else [args.variant or "mac"]
     failed = []
-    for v in variants:
+    for variant in variants:
         t0 = time.perf_counter()
-        model, tok = load_model(args.checkpoint, preset=None if args.checkpoint else args.preset or "tiny",
-                                variant=v or "mac", device=args.device, seed=args.seed)
+        model, tok = load_model(args.checkpoint, preset=preset, variant=variant or "mac", device=args.device,
+                                seed=args.seed)
         model = model.to(dtype)
-        name = v or model.config.variant
+        name = model.config.variant
         ids = text_ids(args.text, args.tokens, tokenizer=tok, vocab_size=model.config.vocab_size, seed=args.seed)
-        print(f"{args.checkpoint or (args.preset or 'tiny') + '/' + name}: {model.num_parameters():,} parameters, "
-              f"{args.dtype}, {len(ids):,} tokens of {args.text} text, blocks of {args.block}, eps {args.eps:g}")
+        print(f"{args.checkpoint or f'{preset}/{name}'}: {model.num_parameters():,} parameters, {args.dtype}, "
+              f"{len(ids):,} tokens of {args.text} text, blocks of {args.block}, eps {args.eps:g}")
         report = perturbation_growth(model, ids.to(args.device), eps=args.eps, block=args.block, seed=args.seed)
         print(report.table())
         err = stream_vs_whole(model, ids, args.piece)
@@ -223,7 +226,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=parse_count, default=16384,
                    help="sequence length; k = 1024, m = 1024^2 (default: 16k)")
     p.add_argument("--block", type=parse_count, default=1024,
-                   help="tokens per block of the table; growth = last block / first block (default: 1024)")
+                   help="tokens per block of the table; growth = last block / first block. A perturbation "
+                        "that saturates within the first block shows no growth: keep blocks short next to "
+                        "--tokens (default: 1024)")
     p.add_argument("--eps", type=float, default=1e-8,
                    help="norm of the perturbation of the first token's embedding (default: 1e-8)")
     p.add_argument("--piece", type=parse_count, default=1000,
