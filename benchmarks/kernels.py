@@ -34,6 +34,8 @@ from titans_lnn.kernels.attention import sliding_window_attention_blocked, slidi
 from titans_lnn.kernels.liquid_scan import liquid_scan_chunked, liquid_scan_ref
 from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref
 
+from titans_lnn.cli import plain
+
 # ---------------------------------------------------------------------------------------------------
 # timing
 
@@ -318,7 +320,7 @@ def markdown(header, rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=plain(__doc__.split("\n\n")[0]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: PyTorch forms vs reference loops; gpu: Triton vs PyTorch vs fla / flash-attn (CUDA)")

@@ -38,6 +38,8 @@ import bench_streaming
 from bench_common import GIB, available_memory_bytes, total_memory_bytes
 from bench_runner import HERE, SIZES, Ctx
 
+from titans_lnn.cli import plain
+
 ALL_SECTIONS = (0, 1, 2, 3, 4, 5)
 QUICK_OUT = Path(tempfile.gettempdir()) / "titans-lnn-bench-quick"
 
@@ -100,7 +102,8 @@ def parse_sections(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = argparse.ArgumentParser(description=plain(__doc__.split("\n\n")[0]),
+                                epilog=plain(__doc__.split("\n\n", 2)[2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu", help="cpu (fp32) or gpu (CUDA, bf16 autocast)")
     p.add_argument("--quick", action="store_true", help="smallest sizes only: a smoke test of the whole suite")

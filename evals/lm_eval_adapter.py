@@ -40,7 +40,7 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError("titans_lnn.evals.lm_eval_adapter needs EleutherAI's lm-eval: pip install lm-eval "
-                      "(or pip install 'titans-lnn[evals]')") from e
+                      "(or pip install 'titans-lnn[lmeval]')") from e
 
 __all__ = ["TitansLNNLM"]
 

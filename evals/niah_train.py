@@ -35,11 +35,24 @@ def answer_text(sample) -> str:
     return sample.answer if isinstance(sample.answer, str) else ", ".join(sample.answer)
 
 
-def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: random.Random):
-    """Prompts of ``task`` followed by their answer, as byte ids; labels only on the answer (B, T).
-    Seeds are drawn from [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt."""
+def filler_mask(sample, n_chars: int) -> torch.Tensor:
+    """(n_chars,) bool: the haystack's characters outside every needle (byte tokens: one per char)."""
+    mask = torch.zeros(n_chars, dtype=torch.bool)
+    lo, hi = sample.meta["haystack_span"]
+    mask[lo:hi] = True
+    needles = sample.meta.get("needles") or sample.meta.get("facts") or []
+    for offset, text in zip(sample.meta.get("needle_offsets", []), needles):
+        mask[offset:offset + len(text)] = False
+    return mask
+
+
+def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: random.Random, *,
+               with_filler: bool = False):
+    """Prompts of ``task`` followed by their answer, as byte ids; labels only on the answer (B, T);
+    with ``with_filler`` also the filler mask (B, T) of :func:`filler_mask`. Seeds are drawn from
+    [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt."""
     length = rng.randint(min_len, max_len)
-    xs, ys = [], []
+    xs, ys, fs = [], [], []
     for _ in range(batch_size):
         depth = None if task.startswith("babilong_") else rng.random()
         sample = make_sample(task, length, depth, seed=TRAIN_SEED_BASE + rng.randrange(TRAIN_SEED_BASE))
@@ -50,8 +63,11 @@ def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: rand
         labels[first - 1:-1] = full[first:]  # aligned: position t predicts token t + 1
         xs.append(full[:-1])
         ys.append(labels[:-1])
+        fs.append(torch.cat([filler_mask(sample, len(sample.prompt)), torch.zeros(len(full) - 1 - len(sample.prompt),
+                                                                                  dtype=torch.bool)]))
     n = min(len(x) for x in xs)
-    return torch.stack([x[-n:] for x in xs]), torch.stack([y[-n:] for y in ys])
+    x, y = torch.stack([x[-n:] for x in xs]), torch.stack([y[-n:] for y in ys])
+    return (x, y, torch.stack([f[-n:] for f in fs])) if with_filler else (x, y)
 
 
 def memory_modules(model: TitansLNN) -> list:
@@ -60,9 +76,12 @@ def memory_modules(model: TitansLNN) -> list:
     return [m for m in model.modules() if isinstance(m, NeuralMemory)]
 
 
-def write_rate(model: TitansLNN) -> torch.Tensor:
-    """Mean theta / max_lr over the last call's tokens and heads, summed over the memories (0 without any)."""
-    rates = [m.last_theta.mean() / m.max_lr for m in memory_modules(model) if m.last_theta is not None]
+def filler_write_rate(model: TitansLNN, filler: torch.Tensor) -> torch.Tensor:
+    """Mean theta / max_lr over the last call's filler tokens (``filler``: (B, T) bool) and heads,
+    summed over the memories (0 without any)."""
+    weight = filler.float() / filler.sum().clamp_min(1)  # (B, T)
+    rates = [(m.last_theta.mean(1) * weight).sum() / m.max_lr for m in memory_modules(model)
+             if m.last_theta is not None]
     return sum(rates) if rates else torch.zeros(())
 
 
@@ -73,13 +92,15 @@ def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Rando
 
 def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_size: int = 16, min_len: int = 260,
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
-                  lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_below: float = 0.2,
+                  lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
                   progress: bool = True, on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
     steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
     the memory learns to keep a key through more filler than it was first trained on.
-    ``write_penalty`` adds that weight times the memories' mean write gate (theta / max_lr) to the
-    loss once the answer loss (mean of the last 20 steps) is below ``penalty_below``.
+    ``write_penalty`` adds that weight times the memories' mean write gate (theta / max_lr) over the
+    haystack's filler tokens (not the needles, header or question) to the loss, from the fraction
+    ``penalty_from`` of the steps on: the memory learns to write nothing on filler, so that what it
+    wrote survives any amount of it.
     ``on_step(step)`` is called after each step (progress across processes)."""
     from tqdm import tqdm
 
@@ -96,15 +117,13 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     long_batch = max(1, batch_size * max_len // long_len[1])
     for step in bar:
         if step < long_from:
-            x, y = task_batch(task, batch_size, min_len, max_len, rng)
+            x, y, filler = task_batch(task, batch_size, min_len, max_len, rng, with_filler=True)
         else:
-            x, y = task_batch(task, long_batch, *long_len, rng)
+            x, y, filler = task_batch(task, long_batch, *long_len, rng, with_filler=True)
         loss = model(x, labels=y).loss
         total = loss
-        # Sparse writes, once retrieval works: with Adam, a penalty that is the gate's only gradient
-        # closes every gate within a few hundred steps, whatever its weight, before retrieval is learned.
-        if write_penalty and losses and sum(losses[-20:]) / len(losses[-20:]) < penalty_below:
-            total = loss + write_penalty * write_rate(model)
+        if write_penalty and step >= penalty_from * steps:
+            total = loss + write_penalty * filler_write_rate(model, filler)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -68,12 +68,30 @@ def markdown_table(records: Sequence[dict], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig, ax, title: str, path: str | os.PathLike) -> Path:
-    """Title the axes, write the figure as a PNG (making its folder) and close it."""
-    import matplotlib.pyplot as plt
-
+def _lay_out(fig, ax, title: str) -> None:
+    """Title the axes and size the figure so that the title, ticks and labels all lie inside it."""
     ax.set_title(textwrap.fill(title, 60), fontsize=9)
     fig.tight_layout()
+    # tight_layout moves the axes but never resizes the figure, and a small grid's figure (one depth,
+    # two lengths) is narrower than a wrapped title: grow the figure by what sticks out, on both sides
+    # because the title is centred over the axes, and lay it out again. A large figure is left as is.
+    pad = 0.08  # inches kept clear at the edges, as tight_layout keeps for the labels
+    for _ in range(4):
+        fig.draw_without_rendering()  # places the title; get_tightbbox measures the drawn texts
+        box, (w, h) = fig.get_tightbbox(), fig.get_size_inches()  # inches
+        dx = max(0.0, pad - box.x0, box.x1 - (w - pad))
+        dy = max(0.0, pad - box.y0, box.y1 - (h - pad))
+        if dx < 0.01 and dy < 0.01:
+            return
+        fig.set_size_inches(w + 2 * dx, h + 2 * dy)
+        fig.tight_layout()
+
+
+def _save_figure(fig, ax, title: str, path: str | os.PathLike) -> Path:
+    """Title and lay out the figure, write it as a PNG (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    _lay_out(fig, ax, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -83,6 +101,12 @@ def _save_figure(fig, ax, title: str, path: str | os.PathLike) -> Path:
 
 def heatmap(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Depth (down) x length (across) mean scores as a PNG, annotated, red = 0 .. green = 1."""
+    fig, ax = _heatmap_figure(records)
+    return _save_figure(fig, ax, title, path)
+
+
+def _heatmap_figure(records: Sequence[dict]):
+    """The heatmap's (figure, axes), untitled and not yet laid out."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -109,7 +133,7 @@ def heatmap(records: Sequence[dict], path: str | os.PathLike, title: str = "") -
                 if not math.isnan(a):
                     ax.text(i, j, f"{a:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="score")
-    return _save_figure(fig, ax, title, path)
+    return fig, ax
 
 
 def write_report(records: Sequence[dict], out: str | os.PathLike, *, title: str, meta: dict | None = None,

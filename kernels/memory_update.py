@@ -115,12 +115,11 @@ def curvature(weights, xs, zs) -> torch.Tensor:
     return 2 * kappa
 
 
-def stable_steps(theta, eta, kappa, k, spent):
+def stable_steps(theta, eta, kappa, kh, spent):
     """``stable=True``'s rescaled theta for the tokens of one chunk, in order. theta, eta, kappa:
-    (B, H, N); k: (B, H, N, Dk); spent: (B, H, Dk, Dk), the chunk's Q before its first token.
-    Returns (theta', Q after the last token)."""
+    (B, H, N); kh: the unit keys (B, H, N, Dk); spent: (B, H, Dk, Dk), the chunk's Q before its first
+    token. Returns (theta', Q after the last token)."""
     u = theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
-    kh = F.normalize(k, dim=-1)
     overlap = (kh @ kh.transpose(-1, -2)).pow(2).tril(-1)  # (B, H, N, N): cos^2 with the earlier tokens
     before = (overlap @ u[..., None])[..., 0] + torch.einsum("bhnd,bhde,bhne->bhn", kh, spent, kh)
     spent = spent + torch.einsum("bhn,bhnd,bhne->bhde", u, kh, kh)
@@ -201,7 +200,8 @@ def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, 
         th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         if stable:
             _, xs, zs = anchor_forward(A, k[:, :, t:t + 1])
-            th, spent = stable_steps(th[..., 0], et[..., 0], curvature(A, xs, zs), k[:, :, t:t + 1], spent)
+            kh = F.normalize(k[:, :, t:t + 1], dim=-1)
+            th, spent = stable_steps(th[..., 0], et[..., 0], curvature(A, xs, zs), kh, spent)
             th = th[..., None]
         sq = sum(g.pow(2).sum((-2, -1)) for g in grads)  # (B, H)
         grads = [g * _clip_scale(sq, max_grad_norm)[..., None, None] for g in grads]
@@ -231,7 +231,7 @@ def _chunk_coefficients(eta, alpha):
     return log_b.exp(), E, dbe, d_beta @ d_e, d_e
 
 
-def _chunk(q, k, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
+def _chunk(q, k, kh, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
     """One chunk of L tokens (row ``last`` is the last real token; later rows are padding); ``spent``:
     the chunk's U before its first row (``stable``), or None.
 
@@ -243,7 +243,7 @@ def _chunk(q, k, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
     # Forward at the anchor on the keys; keep each layer's input x_l and pre-activation z_l.
     out, xs, zs = anchor_forward(A, k)
     if spent is not None:  # padded rows have theta = 0, so u = 0: Q after ``last`` is Q after the last row
-        theta, spent = stable_steps(theta, eta, curvature(A, xs, zs), k, spent)
+        theta, spent = stable_steps(theta, eta, curvature(A, xs, zs), kh, spent)
     # Backward in closed form: delta_l = dLoss/dz_l per token; the gradient of W_l is delta_l x_l^T.
     delta = 2 * (out - v)
     deltas = [None] * n
@@ -286,12 +286,13 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
         return v[:, :, :0], tuple(W), tuple(S), _join_anchor(A, spent)
     ys = []
     start = 0
+    khat = F.normalize(k, dim=-1) if stable else k  # once for the sequence, not once per chunk
     if offset:  # finish the chunk that an earlier call started, with its anchor
         L = min(T, chunk_size - offset)
         sl = slice(0, L)
         coeffs = _chunk_coefficients(eta[:, :, sl], alpha[:, :, sl])
-        y, W, S, spent = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl], coeffs, W, S,
-                                A, L - 1, max_grad_norm, spent)
+        y, W, S, spent = _chunk(q[:, :, sl], k[:, :, sl], khat[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
+                                coeffs, W, S, A, L - 1, max_grad_norm, spent)
         ys.append(y)
         start = L
     rest = T - start
@@ -308,14 +309,14 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
 
         # unbind, not x[:, :, c]: indexing once per chunk makes autograd build a zero gradient of the
         # whole tensor for every chunk (a backward quadratic in T); unbind's backward is one stack.
-        qc, kc, vc, th, et = (chunks(x).unbind(2) for x in (q, k, v, theta, eta))
+        qc, kc, khc, vc, th, et = (chunks(x).unbind(2) for x in (q, k, khat, v, theta, eta))
         # Decay bookkeeping for every chunk at once; padded tokens have theta = 0 and are never read.
         coeffs = [x.unbind(2) for x in _chunk_coefficients(chunks(eta), chunks(alpha))]
         for c in range(N):
             last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
             spent = None if spent is None else torch.zeros_like(spent)
-            y, W, S, spent = _chunk(qc[c], kc[c], vc[c], th[c], et[c], tuple(x[c] for x in coeffs), W, S, A, last,
-                                    max_grad_norm, spent)
+            y, W, S, spent = _chunk(qc[c], kc[c], khc[c], vc[c], th[c], et[c], tuple(x[c] for x in coeffs), W, S, A,
+                                    last, max_grad_norm, spent)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
     return torch.cat(ys, dim=2), tuple(W), tuple(S), _join_anchor(A, spent)

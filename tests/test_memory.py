@@ -291,3 +291,24 @@ def test_curvature_bounds_the_gauss_newton_eigenvalue():
         top = torch.linalg.eigvalsh(2 * J @ J.T).max().item()
         assert top <= kappa * (1 + 1e-9), (depth, top, kappa)
         assert top >= kappa / 20, (depth, top, kappa)  # and not uselessly loose
+
+
+def test_relu_write_gate_skips_tokens_exactly():
+    """write_gate="relu": tokens whose gate logit is negative write nothing, bit for bit (a sigmoid
+    gate always writes a little), and their gradient passes straight through. (Without forgetting:
+    alpha > 0 changes the weights on every token.)"""
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, heads=2, depth=1, chunk_size=4, max_forget=0.0, write_gate="relu").double()
+    with torch.no_grad():
+        mem.w_gates.weight.zero_()
+        mem.w_gates.bias.view(3, 2)[0].fill_(-1.0)  # theta logit < 0 everywhere
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    state = mem.init_state(2, dtype=torch.float64)
+    w0 = mem._weights(state, "w")[0].detach()
+    _, new = mem(x, state)
+    assert torch.equal(new["w0"], w0) and (mem.last_theta == 0).all()
+    mem.last_theta.sum().backward()
+    assert mem.w_gates.bias.grad.view(3, 2)[0].abs().min() > 0  # straight-through below 0
+    sig = NeuralMemory(16, heads=2, depth=1, chunk_size=4, max_forget=0.0).double()
+    _, new = sig(x, sig.init_state(2, dtype=torch.float64))
+    assert not torch.equal(new["w0"], sig._weights(sig.init_state(2, dtype=torch.float64), "w")[0])

@@ -16,10 +16,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+import re
 import sys
 
 # Subcommand modules, in the order their help is listed.
 _SUBCOMMANDS = ("titans_lnn.train_cli", "titans_lnn.evals.cli", "titans_lnn.evals.niah", "titans_lnn.stability")
+
+
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")  # :func:`name`, :class:`~pkg.mod.Name`
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain(text: str | None) -> str | None:
+    """A docstring as ``--help`` should print it: the subcommands' descriptions are their module
+    docstrings, whose reST markup (double backquotes, :func: roles) a terminal shows raw."""
+    if text is None:
+        return None
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return _LITERAL.sub(r"\1", text)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -92,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.add_parser(sub)
+    # Here rather than in each module, so that every subcommand's docstring stays plain reST.
+    for p in (parser, *sub.choices.values()):
+        p.description, p.epilog = plain(p.description), plain(p.epilog)
     return parser
 
 

@@ -141,7 +141,7 @@ PRESETS: dict[str, dict] = {
     # Unit tests: a few thousand parameters, every code path exercised.
     "debug": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8, n_persistent=2,
                   liquid_state=4, mem_heads=2, mem_depth=2, mem_chunk=4, conv_kernel=3, mlp_mult=2.0),
-    # CPU demos and the needle-in-a-haystack main job (about 1.6M parameters).
+    # CPU demos, the quick tour, benchmarks (~1.6M parameters). Not the main job's: NIAH_MODEL, evals/niah_train.py.
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, window=128, n_persistent=4,
                  liquid_state=8, mem_heads=2, mem_depth=2, mem_chunk=16),
     # GPU runs (about 100M parameters).

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ class TitansLNN(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.fingerprint = hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+        self._warned_state_graph = False  # the graph-carrying state warning is given once per model
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -105,9 +107,26 @@ class TitansLNN(nn.Module):
                 raise ValueError(f"state holds batch_size={state.batch_size} sequences but input_ids has batch "
                                  f"{input_ids.shape[0]}")
 
+    def _warn_if_state_carries_graph(self, state: ModelState | None) -> None:
+        """Streaming in eval mode with grad enabled chains every piece's autograd graph through the
+        state, so memory grows with the tokens read instead of staying flat. In training that chain
+        may be wanted (backpropagation through pieces), and with grad disabled nothing new is kept,
+        so only the eval-mode, grad-enabled case is flagged."""
+        if (state is None or self.training or self._warned_state_graph or not torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or not state.requires_grad):
+            return
+        self._warned_state_graph = True
+        warnings.warn(
+            "TitansLNN.forward was given a state whose tensors require grad while the model is in eval mode: "
+            "each call extends the autograd graph of every piece streamed so far, so memory grows without "
+            "bound. For inference, stream under `with torch.no_grad():` (or torch.inference_mode()); to keep "
+            "gradients but cut the history, pass `state.detach()`. (Warned once per model.)",
+            UserWarning, stacklevel=2)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 state: ModelState | None = None, dt: torch.Tensor | None = None) -> ModelOutput:
         self._check_inputs(input_ids, labels, state, dt)
+        self._warn_if_state_carries_graph(state)
         B, T = input_ids.shape
         if state is None:
             state = self.init_state(B)

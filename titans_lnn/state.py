@@ -45,6 +45,12 @@ class ModelState:
         return ModelState(self.pos, self.batch_size, self.fingerprint,
                           [_map(layer, lambda t: t.detach()) for layer in self.layers])
 
+    @property
+    def requires_grad(self) -> bool:
+        """Whether any tensor carries autograd history: the next call then extends that graph, so
+        streaming with grad enabled keeps every piece's activations alive (``detach()`` cuts it)."""
+        return any(t.requires_grad for t in self.tensors().values())
+
     def to(self, *args, **kwargs) -> ModelState:
         return ModelState(self.pos, self.batch_size, self.fingerprint,
                           [_map(layer, lambda t: t.to(*args, **kwargs)) for layer in self.layers])

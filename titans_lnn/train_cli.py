@@ -44,7 +44,7 @@ def _optional_int(text: str) -> int | None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="train a model on text or DNA (checkpoints, resume, DDP/FSDP)",
-        description=__doc__.split("\n")[0].strip("`").replace("``", ""), epilog=__doc__.split("\n", 2)[2],
+        description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
 
     g = p.add_argument_group("model")
