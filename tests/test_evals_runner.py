@@ -291,3 +291,26 @@ def test_cli_eval_perplexity(tmp_path, source):
     n = 1999 if source == "kjv" else len("In the beginning was the word. " * 20) - 1
     assert data["tokens"] == n and math.isclose(data["bits_per_byte"], data["bits"], rel_tol=1e-12)
     assert 7.0 < data["bits"] < 9.0  # random weights over 256 bytes: about 8
+
+
+@pytest.mark.parametrize("title", ["passkey, hybrid (mal)", "passkey, hybrid (mal): " + "a title too long to fit " * 4],
+                         ids=["short", "long"])
+def test_heatmap_of_a_small_grid_keeps_title_and_labels_inside(title, tmp_path):
+    """One depth x two lengths makes a narrow figure; its wrapped title and labels must still fit."""
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    from titans_lnn.evals import report
+
+    records = [{"length": n, "depth": 0.5, "score": s} for n, s in ((1024, 1.0), (4096, 0.0))]
+    fig, ax = report._heatmap_figure(records)
+    report._lay_out(fig, ax, title)
+    fig.draw_without_rendering()
+    for text in (ax.title, ax.xaxis.label, ax.yaxis.label):
+        box, edge = text.get_window_extent(), fig.bbox
+        assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0 and box.y1 <= edge.y1, text.get_text()
+    plt.close(fig)
+    # The written PNG: nothing drawn touches its edges (a clipped title would).
+    pixels = matplotlib.image.imread(report.heatmap(records, tmp_path / "heatmap.png", title))[..., :3]
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    assert border.min() > 0.99
