@@ -31,8 +31,16 @@ import time
 from pathlib import Path
 
 import torch
-from titans_lnn.evals.niah_train import (NIAH_MODEL, TRAIN_SEED_BASE, memory_modules, niah_config, passkey_batch,
-                                         task_batch, train_passkey)
+from titans_lnn.evals.niah_train import (
+    NIAH_MODEL,
+    NIAH_TRAIN,
+    TRAIN_SEED_BASE,
+    memory_modules,
+    niah_config,
+    passkey_batch,
+    task_batch,
+    train_passkey,
+)
 from titans_lnn.evals.report import format_length, write_report
 from titans_lnn.evals.runner import evaluate_samples, max_new_tokens_for
 from titans_lnn.evals.scoring import wilson_interval
@@ -53,7 +61,7 @@ def _parse_lengths(text: str) -> list[int]:
         try:
             value = int(float(part[:-1] if mult > 1 else part) * mult)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"length {part!r} is not a number: expected e.g. 4096, 16k or 1m") from None
+            raise argparse.ArgumentTypeError(f"length {part!r} is not a number: expected e.g. 4096, 16k, 1m") from None
         if value < 64:
             raise argparse.ArgumentTypeError(f"length {part!r} is too short: expected >= 64 tokens")
         out.append(value)
@@ -87,7 +95,7 @@ def _train_job(name: str, variant: str, task: str, steps: int, seed: int, thread
     model = TitansLNN(niah_config(variant, match))
     t0 = time.perf_counter()
     report = (lambda step: progress.__setitem__(name, step)) if progress is not None else None
-    losses = train_passkey(model, steps, task=task, seed=seed, progress=False, on_step=report)
+    losses = train_passkey(model, steps, task=task, seed=seed, progress=False, on_step=report, **NIAH_TRAIN)
     model.save_pretrained(model_dir)
     return {"variant": variant, "task": task, "parameters": model.num_parameters(), "steps": steps,
             "train_seconds": round(time.perf_counter() - t0, 1), "train_loss_first": losses[0],

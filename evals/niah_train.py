@@ -27,7 +27,10 @@ TRAIN_SEED_BASE = 2**31
 # width 8, so a key can tell "pass key is " from "sky is ".
 NIAH_MODEL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
                   mem_heads=2, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
-                  conv_kernel=8, init_std=0.1, tie_embeddings=False)
+                  conv_kernel=8, init_std=0.1, tie_embeddings=False, mem_write_threshold=0.15)
+# How both models train (``train_passkey``'s keywords): the write threshold is raised over the second
+# half, after retrieval is learned; a penalty on the writes the filler still makes above it starts then.
+NIAH_TRAIN = dict(threshold_from=0.5, write_penalty=0.1, penalty_from=0.5)
 
 
 def answer_text(sample) -> str:
@@ -93,7 +96,8 @@ def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Rando
 def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_size: int = 16, min_len: int = 260,
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
                   lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
-                  progress: bool = True, on_step: Callable[[int], None] | None = None) -> list[float]:
+                  threshold_from: float = 0.5, progress: bool = True,
+                  on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
     steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
     the memory learns to keep a key through more filler than it was first trained on.
@@ -101,6 +105,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     haystack's filler tokens (not the needles, header or question) to the loss, from the fraction
     ``penalty_from`` of the steps on: the memory learns to write nothing on filler, so that what it
     wrote survives any amount of it.
+    A memory whose config skips small writes (``mem_write_threshold``) trains without the threshold
+    until the fraction ``threshold_from`` of the steps, then with it raised linearly to the config's
+    value by the last step: retrieval is learned first, then to keep the filler's writes below it.
     ``on_step(step)`` is called after each step (progress across processes)."""
     from tqdm import tqdm
 
@@ -115,7 +122,11 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     bar = tqdm(range(steps), desc=f"train {model.config.variant}", disable=not progress)
     long_from = steps - int(round(long_frac * steps))
     long_batch = max(1, batch_size * max_len // long_len[1])
+    memories = memory_modules(model)
     for step in bar:
+        for m in memories:
+            ramp = (step - threshold_from * steps) / max(1.0, (1 - threshold_from) * steps - 1)
+            m.write_threshold = model.config.mem_write_threshold * min(1.0, max(0.0, ramp))
         if step < long_from:
             x, y, filler = task_batch(task, batch_size, min_len, max_len, rng, with_filler=True)
         else:

@@ -34,8 +34,13 @@ installed; calling ``memory_update_triton`` without it raises ``RuntimeError``.
 from __future__ import annotations
 
 import torch
-from titans_lnn.kernels.memory_update import (_check, _join_anchor, _split_anchor, memory_update_chunked,
-                                              stable_steps_sequence)
+from titans_lnn.kernels.memory_update import (
+    _check,
+    _join_anchor,
+    _split_anchor,
+    memory_update_chunked,
+    stable_steps_sequence,
+)
 from titans_lnn.kernels.triton_utils import (
     autotune,
     cdiv,

@@ -4,6 +4,7 @@
     q_t = l2norm(silu(conv(x_t W_Q))),  k_t = l2norm(silu(conv(x_t W_K))),  v_t = silu(conv(x_t W_V))
     theta_t = max_lr * sigmoid(x_t w_theta)   (write_gate "sigmoid", the paper's)
             = max_lr * clamp(x_t w_theta, 0, 1)   (write_gate "relu": exactly 0 on the tokens it learns to skip)
+    theta_t <- 0 where theta_t < write_threshold * max_lr   (write_threshold > 0: skipped exactly)
     eta_t = sigmoid(x_t w_eta),  alpha_t = max_forget * sigmoid(x_t w_alpha)
     (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
               to max_grad_norm, chunked (kernels.memory_update); with stable_step (the default) theta_t
@@ -19,7 +20,7 @@ its logit is negative, so what it skips costs the memory nothing, however long t
 gradient passes straight through below 0, so a skipped token can learn to be written again; the
 selective step of Mamba, arXiv 2312.00752 sec. 4.1, and ARMT's sparse writes, arXiv 2407.04841).
 ``last_theta`` keeps the last call's gates (B, H, T), for a sparsity penalty in training and for
-diagnostics (which tokens were written).
+diagnostics (which tokens were written); for the relu gate without the straight-through path.
 
 Per head; every head is an independent memory (an MLP of depth L_M, learned initial weights).
 Usable on its own: ``NeuralMemory(dim=256, heads=4)(x)`` or with a carried ``state``.
@@ -48,7 +49,8 @@ class NeuralMemory(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
                  max_lr: float = 0.2, max_forget: float = 1.0, max_grad_norm: float | None = 2.0,
-                 conv_kernel: int = 4, stable_step: bool = True, write_gate: str = "sigmoid", eps: float = 1e-5):
+                 conv_kernel: int = 4, stable_step: bool = True, write_gate: str = "sigmoid",
+                 write_threshold: float = 0.0, eps: float = 1e-5):
         super().__init__()
         if dim % heads:
             raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
@@ -60,7 +62,9 @@ class NeuralMemory(nn.Module):
         if write_gate not in ("sigmoid", "relu"):
             raise ValueError(f"NeuralMemory: write_gate={write_gate!r} must be 'sigmoid' or 'relu'")
         self.max_grad_norm, self.max_forget, self.stable_step = max_grad_norm, max_forget, stable_step
-        self.write_gate = write_gate
+        if not 0 <= write_threshold < 1:
+            raise ValueError(f"NeuralMemory: write_threshold={write_threshold} must be in [0, 1)")
+        self.write_gate, self.write_threshold = write_gate, write_threshold
         self.last_theta: torch.Tensor | None = None
         d = dim // heads
         hidden = max(1, int(d * hidden_mult))
@@ -81,7 +85,7 @@ class NeuralMemory(nn.Module):
         return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
                    chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_forget=c.mem_max_forget,
                    max_grad_norm=c.mem_max_grad_norm, conv_kernel=c.conv_kernel, stable_step=c.mem_stable_step,
-                   write_gate=c.mem_write_gate, eps=c.norm_eps)
+                   write_gate=c.mem_write_gate, write_threshold=c.mem_write_threshold, eps=c.norm_eps)
 
     def reset_memory_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
@@ -161,7 +165,13 @@ class NeuralMemory(nn.Module):
         else:  # straight-through below 0: a skipped token still learns whether it should have been written
             s = gates[0]
             theta = self.max_lr * (s.clamp(0, 1) + torch.where(s < 0, s - s.detach(), torch.zeros_like(s)))
-        self.last_theta = theta
+        # For a sparsity penalty: theta without the straight-through path, whose gradient is 0 where
+        # a token is skipped (through that path an L1 penalty would push closed gates down forever).
+        self.last_theta = theta if self.write_gate == "sigmoid" else self.max_lr * s.clamp(0, 1)
+        if self.write_threshold:  # writes below the threshold are skipped; the gradient passes straight through
+            keep = theta >= self.write_threshold * self.max_lr
+            theta = theta + (torch.where(keep, theta, torch.zeros_like(theta)) - theta).detach()
+            self.last_theta = torch.where(keep, self.last_theta, torch.zeros_like(theta))
         eta, alpha = torch.sigmoid(gates[1]), self.max_forget * torch.sigmoid(gates[2])
         anchor = self._weights(state, "a") + ((state["spent"],) if self.stable_step else ())
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,

@@ -96,11 +96,12 @@ def check(depth, T, chunk_size, offset, max_grad_norm=None, stable=False, Dk=12,
     outs_ref, grads_ref = run(memory_update_ref, seqs, states, chunk_size, offset, max_grad_norm=max_grad_norm,
                               stable=stable)
     n = depth
-    out_names = ["y"] + [f"{s}{i}" for s in "WSA" for i in range(n)] + (["U"] if stable else [])
+    out_names = ["y"] + [f"{s}{i}" for s in "WSA" for i in range(n)] + (["Q"] if stable else [])
     for name, r, o in zip(out_names, outs_ref, outs):
         assert o.dtype == r.dtype, f"{name}: dtype {o.dtype} != {r.dtype}"
         assert_close(name, r, o)
-    grad_names = [f"d{s}" for s in NAMES_SEQ] + [f"d{s}{i}" for s in "WSA" for i in range(n)] + (["dU"] if stable else [])
+    grad_names = [f"d{s}" for s in NAMES_SEQ] + [f"d{s}{i}" for s in "WSA" for i in range(n)]
+    grad_names += ["dQ"] if stable else []
     for name, r, o in zip(grad_names, grads_ref, grads):
         assert_close(name, r, o)
 

@@ -47,7 +47,8 @@ class TitansLNNConfig:
     mem_max_lr: float = 0.2  # upper bound of the data-dependent inner learning rate theta
     mem_max_forget: float = 1.0  # upper bound of the forgetting gate alpha (0: the memory never decays)
     mem_max_grad_norm: float | None = 2.0  # clip each token's inner gradient to this norm (None: off)
-    mem_write_gate: str = "sigmoid"  # theta's gate: sigmoid (the paper) | relu (clamp(s, 0, 1): exactly 0 where skipped)
+    mem_write_gate: str = "sigmoid"  # theta's gate: sigmoid (the paper) | relu (clamp(s, 0, 1): 0 where it skips)
+    mem_write_threshold: float = 0.0  # skip writes whose theta < this * mem_max_lr (0: every token writes)
     mem_stable_step: bool = True  # bound the inner step by the curvature (False: the paper's update, can be chaotic)
     conv_kernel: int = 4  # depthwise causal convolution width after the memory's q/k/v projections
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -80,6 +81,8 @@ class TitansLNNConfig:
                 raise bad(name, value, "a number > 0")
         if self.mem_write_gate not in ("sigmoid", "relu"):
             raise bad("mem_write_gate", self.mem_write_gate, "'sigmoid' or 'relu'")
+        if not isinstance(self.mem_write_threshold, (int, float)) or not 0 <= self.mem_write_threshold < 1:
+            raise bad("mem_write_threshold", self.mem_write_threshold, "a number in [0, 1)")
         if not isinstance(self.mem_stable_step, bool):
             raise bad("mem_stable_step", self.mem_stable_step, "true or false")
         if not isinstance(self.mem_max_forget, (int, float)) or not 0 <= self.mem_max_forget <= 1:
