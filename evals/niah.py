@@ -102,17 +102,17 @@ def _train_job(name: str, variant: str, task: str, steps: int, seed: int, thread
             "train_loss_last20": sum(losses[-20:]) / len(losses[-20:])}
 
 
-def _eval_job(model_dir: str, task: str, length: int, length_index: int, depths: list[float | None], seed: int,
-              chunk_len: int, threads: int) -> list[dict]:
-    """One (model, length) cell: its samples streamed together as one batch."""
+def _eval_job(model_dir: str, task: str, length: int, length_index: int, depths: list[float | None],
+              indices: list[int], seed: int, chunk_len: int, threads: int) -> list[dict]:
+    """Samples ``indices`` of one (model, length) cell, streamed together as one batch."""
     torch.set_num_threads(threads)
     model = TitansLNN.from_pretrained(model_dir).eval()
-    seeds = [eval_seed(seed, length_index, i) for i in range(len(depths))]
-    samples = [make_sample(task, length, d, s) for d, s in zip(depths, seeds)]
+    seeds = [eval_seed(seed, length_index, i) for i in indices]
+    samples = [make_sample(task, length, depths[i], s) for i, s in zip(indices, seeds)]
     records = evaluate_samples(model, ByteTokenizer(), samples, chunk_len=chunk_len,
                                max_new_tokens=max_new_tokens_for(task))
-    for i, (rec, d, s) in enumerate(zip(records, depths, seeds)):
-        rec.update(sample=i, seed=s, depth=d)
+    for rec, i, s in zip(records, indices, seeds):
+        rec.update(sample=i, seed=s, depth=depths[i])
     return records
 
 
@@ -251,10 +251,14 @@ def run(args: argparse.Namespace) -> int:
     with _pool(workers) as pool:
         jobs = {}
 
+        # A cell's samples in two batches, so that the longest cell does not keep one process busy alone.
+        halves = [list(range(len(depths)))[h::2] for h in range(2 if len(depths) >= 4 else 1)]
+
         def submit_evals(name: str) -> None:
             for j, n in by_length:
-                jobs[pool.submit(_eval_job, str(dirs[name]), args.task, n, j, depths, args.seed, args.chunk_len,
-                                 threads)] = ("eval", name, n)
+                for part in halves:
+                    jobs[pool.submit(_eval_job, str(dirs[name]), args.task, n, j, depths, part, args.seed,
+                                     args.chunk_len, threads)] = ("eval", name, n * len(part))
             if name == "hybrid" and args.task == "passkey" and not args.no_diagnostics:
                 jobs[pool.submit(_readout_job, str(dirs[name]), sorted(args.lengths), args.seed, threads)] = (
                     "readout", name, 0)
@@ -289,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
                     submit_evals(name)
                 elif kind == "eval":
                     records[name].extend(fut.result())
-                    eval_bar.update(n * len(depths))
+                    eval_bar.update(n)
                 else:
                     diagnostics = fut.result()
         train_bar.close()

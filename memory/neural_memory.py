@@ -6,6 +6,8 @@
             = max_lr * clamp(x_t w_theta, 0, 1)   (write_gate "relu": exactly 0 on the tokens it learns to skip)
     theta_t <- 0 where theta_t < write_threshold * max_lr   (write_threshold > 0: skipped exactly)
     eta_t = sigmoid(x_t w_eta),  alpha_t = max_forget * sigmoid(x_t w_alpha)
+    (gate_context: the gates read silu(conv(x W_K)), the key's local context, instead of x_t alone;
+     a gate that sees one byte writes every space of the filler if it writes the needle's spaces)
     (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
               to max_grad_norm, chunked (kernels.memory_update); with stable_step (the default) theta_t
               is first bounded by the curvature so that the inner descent never amplifies a
@@ -50,7 +52,7 @@ class NeuralMemory(nn.Module):
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
                  max_lr: float = 0.2, max_forget: float = 1.0, max_grad_norm: float | None = 2.0,
                  conv_kernel: int = 4, stable_step: bool = True, write_gate: str = "sigmoid",
-                 write_threshold: float = 0.0, eps: float = 1e-5):
+                 write_threshold: float = 0.0, gate_context: bool = False, eps: float = 1e-5):
         super().__init__()
         if dim % heads:
             raise ValueError(f"NeuralMemory: heads={heads} must divide dim={dim}")
@@ -64,7 +66,7 @@ class NeuralMemory(nn.Module):
         self.max_grad_norm, self.max_forget, self.stable_step = max_grad_norm, max_forget, stable_step
         if not 0 <= write_threshold < 1:
             raise ValueError(f"NeuralMemory: write_threshold={write_threshold} must be in [0, 1)")
-        self.write_gate, self.write_threshold = write_gate, write_threshold
+        self.write_gate, self.write_threshold, self.gate_context = write_gate, write_threshold, gate_context
         self.last_theta: torch.Tensor | None = None
         d = dim // heads
         hidden = max(1, int(d * hidden_mult))
@@ -85,7 +87,8 @@ class NeuralMemory(nn.Module):
         return cls(c.d_model, heads=c.mem_heads, depth=c.mem_depth, hidden_mult=c.mem_hidden_mult,
                    chunk_size=c.mem_chunk, max_lr=c.mem_max_lr, max_forget=c.mem_max_forget,
                    max_grad_norm=c.mem_max_grad_norm, conv_kernel=c.conv_kernel, stable_step=c.mem_stable_step,
-                   write_gate=c.mem_write_gate, write_threshold=c.mem_write_threshold, eps=c.norm_eps)
+                   write_gate=c.mem_write_gate, write_threshold=c.mem_write_threshold,
+                   gate_context=c.mem_gate_context, eps=c.norm_eps)
 
     def reset_memory_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
@@ -145,6 +148,7 @@ class NeuralMemory(nn.Module):
             t, new[f"conv_{name}"] = conv(t, state[f"conv_{name}"])
             outs.append(self._split(F.silu(t)))
         q, k, v = outs
+        self._k_context = k.transpose(1, 2).flatten(2)  # (B, T, dim): silu(conv(x W_K)), before normalising
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +163,8 @@ class NeuralMemory(nn.Module):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         q, k, v, new = self._project(x, state)
         dtype = torch.promote_types(x.dtype, torch.float32)
-        gates = self.w_gates(x).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
+        gate_in = self._k_context if self.gate_context else x
+        gates = self.w_gates(gate_in).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
         if self.write_gate == "sigmoid":
             theta = self.max_lr * torch.sigmoid(gates[0])
         else:  # straight-through below 0: a skipped token still learns whether it should have been written

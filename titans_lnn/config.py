@@ -49,6 +49,7 @@ class TitansLNNConfig:
     mem_max_grad_norm: float | None = 2.0  # clip each token's inner gradient to this norm (None: off)
     mem_write_gate: str = "sigmoid"  # theta's gate: sigmoid (the paper) | relu (clamp(s, 0, 1): 0 where it skips)
     mem_write_threshold: float = 0.0  # skip writes whose theta < this * mem_max_lr (0: every token writes)
+    mem_gate_context: bool = False  # gates read the key's convolution (local context), not the token alone
     mem_stable_step: bool = True  # bound the inner step by the curvature (False: the paper's update, can be chaotic)
     conv_kernel: int = 4  # depthwise causal convolution width after the memory's q/k/v projections
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -83,6 +84,8 @@ class TitansLNNConfig:
             raise bad("mem_write_gate", self.mem_write_gate, "'sigmoid' or 'relu'")
         if not isinstance(self.mem_write_threshold, (int, float)) or not 0 <= self.mem_write_threshold < 1:
             raise bad("mem_write_threshold", self.mem_write_threshold, "a number in [0, 1)")
+        if not isinstance(self.mem_gate_context, bool):
+            raise bad("mem_gate_context", self.mem_gate_context, "true or false")
         if not isinstance(self.mem_stable_step, bool):
             raise bad("mem_stable_step", self.mem_stable_step, "true or false")
         if not isinstance(self.mem_max_forget, (int, float)) or not 0 <= self.mem_max_forget <= 1:
