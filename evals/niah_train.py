@@ -29,8 +29,9 @@ NIAH_MODEL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_
                   mem_heads=2, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
                   conv_kernel=8, init_std=0.1, tie_embeddings=False, mem_write_threshold=0.15)
 # How both models train (``train_passkey``'s keywords): the write threshold is raised over the second
-# half, after retrieval is learned; a penalty on the writes the filler still makes above it starts then.
-NIAH_TRAIN = dict(threshold_from=0.5, write_penalty=0.1, penalty_from=0.5)
+# half, after retrieval is learned. (A penalty on the filler's writes, write_penalty, lowered them
+# but cost retrieval in our runs: see the capability issue's notes.)
+NIAH_TRAIN = dict(threshold_from=0.5)
 
 
 def answer_text(sample) -> str:
