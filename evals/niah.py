@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from titans_lnn.evals.niah_train import (
     NIAH_MODEL,
+    NIAH_STEPS,
     NIAH_TRAIN,
     TRAIN_SEED_BASE,
     memory_modules,
@@ -329,7 +330,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the needle task to train and evaluate (default passkey)")
     p.add_argument("--variant", default="mal", choices=("mac", "mag", "mal", "lmm"),
                    help="the hybrid's variant (default mal)")
-    p.add_argument("--steps", type=int, default=600, help="training steps per model (default 600)")
+    p.add_argument("--steps", type=int, default=NIAH_STEPS, help=f"training steps per model (default {NIAH_STEPS})")
     p.add_argument("--lengths", type=_parse_lengths, default=_parse_lengths("1k,4k,16k,64k,256k,1m"),
                    help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default 1k,...,1m)")
     p.add_argument("--samples", type=int, default=10,

@@ -53,14 +53,14 @@ def test_hybrid_retrieves_far_beyond_its_training_length():
     depths 5%..95%, streaming the prompts through its fixed-size state. One thread, as the main job's
     workers: the same model and prompts as its 16K cell (0.70 there; the window-only baseline 0.00)."""
     from titans_lnn.evals.niah import eval_seed, spread_depths
-    from titans_lnn.evals.niah_train import NIAH_TRAIN
+    from titans_lnn.evals.niah_train import NIAH_STEPS, NIAH_TRAIN
     from titans_lnn.evals.runner import evaluate_samples
     from titans_lnn.evals.tasks import make_sample
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = TitansLNN(niah_config("mal"))
-    losses = train_passkey(model, 600, seed=0, progress=False, **NIAH_TRAIN)
+    losses = train_passkey(model, NIAH_STEPS, seed=0, progress=False, **NIAH_TRAIN)
     assert sum(losses[-20:]) / 20 < 0.5, losses[-20:]  # uniform digits: ~1.7
     model.eval()
     samples = [make_sample("passkey", 16384, d, eval_seed(0, 2, i)) for i, d in enumerate(spread_depths(10))]
