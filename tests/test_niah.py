@@ -51,7 +51,7 @@ def test_hybrid_retrieves_far_beyond_its_training_length():
     on prompts of at most 2K tokens, answers passkeys hidden in 16K-token prompts (8x its longest
     training prompt, 256x its attention window; chance for a 5-digit key: 1e-5), 10 fresh keys at
     depths 5%..95%, streaming the prompts through its fixed-size state. One thread, as the main job's
-    workers: the same model and prompts as its 16K cell (0.70 there; the window-only baseline 0.00)."""
+    workers: the same model and prompts as its 16K cell (0.90 there; the window-only baseline 0.00)."""
     from titans_lnn.evals.niah import eval_seed, spread_depths
     from titans_lnn.evals.niah_train import NIAH_STEPS, NIAH_TRAIN
     from titans_lnn.evals.runner import evaluate_samples
@@ -66,7 +66,7 @@ def test_hybrid_retrieves_far_beyond_its_training_length():
     samples = [make_sample("passkey", 16384, d, eval_seed(0, 2, i)) for i, d in enumerate(spread_depths(10))]
     records = evaluate_samples(model, ByteTokenizer(), samples, chunk_len=4096)
     accuracy = sum(r["correct"] for r in records) / len(records)
-    assert accuracy >= 0.5, [(r["depth"], r["expected"], r["got"]) for r in records]
+    assert accuracy >= 0.7, [(r["depth"], r["expected"], r["got"]) for r in records]
 
 
 def test_baseline_has_the_hybrids_size():
