@@ -176,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.checkpoint and (args.preset or args.variant):
         return usage("--checkpoint brings its own config: give --preset and --variant only without it")
+    if args.eps is None:
+        args.eps = 1e-8 if args.dtype == "float64" else 1e-3
     if not args.eps > 0:
         return usage(f"--eps {args.eps} must be > 0")
     if args.tokens < args.block:
@@ -229,8 +231,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tokens per block of the table; growth = last block / first block. A perturbation "
                         "that saturates within the first block shows no growth: keep blocks short next to "
                         "--tokens (default: 1024)")
-    p.add_argument("--eps", type=float, default=1e-8,
-                   help="norm of the perturbation of the first token's embedding (default: 1e-8)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="norm of the perturbation of the first token's embedding (default: 1e-8 in float64, 1e-3 "
+                        "in float32, where a smaller one drowns in rounding and the growth measures noise)")
     p.add_argument("--piece", type=parse_count, default=1000,
                    help="tokens per piece for streamed == one pass; an awkward size on purpose (default: 1000)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
