@@ -253,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         jobs = {}
 
         # A cell's samples in two batches, so that the longest cell does not keep one process busy alone.
-        halves = [list(range(len(depths)))[h::2] for h in range(2 if len(depths) >= 4 else 1)]
+        parts = 2 if len(depths) >= 4 else 1
+        halves = [list(range(len(depths)))[h::parts] for h in range(parts)]
 
         def submit_evals(name: str) -> None:
             for j, n in by_length:

@@ -28,15 +28,16 @@ def test_passkey_batch_labels_only_the_answer():
 
 def test_niah_command_writes_outputs(tmp_path, capsys):
     out = tmp_path / "niah"
-    assert main(["niah", "--steps", "2", "--lengths", "320,400", "--depths", "0.5", "--out", str(out),
+    assert main(["niah", "--steps", "2", "--lengths", "320,400", "--samples", "3", "--out", str(out),
                  "--no-progress", "--chunk-len", "64"]) == 0
     for name in ("hybrid", "baseline"):
         records = json.loads((out / name / "results.json").read_text())["records"]
-        assert len(records) == 2 and {r["length"] for r in records} == {320, 400}
+        assert len(records) == 6 and {r["length"] for r in records} == {320, 400}  # every sample of every length
+        assert sorted(r["sample"] for r in records if r["length"] == 320) == [0, 1, 2]
         assert (out / name / "heatmap.png").stat().st_size > 0
         assert (out / name / "model" / "config.json").exists()
     summary = (out / "summary.md").read_text()
-    assert "passkey accuracy" in summary and "Wilson" in summary and "n=1" in summary
+    assert "passkey accuracy" in summary and "Wilson" in summary and "n=3" in summary
     assert (out / "hybrid" / "readout.png").stat().st_size > 0 and "filler tokens written" in summary
     seeds = [r["seed"] for r in json.loads((out / "hybrid" / "results.json").read_text())["records"]]
     assert len(set(seeds)) == len(seeds)  # one key per sample, not one key everywhere
