@@ -58,10 +58,20 @@ def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: rand
     with ``with_filler`` also the filler mask (B, T) of :func:`filler_mask`. Seeds are drawn from
     [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt."""
     length = rng.randint(min_len, max_len)
-    xs, ys, fs = [], [], []
+    draws = []  # (depth, seed) per row, drawn in the same order as ever
     for _ in range(batch_size):
         depth = None if task.startswith("babilong_") else rng.random()
-        sample = make_sample(task, length, depth, seed=TRAIN_SEED_BASE + rng.randrange(TRAIN_SEED_BASE))
+        draws.append((depth, TRAIN_SEED_BASE + rng.randrange(TRAIN_SEED_BASE)))
+    while True:  # a task whose fixed text (header, needles, question) needs more gets a longer batch
+        try:
+            samples = [make_sample(task, length, depth, seed=seed) for depth, seed in draws]
+            break
+        except ValueError:
+            if length > 64 * max_len:
+                raise
+            length *= 2
+    xs, ys, fs = [], [], []
+    for sample in samples:
         answer = answer_text(sample)
         full = torch.tensor(list((sample.prompt + " " + answer + ".").encode()))
         labels = torch.full_like(full, -100)
