@@ -117,20 +117,21 @@ def curvature(weights, xs, zs) -> torch.Tensor:
 
 def stable_steps(theta, eta, kappa, kh, spent):
     """``stable=True``'s rescaled theta for the tokens of one chunk, in order. theta, eta, kappa:
-    (B, H, N); kh: the unit keys (B, H, N, Dk); spent: (B, H, Dk, Dk), the chunk's Q before its first
-    token. Returns (theta', Q after the last token)."""
+    (..., N); kh: the unit keys (..., N, Dk); spent: (..., Dk, Dk), the chunk's Q before its first
+    token (leading dims: (B, H), or (B, H, chunks) for many chunks at once). Returns (theta', Q after
+    the last token)."""
     u = theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
-    overlap = (kh @ kh.transpose(-1, -2)).pow(2).tril(-1)  # (B, H, N, N): cos^2 with the earlier tokens
-    before = (overlap @ u[..., None])[..., 0] + torch.einsum("bhnd,bhde,bhne->bhn", kh, spent, kh)
-    spent = spent + torch.einsum("bhn,bhnd,bhne->bhde", u, kh, kh)
+    overlap = (kh @ kh.transpose(-1, -2)).pow(2).tril(-1)  # (..., N, N): cos^2 with the earlier tokens
+    before = (overlap @ u[..., None])[..., 0] + torch.einsum("...nd,...de,...ne->...n", kh, spent, kh)
+    spent = spent + torch.einsum("...n,...nd,...ne->...de", u, kh, kh)
     return theta / ((1 + before) * (1 + before + u)), spent
 
 
 def stable_steps_sequence(theta, eta, kappa, k, spent, *, chunk_size, offset=0):
-    """``stable_steps`` over a whole sequence split in chunks (for a curvature that does not depend
-    on the anchor, as a linear memory's 2 ||k||^2). theta, eta, kappa: (B, H, T); k: (B, H, T, Dk);
-    spent: (B, H, Dk, Dk), Q of the chunk that the first ``offset`` tokens (read by an earlier call)
-    belong to. Returns (theta', Q at the end)."""
+    """``stable_steps`` over a whole sequence split in chunks, all chunks at once (for a curvature that
+    does not depend on the anchor, as a linear memory's 2 ||k||^2). theta, eta, kappa: (B, H, T);
+    k: (B, H, T, Dk); spent: (B, H, Dk, Dk), Q of the chunk that the first ``offset`` tokens (read by
+    an earlier call) belong to. Returns (theta', Q at the end)."""
     B, H, T = theta.shape
     Dk = k.shape[-1]
     C = chunk_size
@@ -141,17 +142,12 @@ def stable_steps_sequence(theta, eta, kappa, k, spent, *, chunk_size, offset=0):
         x = F.pad(x, (offset, n - offset - T)).movedim(-1, 2)
         return x.reshape(B, H, n // C, C, *x.shape[3:])
 
-    u = chunks(theta * kappa / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny))  # (B, H, N, C)
-    kh = chunks(F.normalize(k, dim=-1))  # (B, H, N, C, Dk); padded rows have u = 0 and k = 0
-    overlap = (kh @ kh.transpose(-1, -2)).pow(2).tril(-1)  # (B, H, N, C, C)
-    before = (overlap @ u[..., None])[..., 0]
     start = torch.zeros(B, H, n // C, Dk, Dk, dtype=theta.dtype, device=theta.device)
     if offset:
         start[:, :, 0] = spent
-    before = before + torch.einsum("bhncd,bhnde,bhnce->bhnc", kh, start, kh)
-    end = start[:, :, -1] + torch.einsum("bhc,bhcd,bhce->bhde", u[:, :, -1], kh[:, :, -1], kh[:, :, -1])
-    before, u = before.reshape(B, H, n)[..., offset:offset + T], u.reshape(B, H, n)[..., offset:offset + T]
-    return theta / ((1 + before) * (1 + before + u)), end
+    # Padded rows have theta = 0 (u = 0) and k = 0: they change nothing.
+    scaled, ends = stable_steps(chunks(theta), chunks(eta), chunks(kappa), chunks(F.normalize(k, dim=-1)), start)
+    return scaled.reshape(B, H, n)[..., offset:offset + T], ends[:, :, -1]
 
 
 def _split_anchor(anchor, n, stable, k):
@@ -233,10 +229,10 @@ def _chunk_coefficients(eta, alpha):
 
 def _chunk(q, k, kh, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
     """One chunk of L tokens (row ``last`` is the last real token; later rows are padding); ``spent``:
-    the chunk's U before its first row (``stable``), or None.
+    the chunk's Q before its first row (``stable``), or None.
 
     q, k: (B, H, L, Dk); v: (B, H, L, Dv); coeffs from ``_chunk_coefficients`` for this chunk.
-    Returns y (B, H, L, Dv), the weights and momentum after token ``last``, and U after it.
+    Returns y (B, H, L, Dv), the weights and momentum after token ``last``, and Q after it.
     """
     beta, E, dbe, dd, d_e = coeffs
     n = len(A)
@@ -309,7 +305,8 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
 
         # unbind, not x[:, :, c]: indexing once per chunk makes autograd build a zero gradient of the
         # whole tensor for every chunk (a backward quadratic in T); unbind's backward is one stack.
-        qc, kc, khc, vc, th, et = (chunks(x).unbind(2) for x in (q, k, khat, v, theta, eta))
+        qc, kc, vc, th, et = (chunks(x).unbind(2) for x in (q, k, v, theta, eta))
+        khc = chunks(khat).unbind(2) if stable else kc
         # Decay bookkeeping for every chunk at once; padded tokens have theta = 0 and are never read.
         coeffs = [x.unbind(2) for x in _chunk_coefficients(chunks(eta), chunks(alpha))]
         for c in range(N):
