@@ -204,7 +204,7 @@ def job_model(spec, device):
 def job_stream(spec, device):
     """The tiny MAC reads ``tokens`` tokens of ``corpus`` (repeated if shorter) in pieces, carrying its
     state, under inference_mode; time and memory after every piece."""
-    from titans_lnn.data import load_corpus
+    from titans_lnn.training.data import load_corpus
 
     t0 = time.perf_counter()
     corpus = load_corpus(spec["corpus"])

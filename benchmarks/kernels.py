@@ -30,11 +30,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from titans_lnn.cli import plain
 from titans_lnn.kernels.attention import sliding_window_attention_blocked, sliding_window_attention_ref
 from titans_lnn.kernels.liquid_scan import liquid_scan_chunked, liquid_scan_ref
 from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref
-
-from titans_lnn.cli import plain
 
 # ---------------------------------------------------------------------------------------------------
 # timing

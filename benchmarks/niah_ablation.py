@@ -19,13 +19,13 @@ import json
 import time
 
 import torch
+
+from titans_lnn import TitansLNN, TitansLNNConfig
+from titans_lnn.cli import plain
 from titans_lnn.evals.niah import eval_seed, spread_depths
 from titans_lnn.evals.niah_train import NIAH_MODEL, NIAH_TRAIN, memory_modules, train_passkey
 from titans_lnn.evals.runner import evaluate_samples
 from titans_lnn.evals.tasks import make_sample
-
-from titans_lnn import TitansLNN, TitansLNNConfig
-from titans_lnn.cli import plain
 from titans_lnn.tokenizers import ByteTokenizer
 
 

@@ -21,7 +21,6 @@ import os
 from collections.abc import Sequence
 
 from titans_lnn.evals.perplexity import bits_by_position
-
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer
 
@@ -36,7 +35,7 @@ def evaluate_genomics(model: TitansLNN, tokenizer: Tokenizer, data: str | os.Pat
     """Bits per base by position on ``data`` (a FASTA path or a built-in genome name; default
     ``"ecoli-ec590"``), its first ``max_tokens`` tokens. Returns :func:`bits_by_position`'s dict
     (``bits`` = bits per base) plus ``data``, ``tokenizer``, ``records`` (FASTA record names)."""
-    from titans_lnn.data import BUILTIN_CORPORA, load_corpus
+    from titans_lnn.training.data import BUILTIN_CORPORA, load_corpus
 
     spec = os.fspath(data) if data is not None else DEFAULT_GENOME
     fmt = "auto" if spec in BUILTIN_CORPORA else "fasta"

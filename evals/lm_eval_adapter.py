@@ -29,9 +29,9 @@ import os
 from collections import defaultdict
 
 import torch
-from titans_lnn.evals.runner import greedy_continue, load_model, stream_nll, stream_prompt
 from tqdm.auto import tqdm
 
+from titans_lnn.evals.runner import greedy_continue, load_model, stream_nll, stream_prompt
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer, get_tokenizer
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from titans_lnn.evals.niah_train import (
     NIAH_MODEL,
     NIAH_STEPS,
@@ -46,7 +47,6 @@ from titans_lnn.evals.report import format_length, write_report
 from titans_lnn.evals.runner import evaluate_samples, max_new_tokens_for
 from titans_lnn.evals.scoring import wilson_interval
 from titans_lnn.evals.tasks import TASKS, make_sample
-
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import ByteTokenizer
 

@@ -12,9 +12,9 @@ import random
 from collections.abc import Callable
 
 import torch
-from titans_lnn.evals.tasks import make_sample
 
 from titans_lnn.config import TitansLNNConfig
+from titans_lnn.evals.tasks import make_sample
 from titans_lnn.model import TitansLNN
 
 TRAIN_SEED_BASE = 2**31

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from titans_lnn.evals.runner import stream_nll
 
+from titans_lnn.evals.runner import stream_nll
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer
 
@@ -85,7 +85,7 @@ def evaluate_perplexity(model: TitansLNN, tokenizer: Tokenizer, data: str | os.P
     """Bits per token (and per byte) by position on ``data`` (a text file or folder; default: the KJV's
     held-out tail), the first ``max_tokens`` tokens of it. Returns :func:`bits_by_position`'s dict
     plus ``bits_per_byte``, ``bytes``, ``data``, ``tokenizer``."""
-    from titans_lnn.data import load_corpus
+    from titans_lnn.training.data import load_corpus
 
     if data is None:
         tokens, name = load_corpus("kjv", tokenizer).split(val_fraction, by="tail").val, f"kjv (last {val_fraction:g})"

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from titans_lnn.evals.scoring import score
-from titans_lnn.evals.tasks import TASKS, make_sample
 from tqdm.auto import tqdm
 
+from titans_lnn.evals.scoring import score
+from titans_lnn.evals.tasks import TASKS, make_sample
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer, get_tokenizer, tokenizer_from_dict
 

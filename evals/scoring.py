@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from titans_lnn.evals.haystack import Sample
 
 _FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")

@@ -7,12 +7,13 @@ their ``torch.library`` registrations (``ops.py``) so that the graph has no brea
 
 from __future__ import annotations
 
+import torch
+
 # The submodules ``liquid_scan`` and ``memory_update`` share their names with the functions below.
 # Importing a submodule sets it as an attribute of this package, so import them first (they are plain
 # PyTorch): the functions defined afterwards then win, whatever is imported later.
 import titans_lnn.kernels.liquid_scan
 import titans_lnn.kernels.memory_update  # noqa: F401
-import torch
 from titans_lnn.kernels import dispatch, ops
 
 

@@ -35,6 +35,7 @@ import math
 import os
 
 import torch
+
 from titans_lnn.kernels.attention import _check, _visible_from, sliding_window_attention_blocked
 
 BACKENDS = ("auto", "flash", "xformers", "flex", "blocked")

@@ -31,6 +31,8 @@ calling ``liquid_scan_triton`` without it raises ``RuntimeError``.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
+
 from titans_lnn.kernels.liquid_scan import _check
 from titans_lnn.kernels.triton_utils import (
     autotune,
@@ -45,7 +47,6 @@ from titans_lnn.kernels.triton_utils import (
     require_triton,
     triton_available,
 )
-from torch.autograd.function import once_differentiable
 
 _MIN_SPAN = 256  # steps per span at least when splitting over time: the carry pass stays cheap
 

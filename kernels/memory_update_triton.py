@@ -34,6 +34,7 @@ installed; calling ``memory_update_triton`` without it raises ``RuntimeError``.
 from __future__ import annotations
 
 import torch
+
 from titans_lnn.kernels.memory_update import (
     _check,
     _join_anchor,

@@ -31,9 +31,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from titans_lnn.kernels import dispatch
 from torch import Tensor
 from torch.library import custom_op
+
+from titans_lnn.kernels import dispatch
 
 OPS = ("liquid_scan", "memory_update", "sliding_window_attention")
 

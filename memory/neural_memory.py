@@ -35,9 +35,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from titans_lnn.kernels import memory_update
 from titans_lnn.kernels.memory_update import mlp_forward
-
 from titans_lnn.layers import CausalConv, RMSNorm
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from titans_lnn.kernels.attention import sliding_window_attention_blocked, sliding_window_attention_ref
 
 CASES = [  # (T, P cached keys, window, segment, sinks, second stream, H, G)

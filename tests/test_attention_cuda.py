@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+
 from titans_lnn.kernels import attention_cuda as ac
 from titans_lnn.kernels import dispatch, sliding_window_attention
 from titans_lnn.kernels.attention import sliding_window_attention_blocked, sliding_window_attention_ref

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import titans_lnn.checkpoint as ck
-from titans_lnn.checkpoint import (
+import titans_lnn.training.checkpoint as ck
+from titans_lnn.training.checkpoint import (
     CheckpointError,
     atomic_write,
     flatten_state,
@@ -153,7 +153,7 @@ def test_exception_during_save_leaves_previous_intact(tmp_path, monkeypatch):
 
 KILLED_WRITER = textwrap.dedent("""
     import os, sys, time, torch
-    import titans_lnn.checkpoint as ck
+    import titans_lnn.training.checkpoint as ck
     real_fsync = os.fsync
     def fsync_then_hang(fd):
         real_fsync(fd)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from titans_lnn.data import (
+from titans_lnn.tokenizers import SEP_ID, ByteTokenizer, NucleotideTokenizer
+from titans_lnn.training.data import (
     Corpus,
     RandomWindowSampler,
     StreamSampler,
@@ -14,7 +15,6 @@ from titans_lnn.data import (
     read_fasta,
     read_text,
 )
-from titans_lnn.tokenizers import SEP_ID, ByteTokenizer, NucleotideTokenizer
 
 
 def write(path, data: bytes | str):

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+
 from titans_lnn.evals.babilong import OPPOSITE, make_story
 from titans_lnn.evals.haystack import NOISE_SENTENCES, kjv_verses, take_units
 from titans_lnn.evals.mqar import make_mqar

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from titans_lnn import TitansLNN, TitansLNNConfig
+from titans_lnn.cli import main
 from titans_lnn.evals.cli import parse_count, parse_depths, parse_lengths
 from titans_lnn.evals.genomics import evaluate_genomics
 from titans_lnn.evals.perplexity import bits_by_position, position_edges
@@ -23,9 +26,6 @@ from titans_lnn.evals.runner import (
     stream_prompt,
 )
 from titans_lnn.evals.tasks import TASKS
-
-from titans_lnn import TitansLNN, TitansLNNConfig
-from titans_lnn.cli import main
 from titans_lnn.tokenizers import get_tokenizer
 
 
@@ -299,6 +299,7 @@ def test_heatmap_of_a_small_grid_keeps_title_and_labels_inside(title, tmp_path):
     """One depth x two lengths makes a narrow figure; its wrapped title and labels must still fit."""
     import matplotlib.image
     import matplotlib.pyplot as plt
+
     from titans_lnn.evals import report
 
     records = [{"length": n, "depth": 0.5, "score": s} for n, s in ((1024, 1.0), (4096, 0.0))]

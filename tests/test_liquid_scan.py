@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from titans_lnn.kernels import liquid_scan
 from titans_lnn.kernels.liquid_scan import liquid_scan_chunked, liquid_scan_ref
 

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import torch.nn.functional as F
+
 from titans_lnn.kernels import triton_utils
 from titans_lnn.kernels.liquid_scan import liquid_scan_ref
 from titans_lnn.kernels.liquid_scan_triton import liquid_scan_triton

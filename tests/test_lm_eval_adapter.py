@@ -13,9 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
-from titans_lnn.evals.lm_eval_adapter import TitansLNNLM  # noqa: E402
 
 from titans_lnn import TitansLNN, TitansLNNConfig  # noqa: E402
+from titans_lnn.evals.lm_eval_adapter import TitansLNNLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+
 from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref, mlp_forward
 from titans_lnn.memory import NeuralMemory, PersistentMemory
 

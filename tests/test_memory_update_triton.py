@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import torch.nn.functional as F
+
 from titans_lnn.kernels import dispatch, triton_utils
 from titans_lnn.kernels import memory_update_triton as mut
 from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref, mlp_forward

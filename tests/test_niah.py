@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from titans_lnn.evals.niah import niah_config, passkey_batch, train_passkey
 
 from titans_lnn import TitansLNN
 from titans_lnn.cli import main
+from titans_lnn.evals.niah import niah_config, passkey_batch, train_passkey
 from titans_lnn.tokenizers import ByteTokenizer
 
 

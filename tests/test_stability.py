@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from titans_lnn.evals.niah import niah_config
 
 from titans_lnn import NeuralMemory, TitansLNN, TitansLNNConfig
 from titans_lnn.cli import main
+from titans_lnn.evals.niah import niah_config
 from titans_lnn.stability import MEMORY_VARIANTS, perturbation_growth, stream_vs_whole, text_ids
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from titans_lnn import TitansLNN
-from titans_lnn.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from titans_lnn.cli import main
-from titans_lnn.train import TrainConfig, Trainer, lr_factor, train
-from titans_lnn.train_cli import parse_set
+from titans_lnn.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from titans_lnn.training.cli import parse_set
+from titans_lnn.training.trainer import TrainConfig, Trainer, lr_factor, train
 
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into deep green woods".split()
 

@@ -3,7 +3,7 @@
     titans-lnn info                      version, torch build, which fast paths are available
     titans-lnn demo [--preset tiny]      build a model, stream a sequence in pieces, check vs one pass, generate
     titans-lnn stability [--variant all] perturbation growth and streamed == one pass (titans_lnn.stability)
-    titans-lnn train ...                 (titans_lnn.train_cli)
+    titans-lnn train ...                 (titans_lnn.training.cli)
     titans-lnn eval TASK ...             (titans_lnn.evals.cli)
     titans-lnn niah ...                  the needle-in-a-haystack main job (titans_lnn.evals.niah)
 
@@ -20,7 +20,7 @@ import re
 import sys
 
 # Subcommand modules, in the order their help is listed.
-_SUBCOMMANDS = ("titans_lnn.train_cli", "titans_lnn.evals.cli", "titans_lnn.evals.niah", "titans_lnn.stability")
+_SUBCOMMANDS = ("titans_lnn.training.cli", "titans_lnn.evals.cli", "titans_lnn.evals.niah", "titans_lnn.stability")
 
 
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")  # :func:`name`, :class:`~pkg.mod.Name`

@@ -151,8 +151,8 @@ def text_ids(text: str, tokens: int, *, tokenizer=None, vocab_size: int = 256, s
         return torch.randint(0, vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed))
     if text != "kjv":
         raise ValueError(f"unknown text {text!r}: expected 'kjv' or 'random'")
-    from titans_lnn.data import read_kjv
     from titans_lnn.tokenizers import get_tokenizer
+    from titans_lnn.training.data import read_kjv
 
     tokenizer = get_tokenizer(tokenizer or "byte")
     parts, n = [], 0

@@ -1,5 +1,5 @@
 """What a training run is told: ``TrainConfig`` (every field validated), ``TrainResult``, the
-learning-rate schedule and how ``--resume`` finds its checkpoint. The loop is in ``titans_lnn.train``."""
+learning-rate schedule and how ``--resume`` finds its checkpoint. The loop is in ``titans_lnn.training.trainer``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titans_lnn.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from titans_lnn.config import PRESETS, VARIANTS, TitansLNNConfig
+from titans_lnn.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 # Fields whose change makes a checkpoint's data position meaningless: a resume must keep them.
 DATA_FIELDS = ("data", "data_format", "val_fraction", "split_by", "batch_size", "seq_len", "segments", "seed")

@@ -1,4 +1,4 @@
-"""``titans-lnn train``: the command line of ``titans_lnn.train``.
+"""``titans-lnn train``: the command line of ``titans_lnn.training.trainer``.
 
     titans-lnn train --model-preset tiny --data kjv --steps 200 --out /tmp/run_kjv
     titans-lnn train --data genome.fa.gz --segments 8 --bptt 2 --set mem_chunk=32 --out runs/dna
@@ -30,7 +30,7 @@ _DEFAULTS = None
 def _default(name: str):
     global _DEFAULTS
     if _DEFAULTS is None:
-        from titans_lnn.train import TrainConfig
+        from titans_lnn.training.trainer import TrainConfig
 
         _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                      for f in dataclasses.fields(TrainConfig)}
@@ -165,7 +165,7 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a table of TrainConfig fields, got {type(data).__name__}")
-    from titans_lnn.train import TrainConfig
+    from titans_lnn.training.trainer import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
@@ -176,7 +176,7 @@ def read_config_file(path: str) -> dict:
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of a command line (see the module docstring for the order of precedence)."""
-    from titans_lnn.train import RUN_FIELDS, TrainConfig, resolve_resume, saved_train_config
+    from titans_lnn.training.trainer import RUN_FIELDS, TrainConfig, resolve_resume, saved_train_config
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in known}
@@ -195,8 +195,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from titans_lnn.checkpoint import CheckpointError
-    from titans_lnn.train import train
+    from titans_lnn.training.checkpoint import CheckpointError
+    from titans_lnn.training.trainer import train
 
     try:
         cfg = config_from_args(args)

@@ -1,6 +1,6 @@
-"""Training: ``Trainer`` and ``train(cfg)``; the config, ``TrainConfig``, is in ``titans_lnn.train_config``.
+"""Training: ``Trainer`` and ``train(cfg)``; the config, ``TrainConfig``, is in ``titans_lnn.training.config``.
 
-    from titans_lnn.train import TrainConfig, train
+    from titans_lnn.training.trainer import TrainConfig, train
     result = train(TrainConfig(model_preset="tiny", data="kjv", steps=200, out="runs/kjv"))
 
 What a run does:
@@ -15,7 +15,7 @@ What a run does:
 - A tqdm bar (loss, tokens/s, ETA); metrics to ``<out>/metrics.jsonl`` (and TensorBoard when installed);
   held-out evaluation every ``eval_every`` steps: loss and bits per token (per byte / per base for the
   byte / nucleotide tokenizers), the state carried across ``eval_batches`` consecutive segments.
-- Checkpoints (``titans_lnn.checkpoint``: atomic, checksummed, pickle-free) in ``<out>/checkpoints``:
+- Checkpoints (``titans_lnn.training.checkpoint``: atomic, checksummed, pickle-free) in ``<out>/checkpoints``:
   weights, optimizer and scheduler state, RNG states, sampler position, the carried state, both configs
   and the tokenizer; the last ``keep`` are kept. SIGINT/SIGTERM finish the step, save and stop; a corrupt
   latest checkpoint is skipped for the previous one. At the end ``<out>/model`` holds a
@@ -41,7 +41,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from titans_lnn.checkpoint import (
+from titans_lnn.model import TitansLNN
+from titans_lnn.state import ModelState
+from titans_lnn.tokenizers import tokenizer_from_dict
+from titans_lnn.training.checkpoint import (
     atomic_write,
     flatten_state,
     latest_checkpoint,
@@ -49,11 +52,7 @@ from titans_lnn.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from titans_lnn.data import StreamSampler, load_corpus
-from titans_lnn.model import TitansLNN
-from titans_lnn.state import ModelState
-from titans_lnn.tokenizers import tokenizer_from_dict
-from titans_lnn.train_config import (  # noqa: F401  (re-exported: titans_lnn.train is their public home too)
+from titans_lnn.training.config import (  # noqa: F401  (re-exported: titans_lnn.training.trainer is their public home too)
     DATA_FIELDS,
     RUN_FIELDS,
     TrainConfig,
@@ -62,6 +61,7 @@ from titans_lnn.train_config import (  # noqa: F401  (re-exported: titans_lnn.tr
     resolve_resume,
     saved_train_config,
 )
+from titans_lnn.training.data import StreamSampler, load_corpus
 
 # ----------------------------------------------------------------------------- state helpers
 
