@@ -10,7 +10,6 @@ Feeding a sequence in pieces with the state gives the logits of one pass over th
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import warnings
@@ -24,9 +23,6 @@ from titans_lnn.blocks import Block
 from titans_lnn.config import TitansLNNConfig
 from titans_lnn.layers import RMSNorm
 from titans_lnn.state import ModelState
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -142,84 +138,22 @@ class TitansLNN(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), labels.reshape(B * T).long(), ignore_index=-100)
         return ModelOutput(logits, loss, ModelState(state.pos + T, B, self.fingerprint, layers))
 
-    # Generation.
-    @torch.no_grad()
+    # Generation and saving live in titans_lnn.generation / titans_lnn.pretrained; these delegate.
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, state: ModelState | None = None,
                  generator: torch.Generator | None = None, return_state: bool = False):
-        """Continue ``input_ids`` (B, T) by ``max_new_tokens`` tokens, reading the prompt once and then
-        one token per step with the fixed-size state as the cache. temperature=0 is greedy.
-        Returns (B, T + max_new_tokens) ids (and the final state when ``return_state``)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        out = self(input_ids, state=state)
-        tokens = [input_ids]
-        logits, state = out.logits[:, -1], out.state
-        for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            tokens.append(nxt.to(input_ids.dtype))
-            if i + 1 < max_new_tokens:
-                out = self(nxt, state=state)
-                logits, state = out.logits[:, -1], out.state
-            else:
-                state = self(nxt, state=state).state if return_state else state
-        ids = torch.cat(tokens, dim=1)
-        return (ids, state) if return_state else ids
+        """See :func:`titans_lnn.generation.generate`."""
+        from titans_lnn.generation import generate
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        state=state, generator=generator, return_state=return_state)
 
-    # Saving.
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (atomic renames)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
-        save_file(weights, tmp, metadata={"format": "pt", "fingerprint": self.fingerprint})
-        _fsync_replace(tmp, os.path.join(directory, WEIGHTS_NAME))
-        tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(self.config.to_json())
-        _fsync_replace(tmp, os.path.join(directory, CONFIG_NAME))
+        """See :func:`titans_lnn.pretrained.save_pretrained`."""
+        from titans_lnn.pretrained import save_pretrained
+        save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TitansLNN:
-        from safetensors.torch import load_file
-
-        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (cfg_path, w_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
-        with open(cfg_path) as f:
-            config = TitansLNNConfig.from_dict(json.load(f))
-        model = cls(config)
-        model.load_state_dict(load_file(w_path, device=str(map_location)))
-        return model.to(map_location)
-
-
-def _fsync_replace(tmp: str, path: str) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T)
-    restricted to the top_k tokens and to the smallest set with probability >= top_p. -> (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        """See :func:`titans_lnn.pretrained.load_pretrained`."""
+        from titans_lnn.pretrained import load_pretrained
+        return load_pretrained(directory, map_location)
