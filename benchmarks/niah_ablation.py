@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated prompt lengths (default 4K,16K,64K)")
     p.add_argument("--samples", type=int, default=8, help="prompts per length (default 8)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="save the trained model there (for titans-lnn niah --reuse or evaluation-time ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     config = TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **dict(args.set)})
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     losses = train_passkey(model, args.steps, seed=args.seed, progress=False, **{**NIAH_TRAIN, **dict(args.train)})
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.2f} -> "
           f"{sum(losses[-20:]) / 20:.3f} (mean of the last 20)")
+    if args.save:
+        model.save_pretrained(args.save)
     model.eval()
     tok = ByteTokenizer()
     filler = make_sample("passkey", 4096, 0.99, seed=1).prompt.encode()[:3000]

@@ -55,6 +55,7 @@ __all__ = ["NIAH_MODEL", "eval_seed", "needle_readout", "niah_config", "passkey_
 
 
 def _parse_lengths(text: str) -> list[int]:
+    """``--lengths``: comma-separated token counts, k = 1024, m = 1024^2, each >= 64."""
     out = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -66,7 +67,49 @@ def _parse_lengths(text: str) -> list[int]:
         if value < 64:
             raise argparse.ArgumentTypeError(f"length {part!r} is too short: expected >= 64 tokens")
         out.append(value)
+    if len(out) > MAX_LENGTHS:
+        raise argparse.ArgumentTypeError(f"{len(out)} lengths given: expected at most {MAX_LENGTHS}")
     return out
+
+
+def _parse_depths(text: str) -> list[float]:
+    """``--depths``: comma-separated needle depths, each a number in [0, 1]."""
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"depth {part.strip()!r} is not a number: expected e.g. 0.1,0.5,0.9") \
+                from None
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"depth {part.strip()!r} is outside [0, 1]: expected e.g. 0.1,0.5,0.9")
+        out.append(value)
+    if len(out) > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"{len(out)} depths given: expected at most {MAX_SAMPLES}")
+    return out
+
+
+def _integer(lo: int, hi: int | None = None, what: str = ""):
+    """An argparse type: a whole number in [lo, hi] (no upper bound when ``hi`` is None)."""
+    expected = f"a whole number >= {lo}" if hi is None else f"a whole number in [{lo}, {hi}]"
+    expected += f" ({what})" if what else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: expected {expected}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected {expected}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+# Bounds of the evaluation seeds' layout (eval_seed): below 1000 samples and lengths, seeds up to MAX_SEED.
+MAX_SAMPLES = MAX_LENGTHS = 1_000
+MAX_SEED = (TRAIN_SEED_BASE - 1_000_000) // 1_000_000
 
 
 def eval_seed(seed: int, length_index: int, sample: int) -> int:
@@ -331,17 +374,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the needle task to train and evaluate (default passkey)")
     p.add_argument("--variant", default="mal", choices=("mac", "mag", "mal", "lmm"),
                    help="the hybrid's variant (default mal)")
-    p.add_argument("--steps", type=int, default=NIAH_STEPS, help=f"training steps per model (default {NIAH_STEPS})")
+    p.add_argument("--steps", type=_integer(1), default=NIAH_STEPS,
+                   help=f"training steps per model (default {NIAH_STEPS})")
     p.add_argument("--lengths", type=_parse_lengths, default=_parse_lengths("1k,4k,16k,64k,256k,1m"),
                    help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default 1k,...,1m)")
-    p.add_argument("--samples", type=int, default=10,
+    p.add_argument("--samples", type=_integer(1, MAX_SAMPLES), default=10,
                    help="prompts per length, each its own key, depths spread over 5%%..95%% (default 10)")
-    p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=None,
+    p.add_argument("--depths", type=_parse_depths, default=None,
                    help="comma-separated needle depths in [0, 1], one sample each (default: spread, see --samples)")
-    p.add_argument("--chunk-len", type=int, default=4096, help="tokens per streamed piece (default 4096)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of training and of the evaluation prompts")
-    p.add_argument("--workers", type=int, default=0, help="processes (default: min(2, CPU cores))")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores / workers)")
+    p.add_argument("--chunk-len", type=_integer(1), default=4096, help="tokens per streamed piece (default 4096)")
+    p.add_argument("--seed", type=_integer(0, MAX_SEED, "evaluation seeds stay below 2^31"), default=0,
+                   help=f"random seed of training and of the evaluation prompts, 0..{MAX_SEED} (default 0)")
+    p.add_argument("--workers", type=_integer(0), default=0, help="processes (default: min(2, CPU cores))")
+    p.add_argument("--threads", type=_integer(0), default=0,
+                   help="torch threads per process (default: cores / workers)")
     p.add_argument("--out", default="niah-results", help="output folder (default niah-results)")
     p.add_argument("--reuse", action="store_true", help="load the models an earlier run saved in --out")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the hybrid's read-out-vs-distance stream")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from titans_lnn.config import TitansLNNConfig
+from titans_lnn.config import PRESETS, TitansLNNConfig
 from titans_lnn.evals.tasks import make_sample
 from titans_lnn.model import TitansLNN
 
@@ -27,9 +27,8 @@ TRAIN_SEED_BASE = 2**31
 # width 8, so a key can tell "pass key is " from "sky is "; writes below 0.15 max_lr skipped exactly,
 # and gates that read the key's context, so that the filler's spaces need not be written with the
 # needle's (with the penalty below, layer 2 writes 4% of filler tokens instead of 49%).
-NIAH_MODEL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
-                  mem_heads=2, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
-                  conv_kernel=8, init_std=0.1, tie_embeddings=False, mem_write_threshold=0.15, mem_gate_context=True)
+# The fields are the config preset "niah" (titans_lnn/config.py); NIAH_MODEL is that dict.
+NIAH_MODEL = PRESETS["niah"]
 # How both models train (``train_passkey``'s keywords): over the second half, after retrieval is
 # learned, the write threshold is raised and a penalty on the filler's writes pushes them below it.
 NIAH_TRAIN = dict(threshold_from=0.5, write_penalty=0.3, penalty_from=0.5)
@@ -124,6 +123,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     ``on_step(step)`` is called after each step (progress across processes)."""
     from tqdm import tqdm
 
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train_passkey: steps={steps!r} is invalid: expected a whole number >= 1")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

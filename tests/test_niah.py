@@ -169,3 +169,36 @@ def test_ablation_script_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "filler tokens written per memory layer" in proc.stdout and "300 tokens: " in proc.stdout
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--steps", "0"], "--steps: '0'"),
+    (["--steps", "x"], "--steps: 'x'"),
+    (["--depths", "1.5"], "--depths: depth '1.5'"),
+    (["--depths", "0.2,-0.1"], "--depths: depth '-0.1'"),
+    (["--depths", "0.2,mid"], "--depths: depth 'mid'"),
+    (["--samples", "0"], "--samples: '0'"),
+    (["--samples", "1001"], "--samples: '1001'"),
+    (["--seed", "-1"], "--seed: '-1'"),
+    (["--seed", "3000"], "--seed: '3000'"),
+    (["--chunk-len", "0"], "--chunk-len: '0'"),
+    (["--workers", "-2"], "--workers: '-2'"),
+    (["--threads", "1.5"], "--threads: '1.5'"),
+    (["--lengths", "1k,32"], "--lengths: length '32'"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_niah_bad_flags_fail_before_any_work(tmp_path, capsys, flags, named):
+    """A bad flag value: exit status 2 and one error line naming the flag, the value and what is
+    expected, before anything is trained or written (--steps 0 once died in a ZeroDivisionError
+    after training, --depths 1.5 after training)."""
+    out = tmp_path / "niah"
+    with pytest.raises(SystemExit) as exc:
+        main(["niah", *flags, "--out", str(out)])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("titans-lnn niah: error: argument ") and named in error and "expected" in error, error
+    assert not out.exists()
+
+
+def test_train_passkey_rejects_zero_steps():
+    with pytest.raises(ValueError, match="steps=0"):
+        train_passkey(TitansLNN(niah_config("mal")), 0, progress=False)

@@ -147,10 +147,15 @@ PRESETS: dict[str, dict] = {
     # Unit tests: a few thousand parameters, every code path exercised.
     "debug": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8, n_persistent=2,
                   liquid_state=4, mem_heads=2, mem_depth=2, mem_chunk=4, conv_kernel=3, mlp_mult=2.0),
-    # CPU demos, the quick tour, benchmarks (~1.6M parameters). Not the main job's: NIAH_MODEL, evals/niah_train.py.
+    # CPU demos, the quick tour, benchmarks (~1.6M parameters). The main job's model is "niah" below.
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, window=128, n_persistent=4,
                  liquid_state=8, mem_heads=2, mem_depth=2, mem_chunk=16),
     # GPU runs (about 100M parameters).
     "small": dict(d_model=640, n_layers=12, n_heads=10, n_kv_heads=2, window=512, n_persistent=16,
                   liquid_state=16, mem_heads=10, mem_depth=2, mem_chunk=64, vocab_size=256),
+    # The main job's model (`titans-lnn niah`, ~177K parameters, window 64; variant given by the caller):
+    # why each setting, in titans_lnn/evals/niah_train.py (NIAH_MODEL is this dict).
+    "niah": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
+                 mem_heads=2, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
+                 conv_kernel=8, init_std=0.1, tie_embeddings=False, mem_write_threshold=0.15, mem_gate_context=True),
 }
