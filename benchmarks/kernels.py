@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from titans_lnn.cli import plain
-from titans_lnn.kernels.attention import sliding_window_attention_blocked, sliding_window_attention_ref
-from titans_lnn.kernels.liquid_scan import liquid_scan_chunked, liquid_scan_ref
-from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref
+from titans_lnn.kernels.liquid import liquid_scan_chunked, liquid_scan_ref
+from titans_lnn.kernels.titans_memory import memory_update_chunked, memory_update_ref
+from titans_lnn.kernels.window_attention import sliding_window_attention_blocked, sliding_window_attention_ref
 
 # ---------------------------------------------------------------------------------------------------
 # timing
@@ -196,9 +196,9 @@ def _fits(nbytes, device, fraction=0.5):
 
 
 def gpu_suite(quick: bool, min_time: float, scan_dim: int):
-    from titans_lnn.kernels.attention_cuda import sliding_window_attention_cuda
-    from titans_lnn.kernels.liquid_scan_triton import liquid_scan_triton
-    from titans_lnn.kernels.memory_update_triton import memory_update_triton
+    from titans_lnn.kernels.liquid.triton import liquid_scan_triton
+    from titans_lnn.kernels.titans_memory.triton import memory_update_triton
+    from titans_lnn.kernels.window_attention.cuda import sliding_window_attention_cuda
 
     device = torch.device("cuda")
     bw, mm = copy_bandwidth(device), matmul_rate(device)

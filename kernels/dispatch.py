@@ -1,5 +1,6 @@
-"""Choose an implementation for each op: "ref" (the plain-PyTorch specification), "torch" (the
-chunked/blocked PyTorch form), "triton" (the Triton kernels), or "auto".
+"""Choose an implementation for each op: "ref" (the plain-PyTorch specification, ``naive.py``),
+"torch" (the chunked/blocked PyTorch form), "triton" (the Triton kernels; for attention the CUDA
+libraries of ``window_attention/cuda.py``), or "auto".
 
 "auto" picks Triton for CUDA tensors when Triton imports, the PyTorch form otherwise. The choice
 can be forced per call (``impl=...``) or for the whole process with the environment variable
@@ -12,36 +13,30 @@ from __future__ import annotations
 import importlib
 import os
 
+from titans_lnn.kernels.triton_utils import triton_available
+
 IMPLS = ("auto", "ref", "torch", "triton")
 ENV_VAR = "TITANS_LNN_IMPL"
 
-# op -> impl -> (module under titans_lnn.kernels, function name)
+# op -> impl -> (module under titans_lnn.kernels, function name). "triton" for attention is the CUDA
+# libraries (flash-attn / xformers / FlexAttention, see window_attention/cuda.py): no hand-written kernel.
 _REGISTRY: dict[str, dict[str, tuple[str, str]]] = {
     "liquid_scan": {
-        "ref": ("liquid_scan", "liquid_scan_ref"),
-        "torch": ("liquid_scan", "liquid_scan_chunked"),
-        "triton": ("liquid_scan_triton", "liquid_scan_triton"),
+        "ref": ("liquid.naive", "liquid_scan_ref"),
+        "torch": ("liquid.chunked", "liquid_scan_chunked"),
+        "triton": ("liquid.triton", "liquid_scan_triton"),
     },
     "memory_update": {
-        "ref": ("memory_update", "memory_update_ref"),
-        "torch": ("memory_update", "memory_update_chunked"),
-        "triton": ("memory_update_triton", "memory_update_triton"),
+        "ref": ("titans_memory.naive", "memory_update_ref"),
+        "torch": ("titans_memory.chunked", "memory_update_chunked"),
+        "triton": ("titans_memory.triton", "memory_update_triton"),
     },
     "sliding_window_attention": {
-        "ref": ("attention", "sliding_window_attention_ref"),
-        "torch": ("attention", "sliding_window_attention_blocked"),
-        "triton": ("attention_cuda", "sliding_window_attention_cuda"),
+        "ref": ("window_attention.naive", "sliding_window_attention_ref"),
+        "torch": ("window_attention.blocked", "sliding_window_attention_blocked"),
+        "triton": ("window_attention.cuda", "sliding_window_attention_cuda"),
     },
 }
-
-
-def triton_available() -> bool:
-    """True when Triton imports (it may still have no GPU to run on; the interpreter needs none)."""
-    try:
-        importlib.import_module("triton")
-    except Exception:
-        return False
-    return True
 
 
 def resolve(op: str, impl: str | None, is_cuda: bool) -> str:

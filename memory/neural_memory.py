@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from titans_lnn.kernels import memory_update
-from titans_lnn.kernels.memory_update import mlp_forward
+from titans_lnn.kernels.titans_memory import mlp_forward
 from titans_lnn.layers import CausalConv, RMSNorm
 
 

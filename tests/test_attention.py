@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titans_lnn.kernels.attention import sliding_window_attention_blocked, sliding_window_attention_ref
+from titans_lnn.kernels.window_attention import sliding_window_attention_blocked, sliding_window_attention_ref
 
 CASES = [  # (T, P cached keys, window, segment, sinks, second stream, H, G)
     (1, 0, 4, False, 0, False, 2, 1),

@@ -1,4 +1,4 @@
-"""The CUDA attention front end (``kernels/attention_cuda.py``) on CPU: its fallback, and its FlexAttention
+"""The CUDA attention front end (``kernels/window_attention/cuda.py``) on CPU: its fallback, and its FlexAttention
 backend against ``sliding_window_attention_ref``.
 
 FlexAttention runs on CPU tensors without gradients (eagerly: unfused; compiled: block-sparse), so the
@@ -11,13 +11,18 @@ import warnings
 import pytest
 import torch
 
-from titans_lnn.kernels import attention_cuda as ac
 from titans_lnn.kernels import dispatch, sliding_window_attention
-from titans_lnn.kernels.attention import sliding_window_attention_blocked, sliding_window_attention_ref
+from titans_lnn.kernels.window_attention import cuda as ac
+from titans_lnn.kernels.window_attention import (
+    flash,
+    flex,
+    sliding_window_attention_blocked,
+    sliding_window_attention_ref,
+)
 
 RTOL = 1e-5
 
-needs_flex = pytest.mark.skipif(not ac.flex_available(), reason="torch has no FlexAttention")
+needs_flex = pytest.mark.skipif(not flex.flex_available(), reason="torch has no FlexAttention")
 
 
 def make(B=2, H=4, G=2, T=37, P=0, D=16, Np=0, k2=False, seed=0):
@@ -54,7 +59,7 @@ CASES = [
 def run_flex(q, k, v, window, segment, pos0, compiled=False, block=8, **kw):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return ac.flex_sliding_window_attention(q, k, v, window=window, segment=segment, pos0=pos0,
+        return flex.flex_sliding_window_attention(q, k, v, window=window, segment=segment, pos0=pos0,
                                                 compiled=compiled, block=block, **kw)
 
 
@@ -83,10 +88,10 @@ def test_block_mask_covers_mask(name, window, segment, Np, k2, P, pos0):
     """Every visible (query, key) lies in a computed block; full blocks are visible everywhere;
     partial and full blocks never overlap. (Eager FlexAttention may not use the block structure.)"""
     T, block = 45, 8
-    bm = ac._block_mask(T, P, Np, k2, window, segment, pos0, torch.device("cpu"), block)
+    bm = flex._block_mask(T, P, Np, k2, window, segment, pos0, torch.device("cpu"), block)
     L = P + T
     KV = Np + L * (2 if k2 else 1)
-    mask = ac._mask_mod(P, Np, L, KV, k2, window, segment, pos0)(
+    mask = flex._mask_mod(P, Np, L, KV, k2, window, segment, pos0)(
         0, 0, torch.arange(T)[:, None], torch.arange(KV)[None, :])  # (T, KV)
     NKV = -(-KV // block)
     partial = dense_blocks(bm.kv_num_blocks, bm.kv_indices, NKV)
@@ -175,7 +180,7 @@ def test_merge_sinks_is_one_softmax():
     i = torch.arange(T)
     m = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     lse = s.masked_fill(~m, float("-inf")).logsumexp(-1)
-    torch.testing.assert_close(ac._merge_sinks(win, lse, q, kw["sink_k"], kw["sink_v"]), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flash.merge_sinks(win, lse, q, kw["sink_k"], kw["sink_v"]), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

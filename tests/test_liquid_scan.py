@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from titans_lnn.kernels import liquid_scan
-from titans_lnn.kernels.liquid_scan import liquid_scan_chunked, liquid_scan_ref
+from titans_lnn.kernels.liquid import liquid_scan_chunked, liquid_scan_ref
 
 
 def _inputs(B, T, D, seed=0, dtype=torch.float64, strong_decay=False):

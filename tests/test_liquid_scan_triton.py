@@ -22,8 +22,8 @@ pytest.importorskip("triton")
 import torch.nn.functional as F
 
 from titans_lnn.kernels import triton_utils
-from titans_lnn.kernels.liquid_scan import liquid_scan_ref
-from titans_lnn.kernels.liquid_scan_triton import liquid_scan_triton
+from titans_lnn.kernels.liquid import liquid_scan_ref
+from titans_lnn.kernels.liquid.triton import liquid_scan_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]  # interpreter: fp32
@@ -163,7 +163,7 @@ def test_imports_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from titans_lnn.kernels import triton_utils\n"
-        "from titans_lnn.kernels.liquid_scan_triton import liquid_scan_triton\n"
+        "from titans_lnn.kernels.liquid.triton import liquid_scan_triton\n"
         "assert not triton_utils.triton_available()\n"
         "try:\n"
         "    liquid_scan_triton(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))\n"

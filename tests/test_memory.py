@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref, mlp_forward
+from titans_lnn.kernels.titans_memory import memory_update_chunked, memory_update_ref, mlp_forward
 from titans_lnn.memory import NeuralMemory, PersistentMemory
 
 
@@ -224,7 +224,7 @@ def test_stable_split_anywhere_equals_one_call(depth):
 
 def _chunk_eigenvalue(theta, eta, k, C):
     """Largest eigenvalue, over the chunks, of sum_t u'_t k^_t k^_t^T (u' = the step in curvature units)."""
-    from titans_lnn.kernels.memory_update import stable_steps_sequence
+    from titans_lnn.kernels.titans_memory import stable_steps_sequence
 
     B, H, T, D = k.shape
     kappa = 2 * k.pow(2).sum(-1)
@@ -265,7 +265,7 @@ def test_stable_orthogonal_keys_keep_their_whole_step():
 
 def test_curvature_bounds_the_gauss_newton_eigenvalue():
     """kappa >= the largest eigenvalue of 2 J^T J (J: the memory output's Jacobian w.r.t. all weights)."""
-    from titans_lnn.kernels.memory_update import anchor_forward, curvature
+    from titans_lnn.kernels.titans_memory import anchor_forward, curvature
 
     g = torch.Generator().manual_seed(1)
     for depth in (1, 2, 3):

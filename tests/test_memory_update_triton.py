@@ -22,8 +22,8 @@ pytest.importorskip("triton")
 import torch.nn.functional as F
 
 from titans_lnn.kernels import dispatch, triton_utils
-from titans_lnn.kernels import memory_update_triton as mut
-from titans_lnn.kernels.memory_update import memory_update_chunked, memory_update_ref, mlp_forward
+from titans_lnn.kernels.titans_memory import memory_update_chunked, memory_update_ref, mlp_forward
+from titans_lnn.kernels.titans_memory import triton as mut
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative RMS error allowed, per dtype (fla's get_err_ratio); the kernel computes in fp32.
@@ -228,7 +228,7 @@ def test_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from titans_lnn.kernels.memory_update_triton import memory_update_triton\n"
+        "from titans_lnn.kernels.titans_memory.triton import memory_update_triton\n"
         "x = torch.zeros(1, 1, 2, 4); g = torch.zeros(1, 1, 2); w = (torch.zeros(1, 1, 4, 4),)\n"
         "try:\n"
         "    memory_update_triton(x, x, x, g, g, g, w, w, w, chunk_size=2)\n"

@@ -18,10 +18,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from titans_lnn import TitansLNN, TitansLNNConfig
-from titans_lnn.kernels import attention_cuda, dispatch, liquid_scan, ops
-from titans_lnn.kernels import liquid_scan_triton as lst
-from titans_lnn.kernels import memory_update_triton as mut
-from titans_lnn.kernels.liquid_scan import liquid_scan_ref
+from titans_lnn.kernels import dispatch, liquid_scan, ops
+from titans_lnn.kernels.liquid import liquid_scan_ref
+from titans_lnn.kernels.liquid import triton as lst
+from titans_lnn.kernels.titans_memory import triton as mut
+from titans_lnn.kernels.window_attention import cuda as attention_cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 1e-4  # relative RMS; the kernels accumulate in fp32 in another order than PyTorch

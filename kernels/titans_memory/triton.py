@@ -1,4 +1,4 @@
-"""Triton form of the Titans memory update (Behrouz et al. 2025, eqs. 8-15; see ``memory_update.py``).
+"""Triton form of the Titans memory update (Behrouz et al. 2025, eqs. 8-15; the specification: ``naive.py``).
 
 Same contract as ``memory_update_ref``: ``(q, k, v, theta, eta, alpha, weights, momentum, anchor, *,
 chunk_size, offset=0, max_grad_norm=None) -> (y, weights, momentum, anchor)``, for a linear memory
@@ -8,7 +8,7 @@ M(x) = x + W_2 silu(W_1 x)). Other depths, and heads wider than ``MAX_BLOCK_IN``
 
 Forward (one kernel launch). One program per (batch, head) walks the chunks in order, keeping that
 head's weights W and momentum S in fp32 registers (transposed, (in, out), so every product is a
-plain ``tl.dot``). Per chunk of C tokens it runs exactly ``_chunk`` of ``memory_update.py``: the
+plain ``tl.dot``). Per chunk of C tokens it runs exactly ``_chunk`` of ``chunked.py``: the
 forward at the anchor (the chunk-start weights) on the keys, the closed-form per-token gradients
 delta_l x_l^T, their clipping (``max_grad_norm``: theta_t is scaled by
 min(1, max_grad_norm / ||g_t||), where ||g_t||^2 = sum_l ||delta_l||^2 ||x_l||^2 as each layer's
@@ -35,13 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from titans_lnn.kernels.memory_update import (
-    _check,
-    _join_anchor,
-    _split_anchor,
-    memory_update_chunked,
-    stable_steps_sequence,
-)
+from titans_lnn.kernels.titans_memory.chunked import memory_update_chunked, stable_steps_sequence
+from titans_lnn.kernels.titans_memory.naive import check_inputs, join_anchor, split_anchor
 from titans_lnn.kernels.triton_utils import (
     autotune,
     cdiv,
@@ -382,10 +377,10 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
     runs ``memory_update_chunked``.
     """
     require_triton("memory_update_triton")
-    _check(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
+    check_inputs(q, k, v, theta, eta, alpha, weights, momentum, anchor, chunk_size, offset)
     spent = None
     if stable and len(weights) == 1 and q.shape[2]:
-        anchor, spent = _split_anchor(anchor, 1, True, k)
+        anchor, spent = split_anchor(anchor, 1, True, k)
         kf = k.to(theta.dtype)
         dtype = spent.dtype
         theta, spent = stable_steps_sequence(theta, eta, 2 * kf.pow(2).sum(-1), kf, spent.to(theta.dtype),
@@ -404,7 +399,7 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
     if not fits or T == 0 or stable:
         y, W, S, A = memory_update_chunked(*args, chunk_size=chunk_size, offset=offset, max_grad_norm=max_grad_norm,
                                            stable=stable)
-        return y, W, S, _join_anchor(A, spent)
+        return y, W, S, join_anchor(A, spent)
     state = (*weights, *momentum, *anchor)
     check_device("memory_update_triton", q, k, v, theta, eta, alpha, *state)
     check_dtype("memory_update_triton", q, k, v, theta, eta, alpha, *state)
@@ -433,4 +428,4 @@ def memory_update_triton(q, k, v, theta, eta, alpha, weights, momentum, anchor, 
                 y1, W, S, A, _ = _forward(*seqs, W, S, T0, chunk_size, 1, False, max_grad_norm)
         ys.append(y1)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
-    return y, tuple(W), tuple(S), _join_anchor(A, spent)
+    return y, tuple(W), tuple(S), join_anchor(A, spent)

@@ -1,4 +1,4 @@
-"""Triton form of the liquid scan ``h_t = exp(log_a_t) * h_{t-1} + b_t`` (see ``liquid_scan.py``).
+"""Triton form of the liquid scan ``h_t = exp(log_a_t) * h_{t-1} + b_t`` (the specification: ``naive.py``).
 
 Same contract as ``liquid_scan_ref``: ``(log_a, b, h0) -> (h, h_last)``, with a Triton backward:
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from titans_lnn.kernels.liquid_scan import _check
+from titans_lnn.kernels.liquid.naive import check_inputs
 from titans_lnn.kernels.triton_utils import (
     autotune,
     cdiv,
@@ -271,7 +271,7 @@ def liquid_scan_triton(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | 
     number of time spans run in parallel (1 = one sequential pass; None = chosen from the GPU size).
     """
     require_triton("liquid_scan_triton")
-    _check(log_a, b, h0)
+    check_inputs(log_a, b, h0)
     check_device("liquid_scan_triton", log_a, b, h0)
     check_dtype("liquid_scan_triton", log_a, b, h0)
     B, T, D = b.shape

@@ -1,19 +1,11 @@
-"""The liquid core's recurrence: a diagonal, input-dependent linear scan.
+"""The liquid scan ``h_t = exp(log_a_t) * h_{t-1} + b_t`` in plain PyTorch, parallel over time.
 
-    h_t = exp(log_a_t) * h_{t-1} + b_t            (elementwise over D)
-
-This is the exact solution of the liquid time-constant ODE over one step with the input held
-constant (DESIGN.md, "Liquid core"): ``log_a = -dt * lambda`` and ``b = (1 - a) * g``.
-
-Three forms with one signature, ``(log_a, b, h0) -> (h, h_last)``:
-- ``liquid_scan_ref``: the per-token loop; the specification.
-- ``liquid_scan_chunked``: plain PyTorch, parallel over time: a short loop inside chunks of length
-  L, run for all chunks at once, then the carried state between chunks (itself a scan, solved the
-  same way), then one fix-up. It multiplies decays (all <= 1) and never divides by a cumulative
-  product, so it cannot overflow the way the closed form ``cumprod``/``cumsum`` does by T ~ 4K.
-  Its backward is the reverse scan, by the same code (a custom autograd function), so the
-  activations it keeps are O(T D), not O(T D) per loop step.
-- the Triton form lives in ``liquid_scan_triton.py`` (CUDA, or the interpreter in tests).
+Same contract as ``liquid_scan_ref`` (``naive.py``, the specification): a short loop inside chunks
+of length L, run for all chunks at once, then the carried state between chunks (itself a scan,
+solved the same way), then one fix-up. It multiplies decays (all <= 1) and never divides by a
+cumulative product, so it cannot overflow the way the closed form ``cumprod``/``cumsum`` does by
+T ~ 4K. Its backward is the reverse scan, by the same code (a custom autograd function), so the
+activations it keeps are O(T D), not O(T D) per loop step.
 """
 
 from __future__ import annotations
@@ -22,30 +14,7 @@ import math
 
 import torch
 
-
-def _check(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
-    if log_a.dim() != 3 or log_a.shape != b.shape:
-        raise ValueError(f"liquid_scan: log_a and b must both be (B, T, D); got {tuple(log_a.shape)} "
-                         f"and {tuple(b.shape)}")
-    if h0 is not None and h0.shape != (b.shape[0], b.shape[2]):
-        raise ValueError(f"liquid_scan: h0 must be (B, D) = {(b.shape[0], b.shape[2])}; got {tuple(h0.shape)}")
-
-
-def liquid_scan_ref(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
-    """Reference scan. log_a, b: (B, T, D); h0: (B, D) or None (zeros).
-
-    Returns h: (B, T, D) and h_last: (B, D) (equal to h0 when T = 0).
-    """
-    _check(log_a, b, h0)
-    B, T, D = b.shape
-    h = torch.zeros(B, D, dtype=torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype,
-                    device=b.device) if h0 is None else h0.to(torch.promote_types(h0.dtype, torch.float32))
-    outs = []
-    for t in range(T):
-        h = torch.exp(log_a[:, t].to(h.dtype)) * h + b[:, t].to(h.dtype)
-        outs.append(h)
-    hs = torch.stack(outs, dim=1) if outs else b.new_zeros(B, 0, D, dtype=h.dtype)
-    return hs.to(b.dtype), h.to(b.dtype)
+from titans_lnn.kernels.liquid.naive import check_inputs
 
 
 def _scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -107,7 +76,7 @@ class _LiquidScan(torch.autograd.Function):
 
 def liquid_scan_chunked(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
     """Chunked parallel scan, same contract as ``liquid_scan_ref``. Computes in fp32 at least."""
-    _check(log_a, b, h0)
+    check_inputs(log_a, b, h0)
     B, T, D = b.shape
     dtype = torch.promote_types(b.dtype, torch.float32)
     h0 = b.new_zeros(B, D, dtype=dtype) if h0 is None else h0.to(dtype)
