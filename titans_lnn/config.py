@@ -7,7 +7,9 @@ chunk changes the memory's updates, not only their speed), so it travels with ev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 VARIANTS = ("mac", "mag", "mal", "swa", "full", "liquid", "lmm")
@@ -22,9 +24,14 @@ _PARTS = {
     "liquid": ("liquid",),
     "lmm": ("memory",),
 }
+# Upper bounds on sizes that are allocated whole however few tokens are read (a typo such as
+# mem_chunk=10**9 otherwise allocates a chunk buffer of that many positions for a 12-token input).
+MAX_MEM_CHUNK = 4096  # the papers use 8..64; a chunk this long already means a few memory updates per window
+MAX_WINDOW = 1 << 20  # the attention cache preallocates window - 1 keys and values per layer
+MAX_VOCAB = 1 << 24
 
 
-@dataclass
+@dataclass(frozen=True)
 class TitansLNNConfig:
     variant: str = "mac"  # one of VARIANTS: mac | mag | mal (Titans), swa | full | liquid | lmm (ablations)
     vocab_size: int = 256  # byte-level tokenizer by default
@@ -60,16 +67,35 @@ class TitansLNNConfig:
         def bad(field: str, value, allowed: str) -> ValueError:
             return ValueError(f"TitansLNNConfig.{field}={value!r} is invalid: expected {allowed}")
 
+        # Types first (JSON and --set give any type): bools are not ints, ints are accepted for floats
+        # and stored as floats (so 2 and 2.0 make the same config and fingerprint), floats are finite.
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _KINDS[f.name]
+            if kind == "float | None" and value is None:
+                continue
+            if kind in ("float", "float | None"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise bad(f.name, value, "a finite number" + (" or None" if kind == "float | None" else ""))
+                object.__setattr__(self, f.name, float(value))
+            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad(f.name, value, "an integer")
+            elif kind == "bool" and not isinstance(value, bool):
+                raise bad(f.name, value, "true or false")
+            elif kind == "str" and not isinstance(value, str):
+                raise bad(f.name, value, "a string")
         if self.variant not in VARIANTS:
             raise bad("variant", self.variant, f"one of {', '.join(VARIANTS)}")
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "window",
                     "liquid_expand", "liquid_state", "mem_heads", "mem_depth", "mem_chunk", "conv_kernel")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise bad(name, value, "a positive integer")
-        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
+        if self.n_persistent < 0:
             raise bad("n_persistent", self.n_persistent, "an integer >= 0")
+        for name, limit in (("mem_chunk", MAX_MEM_CHUNK), ("window", MAX_WINDOW), ("vocab_size", MAX_VOCAB)):
+            if getattr(self, name) > limit:
+                raise bad(name, getattr(self, name), f"at most {limit}")
         if self.n_heads % self.n_kv_heads:
             raise bad("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -78,20 +104,21 @@ class TitansLNNConfig:
             raise bad("mem_heads", self.mem_heads, f"a divisor of d_model={self.d_model}")
         for name in ("rope_theta", "mlp_mult", "mem_hidden_mult", "mem_max_lr", "norm_eps", "init_std"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
+            if not value > 0:
                 raise bad(name, value, "a number > 0")
+        if int(self.d_model * self.mlp_mult * 2 / 3 + 7) // 8 * 8 < 8:  # SwiGLU's hidden width (layers.py)
+            raise bad("mlp_mult", self.mlp_mult, f"a multiple of d_model={self.d_model} giving a feed-forward width "
+                                                 f">= 8 (at least {1.5 / self.d_model:.3g})")
+        if int(self.mem_head_dim * self.mem_hidden_mult) < 1 and self.mem_depth > 1:
+            raise bad("mem_hidden_mult", self.mem_hidden_mult, f"a multiple of the memory head width "
+                                                               f"{self.mem_head_dim} giving a hidden width >= 1")
         if self.mem_write_gate not in ("sigmoid", "relu"):
             raise bad("mem_write_gate", self.mem_write_gate, "'sigmoid' or 'relu'")
-        if not isinstance(self.mem_write_threshold, (int, float)) or not 0 <= self.mem_write_threshold < 1:
+        if not 0 <= self.mem_write_threshold < 1:
             raise bad("mem_write_threshold", self.mem_write_threshold, "a number in [0, 1)")
-        if not isinstance(self.mem_gate_context, bool):
-            raise bad("mem_gate_context", self.mem_gate_context, "true or false")
-        if not isinstance(self.mem_stable_step, bool):
-            raise bad("mem_stable_step", self.mem_stable_step, "true or false")
-        if not isinstance(self.mem_max_forget, (int, float)) or not 0 <= self.mem_max_forget <= 1:
+        if not 0 <= self.mem_max_forget <= 1:
             raise bad("mem_max_forget", self.mem_max_forget, "a number in [0, 1]")
-        if self.mem_max_grad_norm is not None and not (isinstance(self.mem_max_grad_norm, (int, float))
-                                                       and self.mem_max_grad_norm > 0):
+        if self.mem_max_grad_norm is not None and not self.mem_max_grad_norm > 0:
             raise bad("mem_max_grad_norm", self.mem_max_grad_norm, "a number > 0 or None")
         if not 0 < self.liquid_tau_min <= self.liquid_tau_max:
             raise bad("liquid_tau_min", self.liquid_tau_min,
@@ -110,6 +137,11 @@ class TitansLNNConfig:
     def parts(self) -> tuple[str, ...]:
         """Which components the blocks contain: a subset of ("attention", "memory", "liquid")."""
         return _PARTS[self.variant]
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the function this config computes (states and saved weights carry it)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @property
     def full_attention(self) -> bool:
@@ -133,15 +165,25 @@ class TitansLNNConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TitansLNNConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """The config of ``to_dict()`` output: every field present (a missing one is an error, never a
+        default that may differ from the one the model was built with), none unknown, each well-typed."""
+        if not isinstance(data, dict):
+            raise TypeError(f"TitansLNNConfig.from_dict: got {type(data).__name__}, expected a dict of its fields")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known), key=str)
+        missing = [name for name in known if name not in data]
         if unknown:
             raise ValueError(f"unknown TitansLNNConfig fields {unknown}: expected a subset of {sorted(known)}")
+        if missing:
+            raise ValueError(f"TitansLNNConfig fields {missing} are missing: a saved config lists every field")
         return cls(**data)
 
     def replace(self, **changes) -> TitansLNNConfig:
         return dataclasses.replace(self, **changes)
 
+
+# The declared type of each field, which __post_init__ enforces.
+_KINDS = {f.name: f.type for f in dataclasses.fields(TitansLNNConfig)}
 
 PRESETS: dict[str, dict] = {
     # Unit tests: a few thousand parameters, every code path exercised.

@@ -17,14 +17,11 @@ JSON-able skeleton) and back through ``unflatten_state``: nothing is ever pickle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +29,18 @@ from typing import NamedTuple
 import numpy as np
 import safetensors.torch
 import torch
+
+from titans_lnn.io import (
+    IntegrityError,
+    _alive,
+    atomic_replace_dir,
+    atomic_write_bytes,
+    fsync_dir,
+    make_manifest,
+    read_json,
+    verify_manifest,
+    write_synced,
+)
 
 FORMAT = "titans-lnn-checkpoint"
 VERSION = 1
@@ -53,51 +62,7 @@ class Checkpoint(NamedTuple):
 
 # ----------------------------------------------------------------------------- atomic files
 
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or a new entry in ``path`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` all at once: readers see the old or the new file, never a part."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_digest(path: Path) -> dict:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": h.hexdigest()}
+atomic_write = atomic_write_bytes  # the name this module exported before titans_lnn.io held the helper
 
 
 # ----------------------------------------------------------------------------- save / find / load
@@ -132,16 +97,6 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
                     meta: dict | None = None, *, keep_last: int | None = None) -> Path:
     """Write ``<directory>/step-<step:08d>/`` atomically; then keep only the ``keep_last`` newest ones.
@@ -162,29 +117,15 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(directory)
-    final = directory / f"step-{step:08d}"
-    tmp = directory / f".tmp-step-{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        safetensors.torch.save_file(_storable(tensors), str(tmp / TENSORS_FILE))
-        with open(tmp / TENSORS_FILE, "rb+") as f:
-            os.fsync(f.fileno())
-        _write_synced(tmp / META_FILE, meta_bytes)
-        manifest = {"format": FORMAT, "version": VERSION, "step": step,
-                    "files": {name: _file_digest(tmp / name) for name in (TENSORS_FILE, META_FILE)}}
-        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
-        fsync_dir(tmp)
-        if final.exists():
-            old = directory / f".old-step-{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors = _storable(tensors)
+
+    def fill(tmp: Path) -> None:
+        safetensors.torch.save_file(tensors, str(tmp / TENSORS_FILE))
+        write_synced(tmp / META_FILE, meta_bytes)
+        manifest = make_manifest(tmp, [TENSORS_FILE, META_FILE], format=FORMAT, step=step)
+        write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+
+    final = atomic_replace_dir(directory / f"step-{step:08d}", fill)
     if keep_last is not None:
         _prune(directory, keep_last)
     return final
@@ -204,11 +145,21 @@ def _remove_stale_temporaries(directory: Path) -> None:
 
 
 def _prune(directory: Path, keep_last: int) -> None:
-    """Keep the ``keep_last`` newest complete checkpoints and anything newer; delete everything older."""
-    complete = [p for p in list_checkpoints(directory) if (p / MANIFEST_FILE).is_file()]
-    if len(complete) <= keep_last:
+    """Keep the ``keep_last`` newest checkpoints that verify and anything newer; delete everything
+    older. A damaged folder never counts as kept, so pruning never leaves fewer good checkpoints than
+    ``keep_last`` (with none that verify, nothing is deleted)."""
+    good = []
+    for p in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(p)
+        except CheckpointError:
+            continue
+        good.append(p)
+        if len(good) == keep_last:
+            break
+    if len(good) < keep_last:
         return
-    oldest_kept = checkpoint_step(complete[-keep_last])
+    oldest_kept = checkpoint_step(good[-1])
     for p in list_checkpoints(directory):
         if checkpoint_step(p) < oldest_kept:
             shutil.rmtree(p, ignore_errors=True)
@@ -216,7 +167,8 @@ def _prune(directory: Path, keep_last: int) -> None:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Check the manifest, sizes and SHA-256 sums; return the manifest or raise CheckpointError."""
+    """Check the manifest (exactly the checkpoint's two files, its step the folder's), sizes and SHA-256
+    sums; return the manifest or raise CheckpointError naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
@@ -224,24 +176,20 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST_FILE} (the save did not finish)")
     try:
-        manifest = json.loads(manifest_path.read_text("utf-8"))
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST_FILE}: {e}") from e
-    for name, expected in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
-        size = f.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size} bytes, "
-                                  f"expected {expected['bytes']} (truncated?)")
-        digest = _file_digest(f)["sha256"]
-        if digest != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} SHA-256 {digest[:16]}... does not "
-                                  f"match the manifest's {expected['sha256'][:16]}...")
+        manifest = read_json(manifest_path, "checkpoint manifest")
+    except (IntegrityError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST_FILE}: {e}") from None
+    try:
+        verify_manifest(path, manifest, format=FORMAT, required={TENSORS_FILE, META_FILE},
+                        label=f"checkpoint {path}")
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from e
+    step = checkpoint_step(path)
+    if step is not None and manifest.get("step") != step:
+        raise CheckpointError(f"checkpoint {path}: {manifest_path} says step {manifest.get('step')!r}, the folder "
+                              f"name says {step}")
     return manifest
 
 
@@ -266,14 +214,27 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         verify_checkpoint(path)
     elif not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
+    meta_path, tensors_path = path / META_FILE, path / TENSORS_FILE
     try:
-        meta = json.loads((path / META_FILE).read_text("utf-8"))
+        meta = read_json(meta_path, "checkpoint meta.json object")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        tensors = safetensors.torch.load_file(str(path / TENSORS_FILE), device=str(device))
-    except (OSError, ValueError, KeyError, AttributeError, safetensors.SafetensorError) as e:
+            raise IntegrityError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        step = meta.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise IntegrityError(f"{meta_path}: step {step!r}, expected an integer >= 0")
+        if checkpoint_step(path) not in (None, step):
+            raise IntegrityError(f"{meta_path}: step {step}, the folder name says {checkpoint_step(path)}")
+        if not isinstance(meta.get("meta"), dict):
+            raise IntegrityError(f"{meta_path}: 'meta' is {type(meta.get('meta')).__name__}, expected an object")
+    except IntegrityError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+    except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from e
-    return Checkpoint(path, int(meta["step"]), tensors, meta["meta"])
+    try:
+        tensors = safetensors.torch.load_file(str(tensors_path), device=str(device))
+    except (OSError, ValueError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {tensors_path}: {e}") from e
+    return Checkpoint(path, step, tensors, meta["meta"])
 
 
 # ----------------------------------------------------------------------------- nested state <-> flat

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from titans_lnn.config import PRESETS, VARIANTS, TitansLNNConfig
-from titans_lnn.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from titans_lnn.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 
 # Fields whose change makes a checkpoint's data position meaningless: a resume must keep them.
 DATA_FIELDS = ("data", "data_format", "val_fraction", "split_by", "batch_size", "seq_len", "segments", "seed")
@@ -192,7 +192,15 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(Path(cfg.out) / "checkpoints")
+        directory = Path(cfg.out) / "checkpoints"
+        found = latest_checkpoint(directory)
+        if found is None and list_checkpoints(directory):
+            names = ", ".join(p.name for p in list_checkpoints(directory))
+            raise CheckpointError(f"--resume: every checkpoint in {directory} ({names}) is incomplete or corrupt, "
+                                  f"so the run cannot continue; starting over would discard its history. "
+                                  f"Resume from a copy you trust with --resume PATH, or move {directory} away "
+                                  f"to start a new run in {cfg.out}")
+        return found
     path = Path(cfg.resume)
     if not path.exists():
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint or folder")
@@ -206,5 +214,9 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 
 def saved_train_config(checkpoint: str | os.PathLike) -> dict:
-    """The TrainConfig dict stored in a checkpoint (verified first)."""
-    return load_checkpoint(checkpoint).meta["train_config"]
+    """The TrainConfig dict stored in a checkpoint (verified first); CheckpointError when it has none."""
+    saved = load_checkpoint(checkpoint).meta.get("train_config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} holds no train_config (found {type(saved).__name__}): "
+                              f"expected one written by titans-lnn train")
+    return saved
