@@ -8,6 +8,7 @@ The prompt is read once; each new token is then one forward step of length 1 car
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,35 +24,55 @@ def generate(model: TitansLNN, input_ids: torch.Tensor, max_new_tokens: int, tem
              generator: torch.Generator | None = None, return_state: bool = False):
     """Continue ``input_ids`` (B, T) by ``max_new_tokens`` tokens, reading the prompt once and then
     one token per step with the fixed-size state as the cache. temperature=0 is greedy.
-    Returns (B, T + max_new_tokens) ids (and the final state when ``return_state``)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+
+    Returns (B, T + max_new_tokens) int64 ids (and the final state when ``return_state``). The ids are
+    int64 whatever the prompt's integer dtype: a narrower one (uint8, int16) cannot hold every id of a
+    larger vocabulary."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 0")
+    check_sampling(temperature, top_k, top_p, generator)
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state={return_state!r} is invalid: expected True or False")
     out = model(input_ids, state=state)
-    tokens = [input_ids]
+    tokens = [input_ids.long()]
     logits, state = out.logits[:, -1], out.state
     for i in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        tokens.append(nxt.to(input_ids.dtype))
+        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1) int64
+        tokens.append(nxt)
         if i + 1 < max_new_tokens:
             out = model(nxt, state=state)
             logits, state = out.logits[:, -1], out.state
         else:
             state = model(nxt, state=state).state if return_state else state
-    ids = torch.cat(tokens, dim=1)
+    ids = torch.cat(tokens, dim=1)  # (B, T + max_new_tokens)
     return (ids, state) if return_state else ids
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   generator: torch.Generator | None = None) -> None:
+    """Raise a ValueError / TypeError naming the first invalid sampling argument."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: expected None or an integer >= 1")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is invalid: expected None or a number in (0, 1]")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator={generator!r} is invalid: expected None or a torch.Generator")
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T)
-    restricted to the top_k tokens and to the smallest set with probability >= top_p. -> (B, 1)."""
+    restricted to the top_k tokens and to the smallest set with probability >= top_p. -> (B, 1) int64."""
+    check_sampling(temperature, top_k, top_p, generator)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a float tensor (batch, vocab); got {got}")
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.double() / temperature  # float64: a tiny temperature must not overflow to inf
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -61,4 +82,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    probs = logits.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("cannot sample: the logits hold NaN or infinite values (the model produced them)")
+    return torch.multinomial(probs, 1, generator=generator)
