@@ -18,7 +18,7 @@ import math
 import torch
 
 
-def flash_sliding_window_attention(q, k, v, *, window, sink_k, sink_v):
+def flash_sliding_window_attention(q, k, v, *, window, sink_k=None, sink_v=None):
     """flash-attn on (B, T, H, D) views; sinks merged by log-sum-exp (forward only, see docstring)."""
     from flash_attn import flash_attn_func
 
