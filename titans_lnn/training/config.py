@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +121,7 @@ class TrainConfig:
             raise bad("resume", "None, 'auto' or a checkpoint path")
         if not is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
-                                                    or self.device.startswith("cuda:")):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise bad("device", "auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise bad("dtype", "auto, fp32 or bf16")

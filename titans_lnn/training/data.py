@@ -80,6 +80,11 @@ def read_text(path: str | os.PathLike) -> str:
     path = Path(path)
     data = _read_bytes(path)
     data = data.removeprefix(codecs.BOM_UTF8)
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ValueError(f"{path}:{line}: a NUL byte (offset {nul}): a binary file, not text; expected UTF-8 text "
+                         f"(or a FASTA file named .fa/.fasta/.fna/.ffn/.fas)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -100,7 +105,7 @@ _FASTA_TABLE = nucleotide_table({b: ord(b) for b in "ACGTN"}, invalid=0)
 def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
     """Records of a (multi-record, optionally gzipped) FASTA file, sequences normalised to ACGTN."""
     path = Path(path)
-    lines = _read_bytes(path).replace(b"\r\n", b"\n").split(b"\n")
+    lines = _read_bytes(path).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     records: list[FastaRecord] = []
     header: tuple[str, int] | None = None
     chunks: list[bytes] = []
@@ -109,7 +114,7 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
     def finish() -> None:
         name, header_line = header
         if not chunks:
-            raise ValueError(f"{path}:{header_line}: FASTA record {name!r} has no sequence")
+            raise ValueError(f"{path}:{header_line}: FASTA record {_clip(name)} has no sequence")
         raw = b"".join(chunks)
         seq = raw.translate(_FASTA_TABLE)
         bad = seq.find(0)
@@ -118,7 +123,7 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
             i = int(np.searchsorted(ends, bad, side="right"))
             column = bad - (int(ends[i - 1]) if i else 0) + 1
             raise ValueError(f"{path}:{chunk_lines[i]}: invalid character {chr(raw[bad])!r} (column {column}) "
-                             f"in FASTA record {name!r}: expected A, C, G, T, U or an IUPAC code "
+                             f"in FASTA record {_clip(name)}: expected A, C, G, T, U or an IUPAC code "
                              f"({IUPAC_AMBIGUOUS})")
         records.append(FastaRecord(name, seq.decode("ascii"), header_line))
 
@@ -130,9 +135,13 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
             if header is not None:
                 finish()
             name = line[1:].decode("utf-8", errors="replace").strip() or f"record {len(records) + 1}"
+            if len(name) > MAX_HEADER:
+                raise ValueError(f"{path}:{number}: a FASTA header of {len(name):,} characters "
+                                 f"({_clip(name)}): expected at most {MAX_HEADER:,} (a binary file, or "
+                                 f"sequence lines not separated by newlines?)")
             header, chunks, chunk_lines = (name, number), [], []
         elif header is None:
-            raise ValueError(f"{path}:{number}: sequence data before the first '>' header: "
+            raise ValueError(f"{path}:{number}: sequence data before the first '>' header ({_clip(line)}): "
                              f"not a FASTA file, or a missing header")
         else:
             chunks.append(line)
@@ -141,6 +150,16 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
         raise ValueError(f"{path}: no FASTA record (no line starts with '>')")
     finish()
     return records
+
+
+MAX_HEADER = 10_000  # characters in a FASTA header line; NCBI's longest are a few hundred
+
+
+def _clip(text: str | bytes, limit: int = 60) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters (a line may be a whole file)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def is_fasta_path(path: str | os.PathLike) -> bool:
@@ -268,10 +287,19 @@ class Corpus:
 
 def _file_documents(path: Path, tokenizer: Tokenizer, fmt: str) -> list[tuple[str, np.ndarray]]:
     if fmt == "fasta" or (fmt == "auto" and is_fasta_path(path)):
-        return [(f"{path}:{r.name}", tokenizer.encode(r.seq)) for r in read_fasta(path)]
+        return [(f"{path}:{r.name}", _encode(tokenizer, r.seq, f"{path}:{r.line}: FASTA record {_clip(r.name)}"))
+                for r in read_fasta(path)]
     if fmt in ("auto", "text"):
-        return [(str(path), tokenizer.encode(read_text(path)))]
+        return [(str(path), _encode(tokenizer, read_text(path), str(path)))]
     raise ValueError(f"format={fmt!r}: expected 'auto', 'text' or 'fasta'")
+
+
+def _encode(tokenizer: Tokenizer, text: str, where: str) -> np.ndarray:
+    """``tokenizer.encode(text)``, its errors prefixed with where the text came from."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_corpus(spec: str | os.PathLike, tokenizer: Tokenizer | str | None = None, *,
@@ -303,8 +331,14 @@ def load_corpus(spec: str | os.PathLike, tokenizer: Tokenizer | str | None = Non
     else:
         files = [path]
     if tokenizer is None:
-        fasta = format == "fasta" or (format == "auto" and all(is_fasta_path(f) for f in files))
-        tokenizer = "nucleotide" if fasta else "byte"
+        fasta = [f for f in files if is_fasta_path(f)]
+        if format == "auto" and fasta and len(fasta) < len(files):
+            others = [str(f.relative_to(path)) for f in files if not is_fasta_path(f)]
+            raise ValueError(f"{path}: the folder mixes FASTA files ({len(fasta)}) with other files "
+                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), so neither the "
+                             f"nucleotide nor the byte tokenizer fits all: move the other files out, or choose a "
+                             f"tokenizer explicitly")
+        tokenizer = "nucleotide" if format == "fasta" or (format == "auto" and fasta) else "byte"
     tokenizer = get_tokenizer(tokenizer)
     docs = [doc for f in files for doc in _file_documents(f, tokenizer, format)]
     return Corpus.from_documents(name, docs, tokenizer)

@@ -28,6 +28,7 @@ What a run does:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,13 +42,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from titans_lnn.io import atomic_write_bytes
 from titans_lnn.model import TitansLNN
+from titans_lnn.pretrained import save_pretrained
 from titans_lnn.state import ModelState
 from titans_lnn.tokenizers import tokenizer_from_dict
 from titans_lnn.training.checkpoint import (
-    atomic_write,
+    CheckpointError,
     flatten_state,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     unflatten_state,
@@ -63,18 +66,15 @@ from titans_lnn.training.config import (  # noqa: F401  (re-exported: titans_lnn
 )
 from titans_lnn.training.data import StreamSampler, load_corpus
 
+# What ``Trainer.save`` stores in a checkpoint's meta (and ``_load`` needs), with its JSON type.
+CHECKPOINT_META = {"state": dict, "scheduler": dict, "sampler": dict, "train_config": dict, "model_config": dict,
+                   "tokenizer": dict, "tokens_seen": int, "world_size": int}
+
 # ----------------------------------------------------------------------------- state helpers
 
 
-def _tree_map(tree, fn):
-    if isinstance(tree, dict):
-        return {k: _tree_map(v, fn) for k, v in tree.items()}
-    return fn(tree)
-
-
 def _state_map(state: ModelState, fn, batch_size: int | None = None) -> ModelState:
-    return ModelState(state.pos, batch_size or state.batch_size, state.fingerprint,
-                      [_tree_map(layer, fn) for layer in state.layers])
+    return dataclasses.replace(state.map(fn), batch_size=batch_size or state.batch_size)
 
 
 class _Stop(Exception):
@@ -103,7 +103,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         resume_from = resolve_resume(cfg)
-        if resume_from is None and cfg.resume is None and latest_checkpoint(self.ckpt_dir) is not None:
+        if resume_from is None and list_checkpoints(self.ckpt_dir):
+            # A new run here would prune the old run's checkpoints (even damaged ones hold its history).
             raise FileExistsError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that "
                                   f"run, or choose another --out")
         self._init_data()
@@ -121,6 +122,7 @@ class Trainer:
 
     def _init_distributed(self) -> None:
         cfg = self.cfg
+        _check_device_exists(cfg.device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
             cuda = torch.cuda.is_available() and cfg.device != "cpu"
@@ -250,7 +252,7 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         tree = {"model": model_sd, "optim": optim_sd, "rng": rng,
-                "carried": None if carried is None else {"pos": carried.pos, "layers": carried.layers}}
+                "carried": None if carried is None else {"pos": carried.pos, "tensors": carried.tensors()}}
         tensors, skeleton = flatten_state(tree)
         meta = {"state": skeleton, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "train_config": self.cfg.to_dict(), "model_config": self.model_config.to_dict(),
@@ -281,14 +283,32 @@ class Trainer:
                              f"data position means nothing here; use the same settings, or a new --out")
 
     def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        missing = [k for k in CHECKPOINT_META if k not in ckpt.meta]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: its meta.json lacks {missing} (expected "
+                                  f"every one of {list(CHECKPOINT_META)}, as titans-lnn train writes them)")
+        for key, kind in CHECKPOINT_META.items():
+            if not isinstance(ckpt.meta[key], kind) or isinstance(ckpt.meta[key], bool):
+                raise CheckpointError(f"checkpoint {path} cannot be resumed: meta.json's {key!r} is "
+                                      f"{type(ckpt.meta[key]).__name__}, expected {kind.__name__}")
+        self._check_compatible(path, ckpt.meta)
+        try:
+            self._restore(ckpt, path)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: its saved state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from e
+        if self.rank == 0:
+            print(f"titans-lnn train: resumed from {path} (step {self.step})")
+
+    def _restore(self, ckpt, path: Path) -> None:
+        """Put a verified checkpoint's model, optimizer, scheduler, sampler, RNG and carried state back."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        ckpt = load_checkpoint(path)
-        self._check_compatible(path, ckpt.meta)
         tree = unflatten_state(ckpt.tensors, ckpt.meta["state"])
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.wrapped, tree["model"], options=opts)
@@ -304,11 +324,10 @@ class Trainer:
         carried = tree["carried"]
         if carried is not None:
             rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-            layers = [_tree_map(layer, lambda t: t[rows].to(self.device)) for layer in carried["layers"]]
-            self.state = ModelState(int(carried["pos"]), self.local_batch, self.module.fingerprint, layers)
+            tensors = {name: t[rows].to(self.device) for name, t in carried["tensors"].items()}
+            template = self.module.init_state(self.local_batch)
+            self.state = ModelState.from_tensors(template, int(carried["pos"]), tensors, what=f"{path} (carried state)")
         self.step, self.tokens_seen = ckpt.step, int(ckpt.meta["tokens_seen"])
-        if self.rank == 0:
-            print(f"titans-lnn train: resumed from {path} (step {self.step})")
 
     # --- training
 
@@ -416,7 +435,7 @@ class Trainer:
         cfg = self.cfg
         log = _MetricsLog(self.out, self.step, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
         if self.rank == 0:
-            atomic_write(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_bytes(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         losses, evals, ckpt, stopped = {}, [], None, None
         bar = _progress(cfg, self.step, enabled=self.rank == 0 and cfg.progress)
         train_time, train_tokens, window_t, window_tokens = 0.0, 0, 0.0, 0
@@ -489,14 +508,26 @@ class Trainer:
         if self.mode == "fsdp":
             module = TitansLNN(self.model_config)
             module.load_state_dict(model_sd)
-        module.save_pretrained(directory)
-        atomic_write(directory / "tokenizer.json", json.dumps(self.tokenizer.to_dict()))
+        save_pretrained(module, directory, extra_files={"tokenizer.json": json.dumps(self.tokenizer.to_dict())})
         self._barrier()
         return directory
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_device_exists(device: str) -> None:
+    """A ValueError naming TrainConfig.device when it names a CUDA device this machine does not have."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device={device!r} is invalid here: CUDA is not available (torch "
+                         f"{torch.__version__}, built with cuda={torch.version.cuda}); expected auto or cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"TrainConfig.device={device!r} is invalid here: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
 def _tuples(x):
@@ -514,6 +545,11 @@ class _MetricsLog:
             return
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
+        if step == 0 and path.is_file() and path.stat().st_size:
+            # A new run in a folder with an earlier run's log: keep that history beside, never truncate it.
+            aside = out / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
+            os.replace(path, aside)
+            print(f"titans-lnn train: a new run in {out}: the earlier metrics.jsonl was moved to {aside.name}")
         kept = []
         if step > 0 and path.exists():
             for line in path.read_text("utf-8").splitlines():
@@ -522,7 +558,7 @@ class _MetricsLog:
                         kept.append(line + "\n")
                 except ValueError:  # a line cut by a kill
                     continue
-        atomic_write(path, "".join(kept))
+        atomic_write_bytes(path, "".join(kept))
         self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
