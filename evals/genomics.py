@@ -18,15 +18,17 @@ FASTA records are read but not scored.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 from titans_lnn.evals.perplexity import bits_by_position
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer
 
-__all__ = ["DEFAULT_GENOME", "evaluate_genomics"]
+__all__ = ["DEFAULT_GENOME", "MIN_BASES", "evaluate_genomics"]
 
 DEFAULT_GENOME = "ecoli-ec590"
+MIN_BASES = 1000  # fewer scored bases than this get a warning: the number says nothing about the model
 
 
 def evaluate_genomics(model: TitansLNN, tokenizer: Tokenizer, data: str | os.PathLike | None = None, *,
@@ -42,5 +44,11 @@ def evaluate_genomics(model: TitansLNN, tokenizer: Tokenizer, data: str | os.Pat
     corpus = load_corpus(spec, tokenizer, format=fmt)
     tokens = corpus.tokens if max_tokens is None else corpus.tokens[:max_tokens]
     separator = [int(i) for i in tokenizer.encode("\n")]
+    if len(tokens) < 2:
+        raise ValueError(f"{spec}: {len(tokens)} base(s) to read: expected at least 2 (a next-base prediction "
+                         f"needs a base to read and one to predict)")
     result = bits_by_position(model, tokens, chunk_len, edges, ignore_ids=separator, progress=progress)
+    if result["tokens"] < MIN_BASES:
+        warnings.warn(f"{spec}: only {result['tokens']} bases scored: bits per base over fewer than {MIN_BASES} "
+                      f"bases is noise, not a measurement of the model", UserWarning, stacklevel=2)
     return {"data": spec, "tokenizer": tokenizer.name, "records": list(corpus.doc_names), **result}

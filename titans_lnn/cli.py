@@ -8,7 +8,12 @@
     titans-lnn niah ...                  the needle-in-a-haystack main job (titans_lnn.evals.niah)
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` registering a function
-under ``func``; modules whose optional dependencies are missing are skipped.
+under ``func``. A subcommand whose optional third-party dependency is missing stays listed and says
+what to install when run; any other import error of a subcommand module is raised (a broken module
+must fail loudly, not vanish from the command line).
+
+Flag values are checked before any work starts (the argparse types below): a bad value prints one
+line naming the flag, the value and what is expected, with exit status 2.
 """
 
 from __future__ import annotations
@@ -19,8 +24,47 @@ import platform
 import re
 import sys
 
-# Subcommand modules, in the order their help is listed.
-_SUBCOMMANDS = ("titans_lnn.training.cli", "titans_lnn.evals.cli", "titans_lnn.evals.niah", "titans_lnn.stability")
+from titans_lnn.config import PRESETS, VARIANTS
+
+# Subcommand -> its module, in the order their help is listed.
+_SUBCOMMANDS = {"train": "titans_lnn.training.cli", "eval": "titans_lnn.evals.cli", "niah": "titans_lnn.evals.niah",
+                "stability": "titans_lnn.stability"}
+MAX_DEMO_LENGTH = 1 << 20  # the demo also reads the whole sequence in one pass
+
+
+def integer(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in [lo, hi] (no upper bound when ``hi`` is None)."""
+    expected = f"a whole number >= {lo}" if hi is None else f"a whole number in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: expected {expected}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected {expected}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False):
+    """An argparse type: a finite number in the interval from ``lo`` to ``hi`` (open ends as given)."""
+    expected = f"a number in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected {expected}") from None
+        inside = (lo < value if open_lo else lo <= value) and (value < hi if open_hi else value <= hi)
+        if not inside:  # NaN is never inside
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected {expected}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")  # :func:`name`, :class:`~pkg.mod.Name`
@@ -87,6 +131,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _add_unavailable(sub, command: str, module: str, error: ModuleNotFoundError) -> None:
+    """List ``command`` even though its module needs a package that is not installed; running it says which."""
+    message = (f"titans-lnn {command}: unavailable: {module} needs the package {error.name!r}, which is not "
+               f"installed (pip install {error.name})")
+    p = sub.add_parser(command, help=f"(unavailable: needs {error.name})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def run(args: argparse.Namespace) -> int:
+        print(message, file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="titans-lnn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,16 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     p = sub.add_parser("demo", help="build a model, stream a random sequence in pieces, check it against one "
                                     "pass (exit status 1 when outside the tolerance), generate")
-    p.add_argument("--preset", default="tiny", help="config preset (debug, tiny, small)")
-    p.add_argument("--variant", default="mac", help="model variant (mac, mag, mal, swa, full, liquid, lmm)")
-    p.add_argument("--length", type=int, default=1024, help="tokens to stream")
-    p.add_argument("--piece", type=int, default=100, help="tokens per streamed piece")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="config preset (default: tiny)")
+    p.add_argument("--variant", default="mac", choices=list(VARIANTS), help="model variant (default: mac)")
+    p.add_argument("--length", type=integer(1, MAX_DEMO_LENGTH), default=1024, help="tokens to stream (default: 1024)")
+    p.add_argument("--piece", type=integer(1), default=100, help="tokens per streamed piece (default: 100)")
+    p.add_argument("--seed", type=integer(0), default=0, help="random seed (default: 0)")
     p.set_defaults(func=_demo)
-    for name in _SUBCOMMANDS:
+    for command, name in _SUBCOMMANDS.items():
         try:
             module = importlib.import_module(name)
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] == "titans_lnn":
+                raise  # our own module is missing or broken: not an optional dependency
+            _add_unavailable(sub, command, name, e)
             continue
         module.add_parser(sub)
     # Here rather than in each module, so that every subcommand's docstring stays plain reST.
