@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -64,11 +66,26 @@ def test_every_dispatch_entry_is_the_named_function_of_its_op_folder():
         "folders = {'liquid_scan': 'liquid', 'memory_update': 'titans_memory',\n"
         "           'sliding_window_attention': 'window_attention'}\n"
         "for op, folder in folders.items():\n"
-        "    for impl in ('ref', 'torch', 'triton'):\n"
+        "    for impl in dispatch.accepted(op)[1:]:\n"
         "        fn = dispatch.get(op, impl)\n"
         "        assert fn.__module__.startswith(f'titans_lnn.kernels.{folder}.'), (op, impl, fn.__module__)\n"
         "        assert fn.__name__.startswith(op), (op, impl, fn.__name__)\n"
     )
+
+
+def test_attention_gpu_form_is_named_cuda_and_triton_still_reaches_it():
+    """Attention's GPU form is CUDA libraries, not a Triton kernel: "cuda"; "triton" (as in
+    TITANS_LNN_IMPL=triton for the whole model) means the same there, and "cuda" only exists there."""
+    from titans_lnn.kernels import dispatch
+
+    assert dispatch.resolve("sliding_window_attention", "triton", False) == "cuda"
+    assert dispatch.resolve("sliding_window_attention", "cuda", False) == "cuda"
+    assert dispatch.resolve("liquid_scan", "triton", False) == "triton"
+    for op in ("liquid_scan", "memory_update"):
+        with pytest.raises(ValueError, match=f"'cuda' for {op} is invalid"):
+            dispatch.resolve(op, "cuda", False)
+    with pytest.raises(ValueError, match="op 'scan' is unknown"):
+        dispatch.resolve("scan", "ref", False)
 
 
 def test_one_triton_available_in_the_package():

@@ -11,9 +11,9 @@ The backends, each in its own module, in the order "auto" tries them for CUDA te
 - **FlexAttention** (``flex.py``): every call, exact gradients;
 - otherwise the blocked PyTorch form (``blocked.py``).
 
-This is what ``titans_lnn.kernels.dispatch`` runs for the implementation named "triton" of this op
-(there is no hand-written Triton kernel for attention; FlexAttention's compiled kernels are Triton).
-CPU tensors always take the blocked PyTorch form, so forcing "triton" works on any machine.
+This is the implementation that ``titans_lnn.kernels.dispatch`` names "cuda" (and also runs for
+"triton", which forces every op's GPU form: attention has no Triton kernel of ours). CPU tensors
+always take the blocked PyTorch form, so forcing it works on any machine.
 (FlexAttention runs on CPU only without gradients; the tests call it there directly through
 ``flex_sliding_window_attention``.) The backend can be forced with ``backend=`` or the environment
 variable ``TITANS_LNN_ATTN_BACKEND`` (auto, flash, xformers, flex, blocked). flash-attn and xformers
