@@ -29,13 +29,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = TitansLNN(TitansLNNConfig.from_preset(args.preset, variant=args.variant)).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens))
-    state = model.init_state(1)
     t0 = time.perf_counter()
     print("| tokens read | peak RSS (MiB) | state (MiB) |\n|---|---|---|")
-    with torch.no_grad():
-        for s in range(0, args.tokens, args.piece):
-            state = model(ids[:, s:s + args.piece], state=state).state
-            print(f"| {state.pos} | {peak_rss_mib():.0f} | {state.nbytes() / 2**20:.2f} |", flush=True)
+    for piece in model.stream_pieces(ids, chunk_len=args.piece):
+        print(f"| {piece.state.pos} | {peak_rss_mib():.0f} | {piece.state.nbytes() / 2**20:.2f} |", flush=True)
     wall = time.perf_counter() - t0
     print(f"\n{args.preset}/{args.variant}: {args.tokens} tokens in {wall:.1f} s ({args.tokens / wall:.0f} tokens/s)")
 

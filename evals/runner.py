@@ -124,15 +124,8 @@ def stream_prompt(model: TitansLNN, ids, chunk_len: int = 2048, state=None, prog
     one) and the state after it. Only one chunk's logits exist at a time.
     """
     _check_chunk_len(chunk_len)
-    ids = _as_ids(ids, _device(model))
-    T = ids.shape[1]
-    last = None
-    with tqdm(total=T, unit="tok", unit_scale=True, desc="prompt", disable=not progress, leave=False) as bar:
-        for s in range(0, T, chunk_len):
-            out = model(ids[:, s:s + chunk_len], state=state)
-            last, state = out.logits[:, -1], out.state  # (B, V)
-            bar.update(min(chunk_len, T - s))
-    return last, state
+    out = model.stream(_as_ids(ids, _device(model)), chunk_len=chunk_len, state=state, progress=progress)
+    return out.logits, out.state
 
 
 @torch.no_grad()
@@ -148,24 +141,19 @@ def stream_nll(model: TitansLNN, ids, chunk_len: int = 2048, state=None, prev_lo
     """
     _check_chunk_len(chunk_len)
     ids = _as_ids(ids, _device(model))
-    T = ids.shape[1]
-    with tqdm(total=T, unit="tok", unit_scale=True, desc="tokens", disable=not progress, leave=False) as bar:
-        for s in range(0, T, chunk_len):
-            piece = ids[:, s:s + chunk_len]  # (B, L)
-            out = model(piece, state=state)
-            state = out.state
-            logits = out.logits  # (B, L, V): position i predicts piece[:, i + 1]
-            if prev_logits is not None:
-                pred, target, start = torch.cat([prev_logits[:, None], logits[:, :-1]], 1), piece, s
-            else:
-                pred, target, start = logits[:, :-1], piece[:, 1:], s + 1
-            prev_logits = logits[:, -1]
-            bar.update(piece.shape[1])
-            if target.shape[1] == 0:
-                continue
-            logp = F.log_softmax(pred.to(torch.promote_types(pred.dtype, torch.float32)), dim=-1)  # (B, L, V)
-            nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L)
-            yield start, nll, pred.argmax(-1) == target
+    for s, logits, after in model.stream_pieces(ids, chunk_len=chunk_len, state=state, progress=progress):
+        state = after
+        piece = ids[:, s:s + logits.shape[1]]  # (B, L); logits (B, L, V): position i predicts piece[:, i + 1]
+        if prev_logits is not None:
+            pred, target, start = torch.cat([prev_logits[:, None], logits[:, :-1]], 1), piece, s
+        else:
+            pred, target, start = logits[:, :-1], piece[:, 1:], s + 1
+        prev_logits = logits[:, -1]
+        if target.shape[1] == 0:
+            continue
+        logp = F.log_softmax(pred.to(torch.promote_types(pred.dtype, torch.float32)), dim=-1)  # (B, L, V)
+        nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L)
+        yield start, nll, pred.argmax(-1) == target
     return state
 
 
@@ -326,12 +314,9 @@ def evaluate_mqar(model: TitansLNN, lengths: Sequence[int], num_kv_pairs: Sequen
             t0 = time.perf_counter()
             x, y = inputs[b0:b0 + batch_size], labels[b0:b0 + batch_size]  # (B, T)
             right = torch.zeros(x.shape[0], dtype=torch.long)
-            state = None
-            for s in range(0, T, chunk_len):
-                out = model(x[:, s:s + chunk_len].to(_device(model)), state=state)
-                state = out.state
-                lab = y[:, s:s + chunk_len]
-                hit = (out.logits.argmax(-1).cpu() == lab) & (lab != -100)  # (B, L)
+            for s, logits, _ in model.stream_pieces(x, chunk_len=chunk_len):
+                lab = y[:, s:s + logits.shape[1]]
+                hit = (logits.argmax(-1).cpu() == lab) & (lab != -100)  # (B, L)
                 right += hit.sum(1)
             per = (time.perf_counter() - t0) / x.shape[0]
             for j in range(x.shape[0]):

@@ -38,15 +38,19 @@ import torch.nn.functional as F
 
 from titans_lnn.kernels import memory_update
 from titans_lnn.kernels.titans_memory import mlp_forward
-from titans_lnn.layers import CausalConv, RMSNorm
+from titans_lnn.layers import CausalConv, OwnInit, RMSNorm, residual_output
+from titans_lnn.state import MemoryState
 
 
-class NeuralMemory(nn.Module):
-    """x: (B, T, dim) -> (B, T, dim).
+class NeuralMemory(OwnInit, nn.Module):
+    """x: (B, T, dim) -> (B, T, dim), with a carried ``MemoryState`` (per memory layer the weights,
+    momentum and chunk anchor, (B, heads, out_l, in_l); the convolutions' last inputs; the tokens
+    written, which fix where a call starts in its chunk).
 
-    The streaming state (a dict) holds per layer l the weights ``w{l}``, the momentum ``s{l}`` and
-    the current chunk's anchor ``a{l}``, each (B, heads, out_l, in_l), plus the convolutions' last
-    inputs. ``pos`` (the number of tokens written so far) fixes where a call starts in its chunk.
+        mem = NeuralMemory(64, heads=2, depth=2, chunk_size=16)
+        y, state = mem(torch.randn(2, 100, 64))           # write and read, token by token
+        y2, state = mem(torch.randn(2, 10, 64), state)    # continues at token 100
+        state.weights                                      # the memory itself, one tensor per layer
     """
 
     def __init__(self, dim: int, *, heads: int = 4, depth: int = 2, hidden_mult: float = 2.0, chunk_size: int = 16,
@@ -78,8 +82,8 @@ class NeuralMemory(nn.Module):
         self.init_weights_ = nn.ParameterList([nn.Parameter(torch.empty(heads, o, i)) for o, i in self.layer_shapes])
         self.norm = RMSNorm(d, eps)
         self.w_gate_out = nn.Linear(dim, dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-        self.reset_memory_parameters()
+        self.wo = residual_output(nn.Linear(dim, dim, bias=False))
+        self.reset_own_parameters()
 
     @classmethod
     def from_config(cls, config) -> NeuralMemory:
@@ -90,7 +94,7 @@ class NeuralMemory(nn.Module):
                    write_gate=c.mem_write_gate, write_threshold=c.mem_write_threshold,
                    gate_context=c.mem_gate_context, eps=c.norm_eps)
 
-    def reset_memory_parameters(self) -> None:
+    def reset_own_parameters(self) -> None:
         """Initial memory: small random first layers and a zero last layer when L_M >= 2 (so M starts
         as the identity through its residual); gates start at a small learning rate (theta ~ 0.1
         max_lr; the relu gate writes every token at first, ~0.1 max_lr plus noise), strong momentum
@@ -107,61 +111,55 @@ class NeuralMemory(nn.Module):
             bias[2].fill_(math.log(0.01 / 0.99))
 
     # State.
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        state = {}
-        for i, w in enumerate(self.init_weights_):
-            w0 = w.detach().to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1, -1)
-            state[f"w{i}"] = w0.clone()
-            state[f"s{i}"] = torch.zeros_like(w0)
-            state[f"a{i}"] = w0.clone()
-            state[f"g{i}"] = w0.clone()  # the weights at the start of MAC's current segment
-        for name, conv in zip("qkv", self.convs):
-            state[f"conv_{name}"] = conv.init_state(batch_size, device, dtype)
-        state["conv_r"] = self.convs[0].init_state(batch_size, device, dtype)
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> MemoryState:
+        w0 = tuple(w.detach().to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1, -1).clone()
+                   for w in self.init_weights_)
+        spent = None
         if self.stable_step:  # the steps taken in the current chunk, by key (kernels.memory_update, stable=True)
             d = self.layer_shapes[0][1]
-            state["spent"] = torch.zeros(batch_size, self.heads, d, d, device=device, dtype=dtype)
-        state["fresh"] = torch.ones(batch_size, device=device, dtype=dtype)
-        return state
+            spent = torch.zeros(batch_size, self.heads, d, d, device=device, dtype=dtype)
+        conv_q, conv_k, conv_v = (conv.init_state(batch_size, device, dtype) for conv in self.convs)
+        return MemoryState(weights=w0, momentum=tuple(torch.zeros_like(w) for w in w0),
+                           anchor=tuple(w.clone() for w in w0), spent=spent, conv_q=conv_q, conv_k=conv_k,
+                           conv_v=conv_v, fresh=torch.ones(batch_size, device=device, dtype=dtype))
 
-    def _weights(self, state: dict, prefix: str) -> tuple[torch.Tensor, ...]:
-        """The state's weight tuple; a fresh state's weights are the learned initial memory (so its
-        gradient reaches the parameters)."""
-        ws = []
-        for i, w in enumerate(self.init_weights_):
-            if prefix != "s":  # weights, anchors and MAC's segment snapshots ("g")
-                fresh = state["fresh"][:, None, None, None]
-                ws.append(fresh * w[None].to(state[f"{prefix}{i}"].dtype) + (1 - fresh) * state[f"{prefix}{i}"])
-            else:
-                ws.append(state[f"{prefix}{i}"])
-        return tuple(ws)
+    def _as_learned(self, state: MemoryState, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``weights`` of ``state``, except that a fresh state's are the learned initial memory itself
+        (so that its gradient reaches the parameters)."""
+        fresh = state.fresh[:, None, None, None]
+        return tuple(fresh * w0[None].to(w.dtype) + (1 - fresh) * w for w0, w in zip(self.init_weights_, weights))
+
+    def current_weights(self, state: MemoryState) -> tuple[torch.Tensor, ...]:
+        """The memory's weights after everything ``state`` has written, one (B, heads, out, in) per layer."""
+        return self._as_learned(state, state.weights)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, d)
 
-    def _project(self, x: torch.Tensor, state: dict):
+    def _project(self, x: torch.Tensor, state: MemoryState):
         q, k, v = self.wqkv(self.norm_in(x)).chunk(3, dim=-1)
-        new = {}
-        outs = []
-        for name, conv, t in zip("qkv", self.convs, (q, k, v)):
-            t, new[f"conv_{name}"] = conv(t, state[f"conv_{name}"])
+        outs, convs = [], []
+        for conv, t, c in zip(self.convs, (q, k, v), (state.conv_q, state.conv_k, state.conv_v)):
+            t, c = conv(t, c)
             outs.append(self._split(F.silu(t)))
+            convs.append(c)
         q, k, v = outs
         self._k_context = k.transpose(1, 2).flatten(2)  # (B, T, dim): silu(conv(x W_K)), before normalising
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, convs
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         B, H, T, d = y.shape
         y = self.norm(y).transpose(1, 2).reshape(B, T, H * d)
         return self.wo(y * torch.sigmoid(self.w_gate_out(x)))
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, pos: int = 0, *, impl: str | None = None):
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None, *, impl: str | None = None):
         """Write x into the memory token by token and read each token's query after its write.
         Returns (out (B, T, dim), new state)."""
         if state is None:
-            state = self.init_state(x.shape[0], x.device, x.dtype)
-        q, k, v, new = self._project(x, state)
+            state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
+        pos = state.pos
+        q, k, v, convs = self._project(x, state)
         dtype = torch.promote_types(x.dtype, torch.float32)
         gate_in = self._k_context if self.gate_context else x
         gates = self.w_gates(gate_in).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
@@ -178,24 +176,25 @@ class NeuralMemory(nn.Module):
             theta = theta + (torch.where(keep, theta, torch.zeros_like(theta)) - theta).detach()
             self.last_theta = torch.where(keep, self.last_theta, torch.zeros_like(theta))
         eta, alpha = torch.sigmoid(gates[1]), self.max_forget * torch.sigmoid(gates[2])
-        anchor = self._weights(state, "a") + ((state["spent"],) if self.stable_step else ())
+        anchor = self._as_learned(state, state.anchor) + ((state.spent,) if self.stable_step else ())
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,
-                                   self._weights(state, "w"), self._weights(state, "s"), anchor,
+                                   self.current_weights(state), state.momentum, anchor,
                                    chunk_size=self.chunk_size, offset=pos % self.chunk_size,
                                    max_grad_norm=self.max_grad_norm, stable=self.stable_step, impl=impl)
-        for i in range(self.depth):
-            new[f"w{i}"], new[f"s{i}"], new[f"a{i}"], new[f"g{i}"] = W[i], S[i], A[i], state[f"g{i}"]
-        if self.stable_step:
-            new["spent"] = A[self.depth]
-        new["conv_r"] = state["conv_r"]
-        new["fresh"] = torch.zeros_like(state["fresh"])
+        new = MemoryState(weights=tuple(W), momentum=tuple(S), anchor=tuple(A[:self.depth]),
+                          spent=A[self.depth] if self.stable_step else None, conv_q=convs[0], conv_k=convs[1],
+                          conv_v=convs[2], fresh=torch.zeros_like(state.fresh), pos=pos + x.shape[1])
         return self._output(y.to(x.dtype), x), new
 
-    def read(self, x: torch.Tensor, state: dict, weights: tuple[torch.Tensor, ...]):
-        """Read without writing: out_t = W_O(norm(M_weights(q_t)) * gate), q from x through its own
-        convolution state ``conv_r``. Returns (out, the updated ``conv_r``)."""
+    def init_read_state(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The state of ``read``'s own query convolution (a reader that is not the writer, as MAC's)."""
+        return self.convs[0].init_state(batch_size, device, dtype)
+
+    def read(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_state: torch.Tensor):
+        """Read without writing: out_t = W_O(norm(M_weights(q_t)) * gate), q from x through the query
+        convolution with its state ``conv_state``. Returns (out, the new ``conv_state``)."""
         q, _, _ = self.wqkv(self.norm_in(x)).chunk(3, dim=-1)
-        q, conv_r = self.convs[0](q, state["conv_r"])
+        q, conv_r = self.convs[0](q, conv_state)
         q = F.normalize(self._split(F.silu(q)), dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)
         y = mlp_forward(tuple(w.to(dtype) for w in weights), q.to(dtype))

@@ -126,10 +126,11 @@ def test_module_streams_and_learns_at_test_time(depth):
     x = torch.randn(2, 23, 16, dtype=torch.float64)
     whole, state = mem(x)
     s = mem.init_state(2, dtype=torch.float64)
-    y1, s = mem(x[:, :10], s, pos=0)
-    y2, s = mem(x[:, 10:], s, pos=10)
+    y1, s = mem(x[:, :10], s)
+    y2, s = mem(x[:, 10:], s)
     torch.testing.assert_close(torch.cat([y1, y2], 1), whole)
-    assert not torch.equal(state["w0"], mem.init_state(2, dtype=torch.float64)["w0"])  # it wrote something
+    assert s.pos == 23
+    assert not torch.equal(state.weights[0], mem.init_state(2, dtype=torch.float64).weights[0])  # it wrote something
 
 
 def test_max_forget_bounds_the_decay():
@@ -144,7 +145,7 @@ def test_max_forget_bounds_the_decay():
             mem.w_gates.bias.view(3, 2)[2].fill_(0.0)  # sigmoid = 1/2
         _, state = mem(x)
         w0 = mem.init_weights_[0].detach()[None]
-        torch.testing.assert_close(state["w0"], w0 * (1 - max_forget / 2) ** 40)
+        torch.testing.assert_close(state.weights[0], w0 * (1 - max_forget / 2) ** 40)
     with pytest.raises(ValueError, match="max_forget=2"):
         NeuralMemory(16, heads=2, max_forget=2)
 
@@ -300,13 +301,13 @@ def test_relu_write_gate_skips_tokens_exactly():
         mem.w_gates.bias.view(3, 2)[0].fill_(-1.0)  # theta logit < 0 everywhere
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     state = mem.init_state(2, dtype=torch.float64)
-    w0 = mem._weights(state, "w")[0].detach()
+    w0 = mem.current_weights(state)[0].detach()
     out, new = mem(x, state)
-    assert torch.equal(new["w0"], w0) and (mem.last_theta == 0).all()
+    assert torch.equal(new.weights[0], w0) and (mem.last_theta == 0).all()
     theta_grad = torch.autograd.grad(mem.last_theta.sum(), mem.w_gates.bias, retain_graph=True)[0]
     assert (theta_grad == 0).all()  # a penalty on last_theta does not push closed gates further
     out.pow(2).sum().backward()
     assert mem.w_gates.bias.grad.view(3, 2)[0].abs().min() > 0  # the output's gradient passes straight through
     sig = NeuralMemory(16, heads=2, depth=1, chunk_size=4, max_forget=0.0).double()
     _, new = sig(x, sig.init_state(2, dtype=torch.float64))
-    assert not torch.equal(new["w0"], sig._weights(sig.init_state(2, dtype=torch.float64), "w")[0])
+    assert not torch.equal(new.weights[0], sig.current_weights(sig.init_state(2, dtype=torch.float64))[0])

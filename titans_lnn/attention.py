@@ -1,15 +1,15 @@
 """Sliding-window attention as a module: projections, grouped-query heads, RoPE, persistent tokens
-as an always-visible prefix, and a bounded key/value cache as streaming state."""
+as an always-visible prefix, and a preallocated key/value cache as streaming state."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from titans_lnn.config import TitansLNNConfig
 from titans_lnn.kernels import sliding_window_attention
-from titans_lnn.layers import rope
+from titans_lnn.layers import residual_output, rope
 from titans_lnn.memory import PersistentMemory
+from titans_lnn.state import AttentionState
 
 
 class SlidingWindowAttention(nn.Module):
@@ -17,32 +17,53 @@ class SlidingWindowAttention(nn.Module):
 
     with q, k rotated by RoPE at their absolute positions, K_p, V_p the projections of the N_p
     persistent tokens (no rotation: they have no position), and lo(i) = i - W + 1 (or the segment
-    start in MAC's segment mode; 0 for full causal attention).
+    start in MAC's segment mode; 0 for full causal attention, ``window=None``).
 
-    x: (B, T, d_model) -> (B, T, d_model). The streaming state holds the rotated keys and values
-    that later queries can still see: at most W - 1 of them (a bounded cache; the full-attention
-    ablation keeps everything, which is what makes it quadratic).
+    x: (B, T, dim) -> (B, T, dim). The streaming state (``AttentionState``) holds the rotated keys and
+    values that later queries can still see: W - 1 of them, preallocated, so the state has the same
+    size from the first token on (full attention keeps everything: that is what makes it quadratic).
+
+        attn = SlidingWindowAttention(64, heads=4, window=32)
+        y, state = attn(torch.randn(2, 100, 64))          # one pass
+        y2, state = attn(torch.randn(2, 10, 64), state)   # continues at position 100
     """
 
-    def __init__(self, config: TitansLNNConfig, *, segment: bool = False, memory_stream: bool = False):
+    def __init__(self, dim: int, *, heads: int = 4, kv_heads: int | None = None, window: int | None = 128,
+                 n_persistent: int = 0, rope_theta: float = 10000.0, segment: bool = False,
+                 memory_stream: bool = False):
         super().__init__()
-        c = config
-        self.n_heads, self.n_kv, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.window = None if c.full_attention else c.window
+        kv_heads = heads if kv_heads is None else kv_heads
+        if not isinstance(heads, int) or heads < 1 or dim % heads or (dim // heads) % 2:
+            raise ValueError(f"SlidingWindowAttention: heads={heads!r} must divide dim={dim} into even head widths")
+        if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"SlidingWindowAttention: kv_heads={kv_heads!r} must be a divisor of heads={heads}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"SlidingWindowAttention: window={window!r} must be a positive integer or None (full)")
+        if segment and window is None:
+            raise ValueError("SlidingWindowAttention: segment=True needs a window (the segment length)")
+        self.n_heads, self.n_kv, self.head_dim = heads, kv_heads, dim // heads
+        self.window = window
         self.segment = segment  # MAC: attention inside segments of `window` tokens
         self.memory_stream = memory_stream  # MAC: a second, aligned key/value stream (memory read-outs)
-        self.rope_theta = c.rope_theta
-        self.wq = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
-        self.wkv = nn.Linear(c.d_model, 2 * c.n_kv_heads * c.head_dim, bias=False)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
-        self.persistent = PersistentMemory(c.n_persistent, c.d_model) if c.n_persistent else None
+        self.rope_theta = rope_theta
+        self.cache_size = None if window is None else window - 1  # keys a later query can still see
+        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.wo = residual_output(nn.Linear(heads * self.head_dim, dim, bias=False))
+        self.persistent = PersistentMemory(n_persistent, dim) if n_persistent else None
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        empty = torch.zeros(batch_size, self.n_kv, 0, self.head_dim, device=device, dtype=dtype)
-        state = {"k": empty, "v": empty.clone()}
+    @classmethod
+    def from_config(cls, config, *, segment: bool = False, memory_stream: bool = False) -> SlidingWindowAttention:
+        c = config
+        return cls(c.d_model, heads=c.n_heads, kv_heads=c.n_kv_heads, window=None if c.full_attention else c.window,
+                   n_persistent=c.n_persistent, rope_theta=c.rope_theta, segment=segment, memory_stream=memory_stream)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionState:
+        size = 0 if self.cache_size is None else self.cache_size
+        empty = torch.zeros(batch_size, self.n_kv, size, self.head_dim, device=device, dtype=dtype)
         if self.memory_stream:
-            state.update(k2=empty.clone(), v2=empty.clone())
-        return state
+            return AttentionState(empty, empty.clone(), empty.clone(), empty.clone())
+        return AttentionState(empty, empty.clone())
 
     def _kv(self, x: torch.Tensor, pos: int | None):
         B, T, _ = x.shape
@@ -51,7 +72,7 @@ class SlidingWindowAttention(nn.Module):
             k = rope(k, pos, self.rope_theta)
         return k, v
 
-    def _keep(self, end: int) -> int:
+    def _visible(self, end: int) -> int:
         """How many of the most recent keys a query at position >= end can still see."""
         if self.window is None:
             return end
@@ -59,27 +80,47 @@ class SlidingWindowAttention(nn.Module):
             return end % self.window
         return min(end, self.window - 1)
 
-    def forward(self, x: torch.Tensor, state: dict, pos: int, extra: torch.Tensor | None = None):
-        """x: (B, T, d_model) starting at absolute position ``pos``; ``extra`` (B, T, d_model): the
-        aligned second stream (MAC). Returns (B, T, d_model) and the new state."""
+    def _extend(self, cache: torch.Tensor, new: torch.Tensor, pos: int) -> torch.Tensor:
+        """The visible cached keys (in order) followed by the new ones: (B, G, P + T, D)."""
+        if self.cache_size is not None:
+            cache = cache[:, :, self.cache_size - self._visible(pos):]
+        return torch.cat([cache.to(new.dtype), new], dim=2)
+
+    def _store(self, keys: torch.Tensor, end: int) -> torch.Tensor:
+        """The cache after position ``end``: the last visible keys, zero-padded in front to the fixed size."""
+        if self.cache_size is None:
+            return keys
+        keep = self._visible(end)
+        tail = keys[:, :, keys.shape[2] - keep:].clone()  # a copy: the state must not pin the whole chunk
+        if keep == self.cache_size:
+            return tail
+        pad = keys.new_zeros(*keys.shape[:2], self.cache_size - keep, keys.shape[3])
+        return torch.cat([pad, tail], dim=2)
+
+    def forward(self, x: torch.Tensor, state: AttentionState | None = None, *, extra: torch.Tensor | None = None):
+        """x: (B, T, dim) continuing ``state`` (a fresh one at position 0 when None); ``extra`` (B, T, dim):
+        the aligned second stream (MAC). Returns (B, T, dim) and the new state."""
         B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device, torch.promote_types(x.dtype, torch.float32))
+        pos = state.pos
         q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), pos, self.rope_theta)
         k, v = self._kv(x, pos)
-        k = torch.cat([state["k"].to(k.dtype), k], dim=2)  # (B, G, P+T, D)
-        v = torch.cat([state["v"].to(v.dtype), v], dim=2)
+        k, v = self._extend(state.k, k, pos), self._extend(state.v, v, pos)  # (B, G, P+T, D)
         P = k.shape[2] - T
         k2 = v2 = None
         if self.memory_stream:
+            if extra is None:
+                raise ValueError("SlidingWindowAttention(memory_stream=True) needs the aligned stream `extra`")
             k2, v2 = self._kv(extra, pos)
-            k2 = torch.cat([state["k2"].to(k2.dtype), k2], dim=2)
-            v2 = torch.cat([state["v2"].to(v2.dtype), v2], dim=2)
+            k2, v2 = self._extend(state.k2, k2, pos), self._extend(state.v2, v2, pos)
         sink_k = sink_v = None
         if self.persistent is not None:
             sink_k, sink_v = self._kv(self.persistent.tokens[None].to(x.dtype), None)  # (1, G, N_p, D)
         o = sliding_window_attention(q, k, v, window=self.window, sink_k=sink_k, sink_v=sink_v, k2=k2, v2=v2,
                                      segment=self.segment, pos0=pos - P)
-        keep = self._keep(pos + T)
-        new = {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:]}
+        end = pos + T
+        new = AttentionState(self._store(k, end), self._store(v, end), pos=end)
         if self.memory_stream:
-            new.update(k2=k2[:, :, k2.shape[2] - keep:], v2=v2[:, :, v2.shape[2] - keep:])
+            new.k2, new.v2 = self._store(k2, end), self._store(v2, end)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1)), new

@@ -1,41 +1,55 @@
-"""One block of the model for each variant (Titans section 4, eqs. 21-31, and the ablations).
+"""The model's block and its sequence mixers, one class per variant (Titans section 4, eqs. 21-31,
+and the ablations).
 
-Every block is pre-norm residual: a sequence mixer (which differs by variant), the liquid core when
-the variant has it, then a SwiGLU MLP:
-    mac    x += MAC(norm x)                 read h = M_seg(q), attend [p | h | S], write y, o = y (x) M_t(y)
-    mag    x += gate(SWA(norm x), M(norm x))
+A block is pre-norm residual: a sequence mixer, the liquid core when the variant has it, a SwiGLU MLP:
+    x = mixer(x);   x += Liquid(norm x);   x += MLP(norm x)
+A mixer maps the residual stream to its new value and carries a state; ``MIXERS`` builds the variant's:
+    mac    x += MAC(norm x)          read h = M_seg(q), attend [p | h | S], write y, o = y (x) M_t(y)
+    mag    x += MAG(norm x)          o = SWA(x) (x) M(x)
     mal    x += M(norm x);  x += SWA(norm x)
-    swa    x += SWA(norm x)                 ablation: attention only
-    full   x += Attn(norm x)                ablation: full causal attention (quadratic)
-    liquid                                  ablation: the liquid core only
-    lmm    x += M(norm x)                   ablation: the memory only
-    then   x += Liquid(norm x)  (mac, mag, mal, liquid);   x += MLP(norm x)
+    swa    x += SWA(norm x)          ablation: attention only
+    full   x += Attn(norm x)         ablation: full causal attention (quadratic)
+    lmm    x += M(norm x)            ablation: the memory only
+    liquid                           ablation: no mixer, the liquid core only
+Each mixer's layers (``MemoryAsContext``, ``MemoryAsGate``, ``SlidingWindowAttention``, ``NeuralMemory``)
+also work on their own from keyword arguments, on (B, T, dim), with or without a carried state.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from titans_lnn.attention import SlidingWindowAttention
 from titans_lnn.config import TitansLNNConfig
-from titans_lnn.layers import RMSNorm, SwiGLU
+from titans_lnn.layers import RMSNorm, SwiGLU, residual_output
 from titans_lnn.liquid import LiquidCore
 from titans_lnn.memory import NeuralMemory
+from titans_lnn.state import BlockState, EmptyState, MACState, PairState, State
 
 
 class MemoryGate(nn.Module):
     """o = W (norm_y(y) * sigmoid(norm_m(m))): the non-linear gate (x) of MAC and MAG, with learned
-    scales in both normalisations. y, m: (B, T, d) -> (B, T, d)."""
+    scales in both normalisations. y, m: (B, T, dim) -> (B, T, dim)."""
 
-    def __init__(self, config: TitansLNNConfig):
+    def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.norm_y = RMSNorm(config.d_model, config.norm_eps)
-        self.norm_m = RMSNorm(config.d_model, config.norm_eps)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.norm_y = RMSNorm(dim, eps)
+        self.norm_m = RMSNorm(dim, eps)
+        self.proj = residual_output(nn.Linear(dim, dim, bias=False))
 
     def forward(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+
+
+def _memory(dim: int, memory: NeuralMemory | None) -> NeuralMemory:
+    if memory is None:
+        return NeuralMemory(dim)
+    if not isinstance(memory, NeuralMemory) or memory.dim != dim:
+        raise ValueError(f"memory must be a NeuralMemory of width dim={dim}; got {memory!r:.80}")
+    return memory
 
 
 class MemoryAsContext(nn.Module):
@@ -44,107 +58,175 @@ class MemoryAsContext(nn.Module):
         y = Attn([p | h | S])                   causal inside the segment; h_t sits beside S_t
         M_t <- write(y)                          the memory learns the attention output
         o = y (x) M_t(y)                        read again after the write, per token
-    x: (B, T, d) -> (B, T, d); state: {"attn": ..., "mem": ...}.
+    x: (B, T, dim) -> (B, T, dim); state: ``MACState``.
+
+        mac = MemoryAsContext(64, window=32, heads=4, memory=NeuralMemory(64, heads=2))
+        y, state = mac(torch.randn(2, 100, 64))
+        y2, state = mac(torch.randn(2, 10, 64), state)
     """
 
-    def __init__(self, config: TitansLNNConfig):
+    def __init__(self, dim: int, *, window: int = 128, heads: int = 4, kv_heads: int | None = None,
+                 n_persistent: int = 0, rope_theta: float = 10000.0, memory: NeuralMemory | None = None,
+                 eps: float = 1e-5):
         super().__init__()
-        self.segment = config.window
-        self.attn = SlidingWindowAttention(config, segment=True, memory_stream=True)
-        self.mem = NeuralMemory.from_config(config)
-        self.gate = MemoryGate(config)
+        self.segment = window
+        self.attn = SlidingWindowAttention(dim, heads=heads, kv_heads=kv_heads, window=window,
+                                           n_persistent=n_persistent, rope_theta=rope_theta, segment=True,
+                                           memory_stream=True)
+        self.mem = _memory(dim, memory)
+        self.gate = MemoryGate(dim, eps)
 
-    def init_state(self, batch_size, device=None, dtype=torch.float32):
-        return {"attn": self.attn.init_state(batch_size, device, dtype),
-                "mem": self.mem.init_state(batch_size, device, dtype)}
+    @classmethod
+    def from_config(cls, config: TitansLNNConfig) -> MemoryAsContext:
+        c = config
+        return cls(c.d_model, window=c.window, heads=c.n_heads, kv_heads=c.n_kv_heads, n_persistent=c.n_persistent,
+                   rope_theta=c.rope_theta, memory=NeuralMemory.from_config(c), eps=c.norm_eps)
 
-    def forward(self, x, state, pos):
-        attn_state, mem_state = state["attn"], state["mem"]
-        outs = []
-        lengths, s, T = [], 0, x.shape[1]  # the segment pieces: up to the next multiple of `segment`
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> MACState:
+        mem = self.mem.init_state(batch_size, device, dtype)
+        return MACState(self.attn.init_state(batch_size, device, dtype), mem,
+                        tuple(w.clone() for w in mem.weights), self.mem.init_read_state(batch_size, device, dtype))
+
+    def forward(self, x: torch.Tensor, state: MACState | None = None):
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
+        attn_state, mem_state, snapshot, conv_read = state.attn, state.mem, state.segment_weights, state.conv_read
+        pos, T = mem_state.pos, x.shape[1]
+        lengths, s = [], 0  # the segment pieces: up to the next multiple of `segment`
         while s < T:
             lengths.append(min(T - s, self.segment - (pos + s) % self.segment))
             s += lengths[-1]
         # split once, not x[:, s:s + L] per segment: autograd's backward of each slice builds a zero
         # gradient the size of the whole x (a backward quadratic in T); split's backward is one cat.
-        s = 0
+        outs = []
         for xs in x.split(lengths, dim=1):
-            p = pos + s
-            if p % self.segment == 0:  # a new segment: snapshot the memory it reads from
-                mem_state = dict(mem_state)
-                for i, w in enumerate(self.mem._weights(mem_state, "w")):
-                    mem_state[f"g{i}"] = w
-            h, conv_r = self.mem.read(xs, mem_state, self.mem._weights(mem_state, "g"))
-            y, attn_state = self.attn(xs, attn_state, p, extra=h)
-            m, mem_state = self.mem(y, {**mem_state, "conv_r": conv_r}, p)
-            mem_state["conv_r"] = conv_r
+            if mem_state.pos % self.segment == 0:  # a new segment: snapshot the memory it reads from
+                snapshot = self.mem.current_weights(mem_state)
+            h, conv_read = self.mem.read(xs, snapshot, conv_read)
+            y, attn_state = self.attn(xs, attn_state, extra=h)
+            m, mem_state = self.mem(y, mem_state)
             outs.append(self.gate(y, m))
-            s += xs.shape[1]
-        return torch.cat(outs, dim=1), {"attn": attn_state, "mem": mem_state}
+        return torch.cat(outs, dim=1), MACState(attn_state, mem_state, snapshot, conv_read)
 
 
 class MemoryAsGate(nn.Module):
-    """MAG (Titans eqs. 26-27): o = SWA([p | x]) (x) M(x). x: (B, T, d) -> (B, T, d)."""
+    """MAG (Titans eqs. 26-27): o = SWA([p | x]) (x) M(x). x: (B, T, dim) -> (B, T, dim); state: ``PairState``.
 
-    def __init__(self, config: TitansLNNConfig):
+        mag = MemoryAsGate(64, window=32, heads=4)
+        y, state = mag(torch.randn(2, 100, 64))
+    """
+
+    def __init__(self, dim: int, *, window: int = 128, heads: int = 4, kv_heads: int | None = None,
+                 n_persistent: int = 0, rope_theta: float = 10000.0, memory: NeuralMemory | None = None,
+                 eps: float = 1e-5):
         super().__init__()
-        self.attn = SlidingWindowAttention(config)
-        self.mem = NeuralMemory.from_config(config)
-        self.gate = MemoryGate(config)
+        self.attn = SlidingWindowAttention(dim, heads=heads, kv_heads=kv_heads, window=window,
+                                           n_persistent=n_persistent, rope_theta=rope_theta)
+        self.mem = _memory(dim, memory)
+        self.gate = MemoryGate(dim, eps)
 
-    def init_state(self, batch_size, device=None, dtype=torch.float32):
-        return {"attn": self.attn.init_state(batch_size, device, dtype),
-                "mem": self.mem.init_state(batch_size, device, dtype)}
+    @classmethod
+    def from_config(cls, config: TitansLNNConfig) -> MemoryAsGate:
+        c = config
+        return cls(c.d_model, window=c.window, heads=c.n_heads, kv_heads=c.n_kv_heads, n_persistent=c.n_persistent,
+                   rope_theta=c.rope_theta, memory=NeuralMemory.from_config(c), eps=c.norm_eps)
 
-    def forward(self, x, state, pos):
-        y, attn_state = self.attn(x, state["attn"], pos)
-        m, mem_state = self.mem(x, state["mem"], pos)
-        return self.gate(y, m), {"attn": attn_state, "mem": mem_state}
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> PairState:
+        return PairState(self.attn.init_state(batch_size, device, dtype),
+                         self.mem.init_state(batch_size, device, dtype))
+
+    def forward(self, x: torch.Tensor, state: PairState | None = None):
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
+        y, attn_state = self.attn(x, state.attn)
+        m, mem_state = self.mem(x, state.mem)
+        return self.gate(y, m), PairState(attn_state, mem_state)
+
+
+# ----------------------------------------------------------------------------- mixers (residual level)
+
+
+class Residual(nn.Module):
+    """A stateful layer as a pre-norm residual step: x -> x + layer(norm(x)), carrying the layer's state.
+    forward(x, state, **kwargs) -> (x', state'); ``kwargs`` go to the layer (the liquid core's dt)."""
+
+    def __init__(self, layer: nn.Module, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.layer = layer
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> State:
+        return self.layer.init_state(batch_size, device, dtype)
+
+    def forward(self, x: torch.Tensor, state: State | None = None, **kwargs):
+        y, state = self.layer(self.norm(x), state, **kwargs)
+        return x + y, state
+
+
+class MemoryAsLayer(nn.Module):
+    """MAL (Titans eq. 28-29): the memory, then sliding-window attention, each a pre-norm residual step:
+    x += M(norm x);  x += SWA(norm x). State: ``PairState``."""
+
+    def __init__(self, mem: NeuralMemory, attn: SlidingWindowAttention, eps: float = 1e-5):
+        super().__init__()
+        self.mem = Residual(mem, mem.dim, eps)
+        self.attn = Residual(attn, mem.dim, eps)
+
+    @classmethod
+    def from_config(cls, config: TitansLNNConfig) -> MemoryAsLayer:
+        return cls(NeuralMemory.from_config(config), SlidingWindowAttention.from_config(config), config.norm_eps)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> PairState:
+        return PairState(self.attn.init_state(batch_size, device, dtype),
+                         self.mem.init_state(batch_size, device, dtype))
+
+    def forward(self, x: torch.Tensor, state: PairState):
+        x, mem_state = self.mem(x, state.mem)
+        x, attn_state = self.attn(x, state.attn)
+        return x, PairState(attn_state, mem_state)
+
+
+class NoMixer(nn.Module):
+    """The liquid-only ablation's mixer: the stream unchanged, no state."""
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> EmptyState:
+        return EmptyState()
+
+    def forward(self, x: torch.Tensor, state: EmptyState):
+        return x, state
+
+
+# variant -> the block's mixer (residual level). New mechanisms register here.
+MIXERS: dict[str, Callable[[TitansLNNConfig], nn.Module]] = {
+    "mac": lambda c: Residual(MemoryAsContext.from_config(c), c.d_model, c.norm_eps),
+    "mag": lambda c: Residual(MemoryAsGate.from_config(c), c.d_model, c.norm_eps),
+    "mal": MemoryAsLayer.from_config,
+    "swa": lambda c: Residual(SlidingWindowAttention.from_config(c), c.d_model, c.norm_eps),
+    "full": lambda c: Residual(SlidingWindowAttention.from_config(c), c.d_model, c.norm_eps),
+    "lmm": lambda c: Residual(NeuralMemory.from_config(c), c.d_model, c.norm_eps),
+    "liquid": lambda c: NoMixer(),
+}
 
 
 class Block(nn.Module):
-    """One pre-norm residual block of the given variant. x: (B, T, d) -> (B, T, d)."""
+    """One pre-norm residual block of the config's variant: mixer -> liquid core -> MLP.
+    x: (B, T, d) -> (B, T, d); state: ``BlockState``."""
 
     def __init__(self, config: TitansLNNConfig):
         super().__init__()
         c = config
-        self.variant = c.variant
-        if c.variant in ("mac", "mag", "mal", "swa", "full"):
-            self.norm_mix = RMSNorm(c.d_model, c.norm_eps)
-        if c.variant == "mac":
-            self.mixer = MemoryAsContext(c)
-        elif c.variant == "mag":
-            self.mixer = MemoryAsGate(c)
-        if c.variant in ("mal", "lmm"):
-            self.mem = NeuralMemory.from_config(c)
-            self.norm_mem = RMSNorm(c.d_model, c.norm_eps)
-        if c.variant in ("mal", "swa", "full"):
-            self.attn = SlidingWindowAttention(c)
-        if "liquid" in c.parts:
-            self.liquid = LiquidCore(c)
-            self.norm_liquid = RMSNorm(c.d_model, c.norm_eps)
+        self.mixer = MIXERS[c.variant](c)
+        self.liquid = Residual(LiquidCore.from_config(c), c.d_model, c.norm_eps) if "liquid" in c.parts else None
         self.norm_mlp = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = SwiGLU(c.d_model, c.mlp_mult)
 
-    def init_state(self, batch_size, device=None, dtype=torch.float32) -> dict:
-        state = {}
-        for name in ("mixer", "mem", "attn", "liquid"):
-            if hasattr(self, name):
-                state[name] = getattr(self, name).init_state(batch_size, device, dtype)
-        return state
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> BlockState:
+        liquid = None if self.liquid is None else self.liquid.init_state(batch_size, device, dtype)
+        return BlockState(self.mixer.init_state(batch_size, device, dtype), liquid)
 
-    def forward(self, x, state: dict, pos: int, dt=None):
-        new = {}
-        if hasattr(self, "mixer"):
-            y, new["mixer"] = self.mixer(self.norm_mix(x), state["mixer"], pos)
-            x = x + y
-        if hasattr(self, "mem"):
-            y, new["mem"] = self.mem(self.norm_mem(x), state["mem"], pos)
-            x = x + y
-        if hasattr(self, "attn"):
-            y, new["attn"] = self.attn(self.norm_mix(x), state["attn"], pos)
-            x = x + y
-        if hasattr(self, "liquid"):
-            y, new["liquid"] = self.liquid(self.norm_liquid(x), state["liquid"], dt)
-            x = x + y
-        return x + self.mlp(self.norm_mlp(x)), new
+    def forward(self, x: torch.Tensor, state: BlockState, dt: torch.Tensor | None = None):
+        x, mixer = self.mixer(x, state.mixer)
+        liquid = None
+        if self.liquid is not None:
+            x, liquid = self.liquid(x, state.liquid, dt=dt)
+        return x + self.mlp(self.norm_mlp(x)), BlockState(mixer, liquid)

@@ -103,7 +103,27 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  {name:26s} {getattr(mod, '__version__', 'installed')}")
         except Exception:
             print(f"  {name:26s} not installed")
+    print("streaming state per layer (batch 1, fp32; full attention grows with the tokens read):")
+    for preset in ("tiny", "small"):
+        sizes = _state_bytes_per_layer(preset)
+        print(f"  {preset:6s} " + "  ".join(f"{v} {b / 1024:.1f} KiB" for v, b in sizes.items()))
     return 0
+
+
+def _state_bytes_per_layer(preset: str) -> dict[str, float]:
+    """{variant: bytes of one block's streaming state} for ``preset``, built on the meta device (no memory)."""
+    import torch
+
+    from titans_lnn import VARIANTS, TitansLNN, TitansLNNConfig
+
+    sizes = {}
+    for variant in VARIANTS:
+        if variant == "full":
+            continue
+        with torch.device("meta"):
+            model = TitansLNN(TitansLNNConfig.from_preset(preset, variant=variant))
+        sizes[variant] = model.init_state(1, device="meta").nbytes() / model.config.n_layers
+    return sizes
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,11 +1,28 @@
-"""Small building blocks shared by the model's sub-layers: RMSNorm, RoPE, SwiGLU MLP, and a
-depthwise causal convolution that carries its last inputs as streaming state."""
+"""Small building blocks shared by the model's sub-layers: RMSNorm, RoPE, SwiGLU MLP, a depthwise
+causal convolution that carries its last inputs as streaming state, and the two markers the model's
+initialisation reads (``residual_output``, ``OwnInit``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def residual_output(linear: nn.Linear) -> nn.Linear:
+    """Mark ``linear`` as a projection that writes into the residual stream: the model initialises it
+    with std init_std / sqrt(2 n_layers) (GPT-2), so that the stream's variance does not grow with depth."""
+    linear.residual_output = True
+    return linear
+
+
+class OwnInit:
+    """Mixin of modules that set some of their parameters themselves (the memory's initial weights and
+    gates, the liquid core's time constants, the convolutions' identity start). The model first
+    initialises every linear and embedding weight, then calls ``reset_own_parameters`` on these."""
+
+    def reset_own_parameters(self) -> None:
+        raise NotImplementedError
 
 
 class RMSNorm(nn.Module):
@@ -45,14 +62,14 @@ class SwiGLU(nn.Module):
         super().__init__()
         hidden = int(dim * mult * 2 / 3 + 7) // 8 * 8  # same parameters as a 4x GELU MLP at mult=4
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w2 = residual_output(nn.Linear(hidden, dim, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(a) * b)
 
 
-class CausalConv(nn.Module):
+class CausalConv(OwnInit, nn.Module):
     """Depthwise causal convolution: y_t = sum_j w_j * x_{t-j} + b, j < K. x: (B, T, D).
 
     Its streaming state is the last K - 1 inputs, (B, K - 1, D), zeros before the sequence.
@@ -62,9 +79,9 @@ class CausalConv(nn.Module):
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=True)
-        self.reset_conv_parameters()
+        self.reset_own_parameters()
 
-    def reset_conv_parameters(self) -> None:
+    def reset_own_parameters(self) -> None:
         """Start as the identity (current-token tap 1, others and bias 0): a random bias would give
         every token nearly the same memory key, and a chunk of identical keys is a 16x step."""
         with torch.no_grad():

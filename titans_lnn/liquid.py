@@ -26,26 +26,43 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titans_lnn.config import TitansLNNConfig
 from titans_lnn.kernels import liquid_scan
+from titans_lnn.layers import OwnInit, residual_output
+from titans_lnn.state import LiquidState
 
 
-class LiquidCore(nn.Module):
-    """x: (B, T, d_model) -> (B, T, d_model), with a carried state h: (B, D_l * N)."""
+class LiquidCore(OwnInit, nn.Module):
+    """x: (B, T, dim) -> (B, T, dim), with a carried state h: (B, dim * expand * n_state).
 
-    def __init__(self, config: TitansLNNConfig):
+        core = LiquidCore(64, n_state=8)
+        y, state = core(torch.randn(2, 100, 64))           # one pass
+        y2, state = core(torch.randn(2, 10, 64), state)    # continues; dt=(B, T) for irregular steps
+    """
+
+    def __init__(self, dim: int, *, expand: int = 1, n_state: int = 8, tau_min: float = 1.0, tau_max: float = 1000.0):
         super().__init__()
-        c = config
-        self.width, self.n_state = c.d_model * c.liquid_expand, c.liquid_state
+        for name, value in (("dim", dim), ("expand", expand), ("n_state", n_state)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LiquidCore: {name}={value!r} must be a positive integer")
+        if not 0 < tau_min <= tau_max < float("inf"):
+            raise ValueError(f"LiquidCore: tau_min={tau_min!r}, tau_max={tau_max!r}: expected 0 < tau_min <= tau_max, "
+                             "both finite")
+        self.width, self.n_state = dim * expand, n_state
         D, N = self.width, self.n_state
-        self.w_in = nn.Linear(c.d_model, 3 * D + 2 * N)  # u, f, z (D each), B, C (N each)
+        self.w_in = nn.Linear(dim, 3 * D + 2 * N)  # u, f, z (D each), B, C (N each)
         self.log_tau = nn.Parameter(torch.empty(D, N))
         self.skip = nn.Parameter(torch.ones(D))
-        self.w_out = nn.Linear(D, c.d_model, bias=False)
-        self.tau_min, self.tau_max = c.liquid_tau_min, c.liquid_tau_max
-        self.reset_liquid_parameters()
+        self.w_out = residual_output(nn.Linear(D, dim, bias=False))
+        self.tau_min, self.tau_max = tau_min, tau_max
+        self.reset_own_parameters()
 
-    def reset_liquid_parameters(self) -> None:
+    @classmethod
+    def from_config(cls, config) -> LiquidCore:
+        c = config
+        return cls(c.d_model, expand=c.liquid_expand, n_state=c.liquid_state, tau_min=c.liquid_tau_min,
+                   tau_max=c.liquid_tau_max)
+
+    def reset_own_parameters(self) -> None:
         """Time constants spread log-uniformly over [tau_min, tau_max] across the state entries, so
         that the core starts with both fast and slow memories; the conductance starts small
         (f ~ 0.01) so that the slow time constants are not drowned at initialisation."""
@@ -56,15 +73,15 @@ class LiquidCore(nn.Module):
             self.w_in.bias.zero_()
             self.w_in.bias[D:2 * D].fill_(math.log(math.expm1(0.01)))
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        return {"h": torch.zeros(batch_size, self.width * self.n_state, device=device, dtype=dtype)}
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> LiquidState:
+        return LiquidState(torch.zeros(batch_size, self.width * self.n_state, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, dt: torch.Tensor | None = None, *,
+    def forward(self, x: torch.Tensor, state: LiquidState | None = None, *, dt: torch.Tensor | None = None,
                 impl: str | None = None):
         B, T, _ = x.shape
         D, N = self.width, self.n_state
         if state is None:
-            state = self.init_state(B, x.device, x.dtype)
+            state = self.init_state(B, x.device, torch.promote_types(x.dtype, torch.float32))
         dtype = torch.promote_types(x.dtype, torch.float32)
         u, f, z, Bt, Ct = self.w_in(x).to(dtype).split([D, D, D, N, N], dim=-1)
         f = F.softplus(f)  # (B, T, D)
@@ -73,7 +90,7 @@ class LiquidCore(nn.Module):
         log_a = -step[..., None, None] * lam
         g = f[..., None] * u[..., None] * Bt[:, :, None, :] / lam  # (B, T, D, N)
         b = -torch.expm1(log_a) * g  # (1 - a) g, accurate when a is close to 1
-        h, h_last = liquid_scan(log_a.reshape(B, T, D * N), b.reshape(B, T, D * N), state["h"].to(dtype), impl=impl)
+        h, h_last = liquid_scan(log_a.reshape(B, T, D * N), b.reshape(B, T, D * N), state.h.to(dtype), impl=impl)
         y = (h.view(B, T, D, N) * Ct[:, :, None, :]).sum(-1) + self.skip * u  # (B, T, D)
         out = self.w_out((y * F.silu(z)).to(x.dtype))
-        return out, {"h": h_last.to(state["h"].dtype)}
+        return out, LiquidState(h_last.to(state.h.dtype))

@@ -4,7 +4,12 @@
     out.logits (B, T, V); out.loss (next-token cross-entropy; ``labels[b, t]`` is the target of the
     prediction at position t, -100 ignored); out.state (pass it to the next call to continue).
 
-Feeding a sequence in pieces with the state gives the logits of one pass over the whole.
+Feeding a sequence in pieces with the state gives the logits of one pass over the whole; ``stream``
+does it for inputs of any length in fixed memory:
+
+    out = model.stream(ids, chunk_len=4096)                 # the last logits (B, V) and the state
+    for piece in model.stream_pieces(ids, chunk_len=4096):  # or every piece's logits, as they come
+        piece.start, piece.logits, piece.state
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,8 +28,8 @@ import torch.nn.functional as F
 
 from titans_lnn.blocks import Block
 from titans_lnn.config import TitansLNNConfig
-from titans_lnn.layers import RMSNorm
-from titans_lnn.state import ModelState
+from titans_lnn.layers import OwnInit, RMSNorm
+from titans_lnn.state import ModelState, check_like
 
 
 @dataclass
@@ -30,6 +37,12 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None  # scalar, when labels were given
     state: ModelState  # the state after the last token
+
+
+class StreamPiece(NamedTuple):
+    start: int  # the position of the piece's first token
+    logits: torch.Tensor  # (B, L, V): the piece's logits
+    state: ModelState  # the state after the piece
 
 
 class TitansLNN(nn.Module):
@@ -42,23 +55,24 @@ class TitansLNN(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.fingerprint = hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
         self._warned_state_graph = False  # the graph-carrying state warning is given once per model
+        self._state_templates: dict[int, ModelState] = {}  # by batch size, on the meta device: check_state
         self.init_weights()
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for linear and embedding weights, zero biases; projections that write
-        into the residual stream are scaled by 1/sqrt(2 n_layers) (GPT-2); then the memory and the
-        liquid core set their own parameters (initial memory, gate biases, time constants)."""
+        into the residual stream (marked by ``layers.residual_output``) are scaled by 1/sqrt(2 n_layers)
+        (GPT-2); then the modules that set their own parameters (``layers.OwnInit``: initial memory, gate
+        biases, time constants, convolutions) do so."""
         std = self.config.init_std
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2", "w_out", "proj")) else 1
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if getattr(module, "residual_output", False) else 1
                 nn.init.normal_(module.weight, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         for module in self.modules():
-            for reset in ("reset_memory_parameters", "reset_liquid_parameters", "reset_conv_parameters"):
-                if hasattr(module, reset):
-                    getattr(module, reset)()
+            if isinstance(module, OwnInit):
+                module.reset_own_parameters()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -89,19 +103,53 @@ class TitansLNN(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, "
                                  f"{self.config.vocab_size})")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-        if dt is not None and dt.shape != input_ids.shape:
-            raise ValueError(f"dt shape {tuple(dt.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+                got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise TypeError(f"labels must be an integer tensor of token ids (-100 = ignored); got {got}")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+        if dt is not None:
+            self._check_dt(dt, input_ids)
         if state is not None:
-            if not isinstance(state, ModelState):
-                raise TypeError(f"state must be a ModelState from model.init_state(); got {type(state).__name__}")
-            if state.fingerprint != self.fingerprint:
-                raise ValueError(f"state was made by a model with another config (fingerprint {state.fingerprint}, "
-                                 f"this model's is {self.fingerprint})")
-            if state.batch_size != input_ids.shape[0]:
-                raise ValueError(f"state holds batch_size={state.batch_size} sequences but input_ids has batch "
-                                 f"{input_ids.shape[0]}")
+            self.check_state(state, input_ids.shape[0])
+
+    def _check_dt(self, dt, input_ids) -> None:
+        if "liquid" not in self.config.parts:
+            raise ValueError(f"dt is read only by the liquid core, and variant {self.config.variant!r} has none: "
+                             "pass dt=None (or use a variant with the liquid core: mac, mag, mal, liquid)")
+        if not isinstance(dt, torch.Tensor) or not dt.is_floating_point():
+            got = dt.dtype if isinstance(dt, torch.Tensor) else type(dt).__name__
+            raise TypeError(f"dt must be a floating-point tensor of elapsed times; got {got}")
+        if dt.shape != input_ids.shape:
+            raise ValueError(f"dt shape {tuple(dt.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling() and not bool(((dt > 0) & torch.isfinite(dt)).all()):
+            bad = dt[~((dt > 0) & torch.isfinite(dt))][0].item()
+            raise ValueError(f"dt contains {bad}: expected finite elapsed times > 0")
+
+    def check_state(self, state, batch_size: int | None = None) -> None:
+        """Raise a ValueError/TypeError naming what is wrong unless ``state`` is a state of this model:
+        its config fingerprint, batch size, number of layers, positions, and every tensor's name, shape
+        and kind (a state edited by hand or made by another model must not run silently)."""
+        if not isinstance(state, ModelState):
+            raise TypeError(f"state must be a ModelState from model.init_state(); got {type(state).__name__}")
+        if state.fingerprint != self.fingerprint:
+            raise ValueError(f"state was made by a model with another config (fingerprint {state.fingerprint}, "
+                             f"this model's is {self.fingerprint})")
+        if batch_size is not None and state.batch_size != batch_size:
+            raise ValueError(f"state holds batch_size={state.batch_size} sequences but input_ids has batch "
+                             f"{batch_size}")
+        if not isinstance(state.pos, int) or isinstance(state.pos, bool) or state.pos < 0:
+            raise ValueError(f"state.pos={state.pos!r} is invalid: expected the number of tokens read (an int >= 0)")
+        if not isinstance(state.layers, list) or len(state.layers) != len(self.blocks):
+            n = len(state.layers) if isinstance(state.layers, (list, tuple)) else type(state.layers).__name__
+            raise ValueError(f"state has {n} layers; this model has {len(self.blocks)}")
+        state.check_positions()
+        key = state.batch_size
+        if key not in self._state_templates:
+            self._state_templates[key] = self.init_state(state.batch_size, device="meta")
+        check_like(state, self._state_templates[key])
 
     def _warn_if_state_carries_graph(self, state: ModelState | None) -> None:
         """Streaming in eval mode with grad enabled chains every piece's autograd graph through the
@@ -129,14 +177,56 @@ class TitansLNN(nn.Module):
         x = self.embed(input_ids.long())  # (B, T, d)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
-            x, new = block(x, layer_state, state.pos, dt)
+            x, new = block(x, layer_state, dt)
             layers.append(new)
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(B * T, -1), labels.reshape(B * T).long(), ignore_index=-100)
+        if labels is not None:  # the mean over the labelled positions; 0 (not NaN) when every label is -100
+            labels = labels.reshape(B * T).long()
+            total = F.cross_entropy(logits.float().reshape(B * T, -1), labels, ignore_index=-100, reduction="sum")
+            loss = total / (labels != -100).sum().clamp_min(1)
         return ModelOutput(logits, loss, ModelState(state.pos + T, B, self.fingerprint, layers))
+
+    # Streaming.
+    def stream_pieces(self, input_ids: torch.Tensor, *, chunk_len: int = 4096, state: ModelState | None = None,
+                      dt: torch.Tensor | None = None, progress: bool = False) -> Iterator[StreamPiece]:
+        """Read ``input_ids`` (B, T) in pieces of ``chunk_len`` tokens, carrying the state, without autograd;
+        yield each piece's ``StreamPiece(start, logits, state)``. Only one piece's logits exist at a time
+        (unless the caller keeps them), so a million-token input costs one piece plus the fixed-size state.
+        ``input_ids`` may stay on the CPU: each piece moves to the model's device. ``dt`` (B, T) as in forward."""
+        if not isinstance(chunk_len, int) or isinstance(chunk_len, bool) or chunk_len < 1:
+            raise ValueError(f"chunk_len={chunk_len!r} is invalid: expected a positive integer")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, time) tensor; got {got}")
+        device = self.embed.weight.device
+        T = input_ids.shape[1]
+        from tqdm.auto import tqdm
+
+        with torch.no_grad(), tqdm(total=T, unit="tok", unit_scale=True, desc="stream", disable=not progress,
+                                   leave=False) as bar:
+            for s in range(0, T, chunk_len):
+                piece_dt = None if dt is None else dt[:, s:s + chunk_len].to(device)
+                out = self(input_ids[:, s:s + chunk_len].to(device), state=state, dt=piece_dt)
+                state = out.state
+                bar.update(out.logits.shape[1])
+                yield StreamPiece(s, out.logits, state)
+
+    def stream(self, input_ids: torch.Tensor, *, chunk_len: int = 4096, state: ModelState | None = None,
+               dt: torch.Tensor | None = None, logits: str = "last", progress: bool = False) -> ModelOutput:
+        """Read ``input_ids`` (B, T) in pieces (see ``stream_pieces``) and return a ``ModelOutput`` with the
+        final state and, as ``logits`` asks: "last" the logits after the last token (B, V), which predict
+        the next one; "all" every position's (B, T, V), one pass's logits; "none" None."""
+        if logits not in ("last", "all", "none"):
+            raise ValueError(f"logits={logits!r} is invalid: expected 'last', 'all' or 'none'")
+        kept, last = [], None
+        for piece in self.stream_pieces(input_ids, chunk_len=chunk_len, state=state, dt=dt, progress=progress):
+            state, last = piece.state, piece.logits[:, -1]
+            if logits == "all":
+                kept.append(piece.logits)
+        out = {"last": last, "all": torch.cat(kept, dim=1) if kept else None, "none": None}[logits]
+        return ModelOutput(out, None, state)
 
     # Generation and saving live in titans_lnn.generation / titans_lnn.pretrained; these delegate.
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

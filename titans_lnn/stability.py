@@ -89,12 +89,9 @@ def perturbation_growth(model: TitansLNN, ids: torch.Tensor, *, eps: float = 1e-
     handle = model.embed.register_forward_hook(perturb)
     report = StabilityReport(block)
     try:
-        state = model.init_state(2)
-        for piece in ids[None].expand(2, -1).split(block, dim=1):
-            out = model(piece, state=state)
-            state = out.state
-            report.logit_diff.append((out.logits[0] - out.logits[1]).abs().max().item())
-            report.state_diff.append(_state_diff(state))
+        for piece in model.stream_pieces(ids[None].expand(2, -1), chunk_len=block):
+            report.logit_diff.append((piece.logits[0] - piece.logits[1]).abs().max().item())
+            report.state_diff.append(_state_diff(piece.state))
     finally:
         handle.remove()
     return report
@@ -112,12 +109,8 @@ def stream_tolerance(dtype: torch.dtype) -> float:
 def stream(model: TitansLNN, ids: torch.Tensor, piece: int) -> tuple[torch.Tensor, ModelState]:
     """Feed ``ids`` (B, T) in pieces of ``piece`` tokens, carrying the state.
     Returns the logits (B, T, V) and the final state."""
-    state, logits = model.init_state(ids.shape[0]), []
-    for part in ids.split(piece, dim=1):
-        out = model(part, state=state)
-        state = out.state
-        logits.append(out.logits)
-    return torch.cat(logits, 1), state
+    out = model.stream(ids, chunk_len=piece, logits="all")
+    return out.logits, out.state
 
 
 @torch.no_grad()
