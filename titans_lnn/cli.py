@@ -155,8 +155,9 @@ def _add_unavailable(sub, command: str, module: str, error: ModuleNotFoundError)
     """List ``command`` even though its module needs a package that is not installed; running it says which."""
     message = (f"titans-lnn {command}: unavailable: {module} needs the package {error.name!r}, which is not "
                f"installed (pip install {error.name})")
-    p = sub.add_parser(command, help=f"(unavailable: needs {error.name})", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    # No option prefix: whatever flags follow are taken as plain words, so the message below is what prints.
+    p = sub.add_parser(command, help=f"(unavailable: needs {error.name})", add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
 
     def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
