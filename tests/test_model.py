@@ -108,7 +108,7 @@ def test_state_save_and_resume(tmp_path):
     ids = torch.randint(0, 256, (1, 30))
     first = model(ids[:, :17])
     first.state.save(tmp_path / "doc.state")
-    restored = ModelState.load(tmp_path / "doc.state")
+    restored = ModelState.load(tmp_path / "doc.state", model)
     assert restored.pos == 17
     resumed = model(ids[:, 17:], state=restored).logits
     torch.testing.assert_close(resumed, model(ids).logits[:, 17:])

@@ -64,7 +64,7 @@ def test_quick_tour_runs_and_streams_in_constant_memory(tmp_path, monkeypatch):
     assert set(sizes) == {0}, f"the carried state holds an autograd graph (nodes per call): {sizes[:6]}"
     state = ns["state"]
     assert state.pos == ns["ids"].shape[1] and not state.requires_grad
-    assert ModelState.load("doc.state").pos == state.pos
+    assert ModelState.load("doc.state", ns["model"]).pos == state.pos
     # generate returns the prompt and the new tokens; the tour decodes the new ones.
     assert ns["out_ids"].shape == (1, 32 + 64)
     torch.testing.assert_close(ns["out_ids"][:, :32], ns["ids"][:, :32])
