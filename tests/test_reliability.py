@@ -500,3 +500,152 @@ def test_weights_file_holds_the_config_fingerprint(tmp_path):
     with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
         assert f.metadata()["fingerprint"] == model.config.fingerprint == model.fingerprint
     assert set(load_file(tmp_path / "m" / "model.safetensors")) == set(model.state_dict())
+
+
+# ----------------------------------------------------------------------------- property: random edits
+
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 40) | st.floats(allow_nan=True)
+                     | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+_CONFIG_KEYS = [f.name for f in dataclasses.fields(TitansLNNConfig)] + ["model_type", "extra"]
+
+
+@st.composite
+def _edits(draw, json_files: dict[str, list[str]], binary_files: list[str]):
+    """One random edit: (file, kind, arguments), then whether the manifest is re-hashed afterwards."""
+    name = draw(st.sampled_from(sorted(json_files) + binary_files))
+    kinds = ["set", "delete", "bytes", "truncate"] if name in json_files else ["bytes", "truncate", "append"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "set":
+        args = (draw(st.sampled_from(json_files[name])), draw(_JSON))
+    elif kind == "delete":
+        args = (draw(st.sampled_from(json_files[name])),)
+    elif kind == "bytes":
+        args = (draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1,
+                              max_size=8)),)
+    elif kind == "truncate":
+        args = (draw(st.floats(0, 1, exclude_max=True)),)
+    else:
+        args = (draw(st.binary(min_size=1, max_size=16)),)
+    return name, kind, args, draw(st.booleans())
+
+
+def _apply(folder: Path, edit, manifest_name: str = "manifest.json") -> None:
+    name, kind, args, rehash = edit
+    path = folder / name
+    if kind in ("set", "delete"):
+        data = json.loads(path.read_text())
+        if kind == "set":
+            data[args[0]] = args[1]
+        else:
+            data.pop(args[0], None)
+        path.write_text(json.dumps(data))
+    else:
+        raw = bytearray(path.read_bytes())
+        if kind == "bytes":
+            for where, value in args[0]:
+                raw[int(where * len(raw))] = value
+        elif kind == "truncate":
+            raw = raw[:int(args[0] * len(raw))]
+        else:
+            raw += args[0]
+        path.write_bytes(bytes(raw))
+    if rehash and name != manifest_name:
+        try:
+            _rehash(folder, manifest_name)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            pass  # a manifest the edit made unreadable stays as it is
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "m"
+    model = _model()
+    save_pretrained(model, folder, extra_files={"tokenizer.json": '{"type": "byte"}'})
+    return folder, model
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=_edits({"config.json": _CONFIG_KEYS, "manifest.json": ["files", "format", "version", "x"]},
+                   ["model.safetensors", "tokenizer.json"]).filter(lambda e: not e[3] or e[0] != "model.safetensors"))
+def test_property_an_edited_saved_model_loads_exactly_or_fails_clearly(saved_model, tmp_path_factory, edit):
+    """Any edit of one file, the manifest re-hashed or not, except re-hashed weights: new weight values
+    whose manifest was recomputed are a different model by their author's choice (no unkeyed check can
+    tell them from a fine-tuned one); a re-hashed config must still match the weights' fingerprint."""
+    source, model = saved_model
+    folder = tmp_path_factory.mktemp("edit") / "m"
+    shutil.copytree(source, folder)
+    _apply(folder, edit)
+    try:
+        loaded = load_pretrained(folder)
+    except (ValueError, FileNotFoundError) as e:
+        assert str(folder) in str(e), e  # the error names the folder and the file
+        return
+    assert _same_model(loaded, model), edit
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    tensors = {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), "n": torch.arange(5)}
+    return save_checkpoint(folder, 3, tensors, {"note": "x", "n": 1}), tensors
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=_edits({"manifest.json": ["files", "format", "version", "step", "x"]},
+                   ["tensors.safetensors", "meta.json"]).filter(lambda e: not e[3] or e[0] == "manifest.json"))
+def test_property_an_edited_checkpoint_loads_exactly_or_fails_clearly(saved_checkpoint, tmp_path_factory, edit):
+    """Any edit of the manifest, or of a data file without re-hashing: an error naming the checkpoint, or
+    exactly what was saved."""
+    source, tensors = saved_checkpoint
+    folder = tmp_path_factory.mktemp("edit") / source.name
+    shutil.copytree(source, folder)
+    _apply(folder, edit)
+    try:
+        ckpt = load_checkpoint(folder)
+    except CheckpointError as e:
+        assert str(folder) in str(e), e
+        return
+    assert ckpt.step == 3 and ckpt.meta == {"note": "x", "n": 1}, edit
+    assert ckpt.tensors.keys() == tensors.keys() and all(torch.equal(ckpt.tensors[k], tensors[k]) for k in tensors)
+
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory):
+    model = _model()
+    with torch.no_grad():
+        state = model(torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))).state
+    path = tmp_path_factory.mktemp("state") / "s.safetensors"
+    state.save(path)
+    return path, model, state
+
+
+@pytest.mark.xfail(strict=True, reason="item 5 (ModelState, the lead's): the header's pos/batch_size are outside "
+                                       "the state file's checksum, so an edited pos loads; remove this mark with "
+                                       "that fix")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.generate])  # no shrinking while it is an expected failure
+@given(key=st.sampled_from(["pos", "batch_size", "fingerprint", "n_layers", "format", "sha256", "other"]),
+       value=st.one_of(st.integers(-3, 1000).map(str), st.text(max_size=12)))
+def test_property_an_edited_state_file_loads_exactly_or_fails_clearly(saved_state, tmp_path_factory, key, value):
+    """One metadata entry of the file's header (pos, batch size, fingerprint, checksum, ...) set to a
+    random value, the header rewritten well-formed."""
+    source, model, state = saved_state
+    path = tmp_path_factory.mktemp("edit") / source.name
+    raw = source.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"][key] = value
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    try:
+        loaded = type(state).load(path, model)
+    except ValueError as e:
+        assert str(path) in str(e), e
+        return
+    assert loaded.pos == state.pos and loaded.batch_size == state.batch_size, (key, value)
+    a, b = loaded.tensors(), state.tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
