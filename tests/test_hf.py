@@ -105,7 +105,18 @@ def test_labels_follow_transformers_convention(tmp_path):
         torch.testing.assert_close(hf(ids, labels=labels).loss, model(ids, labels=shifted).loss, atol=1e-5, rtol=0)
 
 
-def test_padding_and_beam_search_are_refused_clearly(tmp_path):
+def test_beam_search_reorders_the_state_like_recomputing_without_cache():
+    # init_std 0.2: logits sharp enough that beams which kept a wrong row's state would pick other tokens
+    # (checked: with reorder_cache a no-op this test fails).
+    torch.manual_seed(0)
+    hf = TitansLNNForCausalLM.from_model(TitansLNN(TitansLNNConfig.from_preset("debug", init_std=0.2)).eval())
+    ids = _prompt()
+    beams = dict(max_new_tokens=8, do_sample=False, num_beams=4, num_return_sequences=2)
+    cached = hf.generate(ids, **beams)
+    assert torch.equal(cached, hf.generate(ids, use_cache=False, **beams))  # every step reads the whole sequence
+
+
+def test_padding_is_refused_clearly(tmp_path):
     _, path = _saved(tmp_path)
     hf = _load(path)
     ids = _prompt()
@@ -117,8 +128,6 @@ def test_padding_and_beam_search_are_refused_clearly(tmp_path):
         hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     with pytest.raises(ValueError, match=r"attention_mask shape \(2, 5\)"):
         hf(ids, attention_mask=mask[:, :5])
-    with pytest.raises((NotImplementedError, ValueError), match="beam"):
-        hf.generate(ids, max_new_tokens=3, do_sample=False, num_beams=2)
 
 
 def test_sampling_several_sequences_per_prompt(tmp_path):
@@ -186,3 +195,15 @@ def test_readme_example_runs_offline_and_titans_lnn_alone_never_imports_transfor
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-1] == "11"
+
+
+def test_built_from_config_with_our_init_and_generate_refuses_dt(tmp_path):
+    config = TitansLNNHFConfig.from_titans_config(TitansLNNConfig.from_preset("debug", variant="mag"))
+    torch.manual_seed(3)
+    hf = AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(3)
+    ours = TitansLNN(config.to_titans_config())  # transformers' init hooks leave our init alone
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(hf.model.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="dt"):
+        hf.generate(_prompt(), dt=torch.ones(2, 13), max_new_tokens=2, do_sample=False)

@@ -7,14 +7,14 @@
 
 The cache that ``generate()`` carries between steps is our fixed-size ``ModelState`` (in a
 ``TitansLNNCache``): each step reads only the new token, at a cost that does not grow with the length
-read. What this wrapper does not do, and says so when asked: padding (``attention_mask`` with zeros;
-the recurrent state reads every token), beam search (a state cannot be reordered by beam yet),
-``inputs_embeds``, attention weights or hidden states as outputs. ``labels`` follow transformers'
+read; beam search reorders it by row. What this wrapper does not do, and says so when asked: padding
+(``attention_mask`` with zeros; the recurrent state reads every token), ``inputs_embeds``, per-token
+``dt`` in ``generate()``, attention weights or hidden states as outputs. ``labels`` follow transformers'
 convention (``labels = input_ids``, shifted inside), not TitansLNN's (already shifted).
 
 Needs the ``hf`` extra (``pip install 'titans-lnn[hf]'``); importing ``titans_lnn`` alone never imports
-transformers. Tested with transformers 4.45 and 5.x, whose cache argument is named ``past_key_values``
-and ``cache`` respectively: ``forward`` accepts either.
+transformers. Tested with transformers 4.45.2, 4.57.6 and 5.24.0, whose cache argument is named
+``past_key_values`` (4) or ``cache`` (5): ``forward`` accepts either.
 """
 
 from __future__ import annotations
@@ -106,11 +106,18 @@ class TitansLNNCache(Cache):
         return len(self.state.layers)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        raise NotImplementedError("TitansLNNCache cannot reorder its state by beam: use greedy decoding or "
-                                  "sampling (num_beams=1)")
+        """Row b takes the state of row ``beam_idx[b]`` (B,) (beam search keeping its best beams): every
+        tensor of the state is batch-first, and rows never interact."""
+        B = self.state.batch_size
+        if beam_idx.shape != (B,):
+            raise ValueError(f"beam_idx shape {tuple(beam_idx.shape)} is invalid: expected ({B},), one row each")
+        not_batched = [name for name, t in self.state.tensors().items() if t.dim() == 0 or t.shape[0] != B]
+        if not_batched:
+            raise NotImplementedError(f"cannot reorder the state by beam: {not_batched[:3]} are not batch-first")
+        self.state = self.state.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def __repr__(self) -> str:
-        return f"TitansLNNCache(pos={self.state.pos}, batch_size={self.state.batch_size}, bytes={self.state.nbytes()})"
+        return f"TitansLNNCache(pos={self.state.pos}, batch_size={self.state.batch_size})"
 
 
 class TitansLNNForCausalLM(PreTrainedModel, GenerationMixin):
@@ -138,7 +145,7 @@ class TitansLNNForCausalLM(PreTrainedModel, GenerationMixin):
         """Wrap an in-memory ``TitansLNN`` (its parameters are shared, not copied)."""
         if not isinstance(model, TitansLNN):
             raise TypeError(f"from_model expects a TitansLNN; got {type(model).__name__}")
-        wrapper = cls(TitansLNNHFConfig.from_titans_config(model.config)).to(model.embed.weight.device)
+        wrapper = cls(TitansLNNHFConfig.from_titans_config(model.config))
         wrapper.model = model
         return wrapper.train(model.training)
 
@@ -155,9 +162,10 @@ class TitansLNNForCausalLM(PreTrainedModel, GenerationMixin):
         return [c for c in contexts if not (isinstance(c, torch.device) and c.type == "meta")]
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Our own init (GPT-2 residual scaling, memory and liquid parameters), not transformers' generic one.
-        if isinstance(module, TitansLNN):
-            module.init_weights()
+        """Leaves ``module`` as it is: TitansLNN initialised itself when built (GPT-2 residual scaling,
+        memory and liquid parameters), so transformers' generic init must not redo it, and one seed gives
+        the weights ``TitansLNN(config)`` has. Weights a checkpoint lacks are an error in
+        ``from_pretrained``, never filled in here."""
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed
@@ -213,6 +221,9 @@ class TitansLNNForCausalLM(PreTrainedModel, GenerationMixin):
         the slice, so any version's calling convention gives the same tokens."""
         if inputs_embeds is not None:
             raise ValueError("TitansLNNForCausalLM.generate() takes input_ids, not inputs_embeds")
+        if kwargs.get("dt") is not None:
+            raise ValueError("generate() cannot take dt (per-token time steps of the prompt only); stream with "
+                             "TitansLNN directly for irregular time steps")
         cache = kwargs.get("cache")
         cache = cache if cache is not None else kwargs.get("past_key_values")
         if cache is not None and use_cache:
