@@ -12,7 +12,6 @@ prompt costs the memory of one chunk plus the fixed-size state.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,11 +23,12 @@ from tqdm.auto import tqdm
 
 from titans_lnn.evals.scoring import score
 from titans_lnn.evals.tasks import TASKS, make_sample
+from titans_lnn.io import read_json
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "answer", "evaluate_mqar", "evaluate_task", "greedy_continue", "load_model",
-           "evaluate_samples", "max_new_tokens_for", "stream_nll", "stream_nll_state", "stream_prompt"]
+           "evaluate_samples", "max_new_tokens_for", "stream_nll", "stream_prompt"]
 
 # Greedy tokens to generate per task (byte tokens; a subword tokenizer needs fewer): the answer
 # with its leading space and trailing period, and some slack.
@@ -72,10 +72,12 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, preset: str | Non
         if tokenizer is None:
             tok_file = os.path.join(checkpoint, "tokenizer.json")
             if os.path.isfile(tok_file):
-                with open(tok_file) as f:
-                    saved = json.load(f)
+                saved = read_json(tok_file, "tokenizer object")
                 # Training writes Tokenizer.to_dict(); a Hugging Face tokenizers file has no "type".
-                tokenizer = tokenizer_from_dict(saved) if "type" in saved else tok_file
+                try:
+                    tokenizer = tokenizer_from_dict(saved) if "type" in saved else tok_file
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{tok_file}: not a tokenizer ({e})") from None
             else:
                 tokenizer = "nucleotide" if model.config.vocab_size == 6 else "byte"
         tok = get_tokenizer(tokenizer)
@@ -136,8 +138,7 @@ def stream_nll(model: TitansLNN, ids, chunk_len: int = 2048, state=None, prev_lo
     Yields ``(start, nll, greedy)`` per chunk: ``nll[b, i]`` is ``-log p(ids[b, start + i] | all before)``
     (at least float32, (B, L)) and ``greedy[b, i]`` whether that token is the argmax. Token 0 has no prediction
     unless ``prev_logits`` (B, V) (the logits after a context streamed before) is given, so by default
-    the first chunk starts at 1. The generator returns the final state (``StopIteration.value``):
-    :func:`stream_nll_state` drains it and hands back both.
+    the first chunk starts at 1. The generator returns the final state (``StopIteration.value``).
     """
     _check_chunk_len(chunk_len)
     ids = _as_ids(ids, _device(model))
@@ -155,16 +156,6 @@ def stream_nll(model: TitansLNN, ids, chunk_len: int = 2048, state=None, prev_lo
         nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L)
         yield start, nll, pred.argmax(-1) == target
     return state
-
-
-def stream_nll_state(gen) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], object]:
-    """Drain a :func:`stream_nll` generator: ``(list of its chunks, final state)``."""
-    chunks = []
-    while True:
-        try:
-            chunks.append(next(gen))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 # ----------------------------------------------------------------------------- generation

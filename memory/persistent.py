@@ -8,16 +8,13 @@ import torch.nn as nn
 
 
 class PersistentMemory(nn.Module):
-    """tokens: (N_p, dim), learned. ``prepend(x)``: (B, T, dim) -> (B, N_p + T, dim)."""
+    """tokens: (N_p, dim), learned; ``memory(batch_size)`` -> (B, N_p, dim), the prefix every context sees."""
 
     def __init__(self, n_tokens: int, dim: int, init_std: float = 0.02):
         super().__init__()
         if n_tokens < 1 or dim < 1:
             raise ValueError(f"PersistentMemory(n_tokens={n_tokens}, dim={dim}): both must be >= 1")
         self.tokens = nn.Parameter(torch.randn(n_tokens, dim) * init_std)
-
-    def prepend(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.tokens[None].expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
 
     def forward(self, batch_size: int) -> torch.Tensor:
         """The tokens for a batch: (B, N_p, dim)."""

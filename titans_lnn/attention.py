@@ -116,7 +116,7 @@ class SlidingWindowAttention(nn.Module):
             k2, v2 = self._extend(state.k2, k2, pos), self._extend(state.v2, v2, pos)
         sink_k = sink_v = None
         if self.persistent is not None:
-            sink_k, sink_v = self._kv(self.persistent.tokens[None].to(x.dtype), None)  # (1, G, N_p, D)
+            sink_k, sink_v = self._kv(self.persistent(1).to(x.dtype), None)  # (1, G, N_p, D)
         o = sliding_window_attention(q, k, v, window=self.window, sink_k=sink_k, sink_v=sink_v, k2=k2, v2=v2,
                                      segment=self.segment, pos0=pos - P)
         end = pos + T

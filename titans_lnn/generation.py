@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from titans_lnn.state import ModelState
 
 
+PREFILL_CHUNK = 4096  # prompt tokens per forward call: a long prompt is read in pieces, in fixed memory
+
+
 @torch.no_grad()
 def generate(model: TitansLNN, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, state: ModelState | None = None,
@@ -33,17 +36,19 @@ def generate(model: TitansLNN, input_ids: torch.Tensor, max_new_tokens: int, tem
     check_sampling(temperature, top_k, top_p, generator)
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state={return_state!r} is invalid: expected True or False")
-    out = model(input_ids, state=state)
+    out = model.stream(input_ids, chunk_len=PREFILL_CHUNK, state=state)  # the prompt, checked, in fixed memory
     tokens = [input_ids.long()]
-    logits, state = out.logits[:, -1], out.state
+    logits, state = out.logits, out.state
     for i in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1) int64
         tokens.append(nxt)
+        # the model sampled nxt itself: no input checks (their vocabulary check would read the ids back
+        # to the host, a synchronisation per token on a GPU)
         if i + 1 < max_new_tokens:
-            out = model(nxt, state=state)
+            out = model._forward(nxt, state=state)
             logits, state = out.logits[:, -1], out.state
         else:
-            state = model(nxt, state=state).state if return_state else state
+            state = model._forward(nxt, state=state).state if return_state else state
     ids = torch.cat(tokens, dim=1)  # (B, T + max_new_tokens)
     return (ids, state) if return_state else ids
 

@@ -171,6 +171,11 @@ class TitansLNN(nn.Module):
                 state: ModelState | None = None, dt: torch.Tensor | None = None) -> ModelOutput:
         self._check_inputs(input_ids, labels, state, dt)
         self._warn_if_state_carries_graph(state)
+        return self._forward(input_ids, labels, state, dt)
+
+    def _forward(self, input_ids, labels=None, state=None, dt=None) -> ModelOutput:
+        """forward without the input checks: for decode steps, whose ids the model itself sampled (checking
+        the vocabulary range reads the ids back to the host, a synchronisation per token on a GPU)."""
         B, T = input_ids.shape
         if state is None:
             state = self.init_state(B)
