@@ -87,7 +87,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError("cannot sample: the logits hold NaN or infinite values (the model produced them)")
-    return torch.multinomial(probs, 1, generator=generator)
+    try:  # no finiteness check up front: reading it back would synchronise with the GPU every token
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    except RuntimeError as e:
+        raise ValueError(f"cannot sample: the logits hold NaN or infinite values (the model produced them): "
+                         f"{e}") from None
