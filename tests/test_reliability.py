@@ -369,6 +369,9 @@ def test_9_sample_handles_tiny_temperatures_and_bad_logits():
     (["eval", "passkey", "--preset", "huge"], "--preset"),
     (["eval", "passkey", "--checkpoint", "nope"], "--checkpoint"),
     (["eval", "genomics", "--preset", "debug", "--data", "nope.fa"], "--data"),
+    (["train", "--steps", "0"], "--steps"), (["train", "--lr", "nan"], "--lr"),
+    (["train", "--warmup", "-1"], "--warmup"), (["train", "--beta2", "1"], "--beta2"),
+    (["train", "--save-every", "0"], "--save-every"), (["train", "--val-fraction", "1"], "--val-fraction"),
 ])
 def test_10_bad_flags_fail_in_one_line_with_exit_2(argv, flag, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
+from titans_lnn.cli import integer, number
 from titans_lnn.config import PRESETS, VARIANTS
 
 _DEFAULTS = None
@@ -37,8 +39,18 @@ def _default(name: str):
     return _DEFAULTS[name]
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "auto") else int(text)
+def _optional_int(lo: int):
+    """An argparse type: none/auto (the default rule), or a whole number >= ``lo``."""
+    whole = integer(lo)
+
+    def parse(text: str) -> int | None:
+        try:
+            return None if text.lower() in ("none", "auto") else whole(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}, or auto") from None
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,53 +72,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="how to read files: by their name (auto), as text or as FASTA (default: auto)")
     g.add_argument("--tokenizer", help="byte, nucleotide, or a Hugging Face tokenizers JSON file "
                                        "(default: the corpus' own: nucleotide for DNA, byte otherwise)")
-    g.add_argument("--val-fraction", type=float,
+    g.add_argument("--val-fraction", type=number(0, 1, open_lo=True, open_hi=True),
                    help=f"share of the corpus held out for evaluation (default: {_default('val_fraction')})")
     g.add_argument("--split-by", choices=["tail", "document"],
                    help="hold out the corpus' last tokens or whole documents (default: tail)")
     g = p.add_argument_group("batches and long context")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch over all processes together "
+    g.add_argument("--batch-size", type=integer(1), help=f"sequences per micro-batch over all processes together "
                                                   f"(default: {_default('batch_size')})")
-    g.add_argument("--seq-len", type=int, help=f"tokens per segment (default: {_default('seq_len')})")
-    g.add_argument("--segments", type=int,
+    g.add_argument("--seq-len", type=integer(1), help=f"tokens per segment (default: {_default('seq_len')})")
+    g.add_argument("--segments", type=integer(0),
                    help="consecutive segments per document, the model state carried across them (long "
                         "context); 0: each batch row reads the corpus as one unbroken stream (default: 1)")
-    g.add_argument("--bptt", type=int, help="segments per backward pass: truncated backpropagation through "
+    g.add_argument("--bptt", type=integer(1), help="segments per backward pass: truncated backpropagation through "
                                             "the carried state, detached in between (default: 1)")
-    g.add_argument("--accum", type=int, help="backward passes accumulated per optimizer step (default: 1)")
+    g.add_argument("--accum", type=integer(1), help="backward passes accumulated per optimizer step (default: 1)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help=f"optimizer steps in the run (default: {_default('steps')})")
-    g.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default: {_default('lr')})")
-    g.add_argument("--min-lr-ratio", type=float, help=f"the cosine ends at lr times this "
+    g.add_argument("--steps", type=integer(1), help=f"optimizer steps in the run (default: {_default('steps')})")
+    g.add_argument("--lr", type=number(0, math.inf, open_lo=True, open_hi=True),
+                   help=f"peak AdamW learning rate (default: {_default('lr')})")
+    g.add_argument("--min-lr-ratio", type=number(0, 1), help=f"the cosine ends at lr times this "
                                                       f"(default: {_default('min_lr_ratio')})")
-    g.add_argument("--warmup", type=_optional_int, help="linear warm-up steps (default: 5%% of --steps)")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on matrices "
+    g.add_argument("--warmup", type=_optional_int(0), help="linear warm-up steps (default: 5%% of --steps)")
+    g.add_argument("--weight-decay", type=number(0, math.inf, open_hi=True), help=f"AdamW weight decay on matrices "
                                                       f"(default: {_default('weight_decay')})")
-    g.add_argument("--beta1", type=float, help=f"AdamW beta1 (default: {_default('beta1')})")
-    g.add_argument("--beta2", type=float, help=f"AdamW beta2 (default: {_default('beta2')})")
-    g.add_argument("--grad-clip", type=float, help=f"clip the gradient norm to this, 0 = off "
-                                                   f"(default: {_default('grad_clip')})")
+    g.add_argument("--beta1", type=number(0, 1, open_hi=True), help=f"AdamW beta1 (default: {_default('beta1')})")
+    g.add_argument("--beta2", type=number(0, 1, open_hi=True), help=f"AdamW beta2 (default: {_default('beta2')})")
+    g.add_argument("--grad-clip", type=number(0, math.inf, open_hi=True),
+                   help=f"clip the gradient norm to this, 0 = off (default: {_default('grad_clip')})")
     g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval-every", type=_optional_int,
+    g.add_argument("--eval-every", type=_optional_int(1),
                    help="steps between held-out evaluations, also run at the start and the end "
                         "(default: --steps / 10)")
-    g.add_argument("--eval-batches", type=int, help=f"consecutive held-out segments per evaluation "
+    g.add_argument("--eval-batches", type=integer(1), help=f"consecutive held-out segments per evaluation "
                                                     f"(default: {_default('eval_batches')})")
-    g.add_argument("--log-every", type=int, help=f"steps between lines in metrics.jsonl "
+    g.add_argument("--log-every", type=integer(1), help=f"steps between lines in metrics.jsonl "
                                                  f"(default: {_default('log_every')})")
-    g.add_argument("--save-every", type=_optional_int,
+    g.add_argument("--save-every", type=_optional_int(1),
                    help="steps between checkpoints, also saved at the end (default: --steps / 4, at most 1000)")
-    g.add_argument("--keep", type=int, help=f"checkpoints kept, the newest (default: {_default('keep')})")
+    g.add_argument("--keep", type=integer(1), help=f"checkpoints kept, the newest (default: {_default('keep')})")
     g.add_argument("--out", help=f"output folder for checkpoints/, metrics.jsonl and model/ "
                                  f"(default: {_default('out')})")
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from the newest valid checkpoint in --out (a new run if there is none), "
                         "or from the checkpoint (folder) PATH")
-    g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
+    g.add_argument("--stop-at", type=integer(1), help="stop after this step with a checkpoint, as if interrupted")
     g = p.add_argument_group("runtime")
     g.add_argument("--config", dest="config_file", metavar="FILE",
                    help="a TOML or YAML file of TrainConfig fields (flags override it)")
-    g.add_argument("--seed", type=int, help="seed of the model init and the data order (default: 0)")
+    g.add_argument("--seed", type=integer(0), help="seed of the model init and the data order (default: 0)")
     g.add_argument("--device", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N "
                                     "(default: auto)")
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16"],

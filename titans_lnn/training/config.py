@@ -111,12 +111,14 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < (0 if name == "warmup" else 1)):
                 raise bad(name, f"None or an integer >= {0 if name == 'warmup' else 1}")
-        for name, lo, hi in (("lr", 0, None), ("min_lr_ratio", 0, 1), ("weight_decay", 0, None),
-                             ("beta1", 0, 1), ("beta2", 0, 1), ("grad_clip", 0, None)):
+        # (name, low, high, low end open, high end open); AdamW needs 0 <= beta < 1.
+        for name, lo, hi, open_lo, open_hi in (("lr", 0, math.inf, True, True), ("min_lr_ratio", 0, 1, False, False),
+                                               ("weight_decay", 0, math.inf, False, True),
+                                               ("beta1", 0, 1, False, True), ("beta2", 0, 1, False, True),
+                                               ("grad_clip", 0, math.inf, False, True)):
             v = getattr(self, name)
-            if not is_num(v) or v < lo or (hi is not None and v > hi) or (name == "lr" and v == 0):
-                raise bad(name, f"a number in {'(' if name == 'lr' else '['}{lo}, {hi if hi is not None else 'inf'}"
-                                f"{']' if hi is not None else ')'}")
+            if not is_num(v) or v < lo or v > hi or (open_lo and v == lo) or (open_hi and v == hi):
+                raise bad(name, f"a number in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
             raise bad("resume", "None, 'auto' or a checkpoint path")
         if not is_int(self.seed) or self.seed < 0:
