@@ -652,3 +652,17 @@ def test_property_an_edited_state_file_loads_exactly_or_fails_clearly(saved_stat
     assert loaded.pos == state.pos and loaded.batch_size == state.batch_size, (key, value)
     a, b = loaded.tensors(), state.tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_adversarial_probe_finds_nothing_raw_silent_or_lost(monkeypatch):
+    """tests/reliability_probe.py's attempts (the issue's kinds), except the groups other engineers own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reliability_probe", Path(__file__).with_name("reliability_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    monkeypatch.setattr(probe, "GROUPS", {k: v for k, v in probe.GROUPS.items() if not k.startswith("others")})
+    results = probe.probe()
+    assert sum(sum(c.values()) for c in results.values()) >= 150
+    bad = {group: {k: n for k, n in counts.items() if k != "clear"} for group, counts in results.items()}
+    assert not any(bad.values()), bad
