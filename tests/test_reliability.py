@@ -279,6 +279,20 @@ def test_4_kill_between_the_renames_is_recovered(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m", "other"]
 
 
+def test_4_saving_into_the_working_folder_is_refused_not_moved_away(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is the current working folder"):
+        save_pretrained(_model(), ".")
+    assert Path.cwd() == tmp_path and os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_4_loading_onto_a_missing_device_is_a_clear_error(tmp_path):
+    save_pretrained(_model(), tmp_path / "m")
+    with pytest.raises(ValueError, match="map_location='cuda' is not available"):
+        load_pretrained(tmp_path / "m", map_location="cuda")
+
+
 # ----------------------------------------------------------------------------- 6. generated ids
 
 
@@ -317,6 +331,11 @@ def test_8_config_values_are_checked(field, value, message):
     with pytest.raises(ValueError) as info:
         TitansLNNConfig.from_preset("debug", **{field: value})
     assert message in str(info.value)
+
+
+def test_8_unknown_preset_overrides_are_named():
+    with pytest.raises(ValueError, match=r"unknown TitansLNNConfig fields \['dmodel'\]"):
+        TitansLNNConfig.from_preset("debug", dmodel=3)
 
 
 def test_8_from_dict_rejects_what_is_not_a_config():

@@ -153,6 +153,10 @@ class TitansLNNConfig:
     def from_preset(cls, name: str, **overrides) -> TitansLNNConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TitansLNNConfig fields {unknown}: expected names of its fields, e.g. "
+                             f"d_model, window, mem_chunk")
         fields = dict(PRESETS[name])
         fields.update(overrides)
         return cls(**fields)

@@ -129,7 +129,10 @@ def atomic_replace_dir(folder: str | os.PathLike, fill: Callable[[Path], None]) 
     """Replace ``folder`` by a new one that ``fill(tmp)`` populates. ``fill`` writes into a temporary
     sibling folder; every file in it is fsynced, then the folder is renamed into place (the old one,
     if any, is moved aside first and deleted after). Returns ``folder``."""
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))
+    if Path.cwd() == folder or folder in Path.cwd().parents:
+        raise ValueError(f"{folder} is the current working folder (or holds it): it cannot be replaced as a "
+                         f"whole; write into a subfolder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_replaced_dir(folder)
     if folder.exists() and not folder.is_dir():

@@ -102,6 +102,9 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"map_location={map_location!r} is invalid: expected a device such as 'cpu' or "
                          f"'cuda:0' ({e})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"map_location={map_location!r} is not available: this machine has "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)")
     cfg_path, w_path, manifest_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME, directory / MANIFEST_NAME
     if not directory.is_dir():
         raise FileNotFoundError(f"{cfg_path} not found: {directory} is not a folder; expected one written by "
