@@ -412,6 +412,15 @@ def test_10_train_on_a_missing_device_is_a_clear_error(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_10_any_subcommand_given_a_damaged_or_missing_model_fails_in_one_line(tmp_path, capsys):
+    save_pretrained(_model(), tmp_path / "m")
+    _flip(tmp_path / "m" / "model.safetensors", 10)
+    for folder in (tmp_path / "m", tmp_path / "nope"):
+        assert main(["stability", "--checkpoint", str(folder), "--tokens", "64"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("titans-lnn stability: error: ") and str(folder) in err[0]
+
+
 def test_10_a_broken_subcommand_module_fails_loudly(monkeypatch, capsys):
     import importlib
 

@@ -195,8 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: the subcommand's; 2 for a bad flag, or a missing or damaged input file (one line)."""
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) + _file_errors() as e:
+        # A subcommand that did not catch a missing or damaged input itself: one line, not a traceback.
+        print(f"titans-lnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _file_errors() -> tuple[type[Exception], ...]:
+    """Our errors for damaged files (checksums, manifests, fingerprints), when their modules are loaded."""
+    errors = []
+    for module, name in (("titans_lnn.io", "IntegrityError"), ("titans_lnn.training.checkpoint", "CheckpointError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":
