@@ -416,7 +416,7 @@ def test_10_any_subcommand_given_a_damaged_or_missing_model_fails_in_one_line(tm
     save_pretrained(_model(), tmp_path / "m")
     _flip(tmp_path / "m" / "model.safetensors", 10)
     for folder in (tmp_path / "m", tmp_path / "nope"):
-        assert main(["stability", "--checkpoint", str(folder), "--tokens", "64"]) == 2
+        assert main(["stability", "--checkpoint", str(folder)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("titans-lnn stability: error: ") and str(folder) in err[0]
 
