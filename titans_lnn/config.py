@@ -186,8 +186,13 @@ class TitansLNNConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The declared type of each field, which __post_init__ enforces.
+# The declared type of each field, which __post_init__ enforces (a new field needs a type it knows).
 _KINDS = {f.name: f.type for f in dataclasses.fields(TitansLNNConfig)}
+_unchecked = {name: kind for name, kind in _KINDS.items()
+              if kind not in ("str", "int", "float", "bool", "float | None")}
+if _unchecked:
+    raise TypeError(f"TitansLNNConfig fields {_unchecked} have types __post_init__ does not check: expected str, int, "
+                    f"float, bool or float | None")
 
 PRESETS: dict[str, dict] = {
     # Unit tests: a few thousand parameters, every code path exercised.
