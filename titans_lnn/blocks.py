@@ -27,6 +27,7 @@ from titans_lnn.config import TitansLNNConfig
 from titans_lnn.layers import RMSNorm, SwiGLU, residual_output
 from titans_lnn.liquid import LiquidCore
 from titans_lnn.memory import NeuralMemory
+from titans_lnn.mixers import Based, GatedDeltaNet, Lfm2, Mamba2
 from titans_lnn.state import BlockState, EmptyState, MACState, PairState, State
 
 
@@ -205,6 +206,11 @@ MIXERS: dict[str, Callable[[TitansLNNConfig], nn.Module]] = {
     "full": lambda c: Residual(SlidingWindowAttention.from_config(c), c.d_model, c.norm_eps),
     "lmm": lambda c: Residual(NeuralMemory.from_config(c), c.d_model, c.norm_eps),
     "liquid": lambda c: NoMixer(),
+    # the seed architectures (titans_lnn.mixers)
+    "mamba2": lambda c: Residual(Mamba2.from_config(c), c.d_model, c.norm_eps),
+    "based": Based.from_config,
+    "lfm2": Lfm2.from_config,
+    "gdn": lambda c: Residual(GatedDeltaNet.from_config(c), c.d_model, c.norm_eps),
 }
 
 

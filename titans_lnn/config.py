@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 
-VARIANTS = ("mac", "mag", "mal", "swa", "full", "liquid", "lmm")
+VARIANTS = ("mac", "mag", "mal", "swa", "full", "liquid", "lmm", "mamba2", "based", "lfm2", "gdn")
 # What each variant contains. mac/mag/mal are the Titans variants (paper section 4) with the liquid
 # core in every block; the rest are the ablations the evaluations compare against.
 _PARTS = {
@@ -23,17 +23,25 @@ _PARTS = {
     "full": ("attention",),
     "liquid": ("liquid",),
     "lmm": ("memory",),
+    # The seed architectures (titans_lnn.mixers), without the liquid core so that each is itself.
+    "mamba2": ("ssm",),
+    "based": ("conv", "linear_attention", "attention"),
+    "lfm2": ("conv", "attention"),
+    "gdn": ("delta_memory",),
 }
 # Upper bounds on sizes that are allocated whole however few tokens are read (a typo such as
 # mem_chunk=10**9 otherwise allocates a chunk buffer of that many positions for a 12-token input).
 MAX_MEM_CHUNK = 4096  # the papers use 8..64; a chunk this long already means a few memory updates per window
 MAX_WINDOW = 1 << 20  # the attention cache preallocates window - 1 keys and values per layer
 MAX_VOCAB = 1 << 24
+MAX_FEATURE_DIM = 64  # BASED's state holds 1 + F + F^2 rows per head
 
 
 @dataclass(frozen=True)
 class TitansLNNConfig:
-    variant: str = "mac"  # one of VARIANTS: mac | mag | mal (Titans), swa | full | liquid | lmm (ablations)
+    # one of VARIANTS: mac | mag | mal (Titans), swa | full | liquid | lmm (ablations), mamba2 | based | lfm2 | gdn
+    # (the seed architectures, titans_lnn.mixers)
+    variant: str = "mac"
     vocab_size: int = 256  # byte-level tokenizer by default
     d_model: int = 256  # residual stream width
     n_layers: int = 4  # number of blocks
@@ -59,6 +67,11 @@ class TitansLNNConfig:
     mem_gate_context: bool = False  # gates read the key's convolution (local context), not the token alone
     mem_stable_step: bool = True  # bound the inner step by the curvature (False: the paper's update, can be chaotic)
     conv_kernel: int = 4  # depthwise causal convolution width after the memory's q/k/v projections
+    ssm_state: int = 16  # mamba2: state entries N per channel (d_state)
+    ssm_expand: int = 2  # mamba2: inner width as a multiple of d_model
+    ssm_head_dim: int = 16  # mamba2: head width P (must divide d_model * ssm_expand)
+    short_conv: int = 3  # lfm2, based: width of the gated short convolution (LFM2's L_cache)
+    feature_dim: int = 16  # based: q/k width per head before the Taylor map (state rows 1 + F + F^2 per head)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the input embedding and the LM head
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
@@ -86,7 +99,8 @@ class TitansLNNConfig:
         if self.variant not in VARIANTS:
             raise bad("variant", self.variant, f"one of {', '.join(VARIANTS)}")
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "window",
-                    "liquid_expand", "liquid_state", "mem_heads", "mem_depth", "mem_chunk", "conv_kernel")
+                    "liquid_expand", "liquid_state", "mem_heads", "mem_depth", "mem_chunk", "conv_kernel",
+                    "ssm_state", "ssm_expand", "ssm_head_dim", "short_conv", "feature_dim")
         for name in positive:
             value = getattr(self, name)
             if value < 1:
@@ -96,6 +110,11 @@ class TitansLNNConfig:
         for name, limit in (("mem_chunk", MAX_MEM_CHUNK), ("window", MAX_WINDOW), ("vocab_size", MAX_VOCAB)):
             if getattr(self, name) > limit:
                 raise bad(name, getattr(self, name), f"at most {limit}")
+        if self.feature_dim > MAX_FEATURE_DIM:
+            raise bad("feature_dim", self.feature_dim, f"at most {MAX_FEATURE_DIM} (the state grows as its square)")
+        if (self.d_model * self.ssm_expand) % self.ssm_head_dim:
+            raise bad("ssm_head_dim", self.ssm_head_dim, f"a divisor of d_model * ssm_expand = "
+                                                         f"{self.d_model * self.ssm_expand}")
         if self.n_heads % self.n_kv_heads:
             raise bad("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -135,7 +154,8 @@ class TitansLNNConfig:
 
     @property
     def parts(self) -> tuple[str, ...]:
-        """Which components the blocks contain: a subset of ("attention", "memory", "liquid")."""
+        """Which components the blocks contain: a subset of ("attention", "memory", "liquid") for the Titans
+        variants and ablations; the seeds name theirs ("ssm", "conv", "linear_attention", "delta_memory")."""
         return _PARTS[self.variant]
 
     @property
