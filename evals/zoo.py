@@ -10,9 +10,10 @@ job's size (config preset "niah": d_model 64, 2 blocks, window 64); those withou
 get the MLP width that brings them closest to the MAL hybrid's parameter count (as ``niah_config``).
 
 Each mechanism trains twice from the same seed, with AdamW and a cosine schedule:
-  - MQAR (Zoology's multi-query associative recall; byte vocabulary, keys 1..127, values 128..255),
-    sequences of ``--mqar-train-len`` tokens with 4..32 key-value pairs, loss on the answers only;
-    evaluated by accuracy per number of pairs at ``--mqar-len`` tokens (longer than the window);
+  - MQAR (Zoology's multi-query associative recall; ``--mqar-vocab`` ids, keys in the lower half,
+    values in the upper), sequences of ``--mqar-train-len`` tokens with 2..16 key-value pairs, loss
+    on the answers only; evaluated by accuracy per number of pairs at ``--mqar-len`` tokens (longer
+    than the attention window, so that the window alone cannot see every pair);
   - the King James Bible as bytes (``load_corpus("kjv")``, the last 5% held out), windows of
     ``--lm-len``; evaluated in bits per byte on held-out text streamed through the state.
 Then tokens/s (batch 1, streamed in pieces of 2048, no gradient) and the state's bytes after
@@ -40,8 +41,8 @@ MECHANISMS = {  # label -> variant
     "Mamba-2": "mamba2", "BASED": "based", "LFM2": "lfm2", "Gated DeltaNet": "gdn",
     "SWA only": "swa", "full attention": "full",
 }
-MQAR_TRAIN_PAIRS = (4, 8, 16, 32)
-MQAR_EVAL_PAIRS = (4, 8, 16, 32, 64)
+MQAR_TRAIN_PAIRS = (2, 4, 8, 16)
+MQAR_EVAL_PAIRS = (2, 4, 8, 16, 24)
 TRAIN_SEED = 10_000  # MQAR training batches draw seeds above this; evaluation uses seed 0
 
 
@@ -107,16 +108,35 @@ def _train(model, batches, steps: int, lr: float) -> tuple[float, float]:
     return sum(tail) / len(tail), tokens / (time.perf_counter() - t0)
 
 
-def _mqar_batches(batch_size: int, seq_len: int, seed: int):
+def _mqar_batches(batch_size: int, seq_len: int, vocab: int, seed: int):
     from titans_lnn.evals.mqar import make_mqar
 
     rng = np.random.default_rng(seed)
+    choices = [n for n in MQAR_TRAIN_PAIRS if 4 * n <= seq_len and n < vocab // 2]
 
     def batch(step: int):
-        pairs = int(rng.choice([n for n in MQAR_TRAIN_PAIRS if 4 * n <= seq_len]))
-        return make_mqar(batch_size, seq_len, pairs, vocab_size=256, seed=TRAIN_SEED + seed * 100_000 + step)
+        pairs = int(rng.choice(choices))
+        return make_mqar(batch_size, seq_len, pairs, vocab_size=vocab, seed=TRAIN_SEED + seed * 100_000 + step)
 
     return batch
+
+
+def _mqar_accuracy(model, seq_len: int, vocab: int, samples: int) -> dict[str, float]:
+    """{pairs: the fraction of queries answered right (argmax)} on ``samples`` sequences per pair count
+    (evaluation seed 0, never a training seed), streamed in pieces of 1024 tokens."""
+    from titans_lnn.evals.mqar import make_mqar
+
+    out = {}
+    for n in MQAR_EVAL_PAIRS:
+        if 4 * n > seq_len or n >= vocab // 2:
+            continue
+        ids, labels = make_mqar(samples, seq_len, n, vocab_size=vocab, seed=0)  # (S, T) each
+        right = 0
+        for s, logits, _ in model.stream_pieces(ids, chunk_len=1024):
+            lab = labels[:, s:s + logits.shape[1]]
+            right += int(((logits.argmax(-1) == lab) & (lab != -100)).sum())
+        out[str(n)] = right / (samples * n)
+    return out
 
 
 def _lm_batches(train: np.ndarray, batch_size: int, seq_len: int, seed: int):
@@ -155,7 +175,6 @@ def _throughput(model, tokens: int = 8192) -> float:
 
 def run_mechanism(label: str, settings: dict) -> dict:
     """Train and evaluate one mechanism (in a worker process); returns its row of numbers."""
-    from titans_lnn.evals.runner import evaluate_mqar
     from titans_lnn.model import TitansLNN
     from titans_lnn.training.data import load_corpus
 
@@ -169,11 +188,9 @@ def run_mechanism(label: str, settings: dict) -> dict:
     model = TitansLNN(config)
     row["params"] = model.num_parameters()
     row["mqar_loss"], row["train_tok_s"] = _train(
-        model, _mqar_batches(s["batch_size"], s["mqar_train_len"], s["seed"]), s["mqar_steps"], s["lr"])
-    records = evaluate_mqar(model, [s["mqar_len"]], MQAR_EVAL_PAIRS, samples=s["mqar_samples"], seed=0,
-                            progress=False, batch_size=s["mqar_samples"])
-    row["mqar"] = {str(n): float(np.mean([r["score"] for r in records if r["num_kv_pairs"] == n]))
-                   for n in MQAR_EVAL_PAIRS if any(r["num_kv_pairs"] == n for r in records)}
+        model, _mqar_batches(s["batch_size"], s["mqar_train_len"], s["mqar_vocab"], s["seed"]), s["mqar_steps"],
+        s["mqar_lr"])
+    row["mqar"] = _mqar_accuracy(model, s["mqar_len"], s["mqar_vocab"], s["mqar_samples"])
 
     split = load_corpus("kjv").split(0.05, by="tail")
     torch.manual_seed(s["seed"])
@@ -193,7 +210,7 @@ def run_mechanism(label: str, settings: dict) -> dict:
 def _table(rows: list[dict], settings: dict) -> str:
     pairs = [str(n) for n in MQAR_EVAL_PAIRS]
     head = ["mechanism", "params", *[f"MQAR {n} kv" for n in pairs], "KJV bits/byte", "stream tok/s",
-            "state bytes", "train s"]
+            "state bytes", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mqar = [f"{r['mqar'][n]:.2f}" if n in r["mqar"] else "-" for n in pairs]
@@ -201,9 +218,11 @@ def _table(rows: list[dict], settings: dict) -> str:
                                         f"{r['stream_tok_s']:,.0f}", f"{r['state_bytes']:,}",
                                         f"{r['seconds']:.0f}"]) + " |")
     s = settings
-    notes = (f"\nMQAR: trained {s['mqar_steps']} steps x {s['batch_size']} sequences of {s['mqar_train_len']} tokens "
-             f"(4..32 pairs), accuracy on {s['mqar_samples']} sequences of {s['mqar_len']} tokens per number of pairs "
-             f"(attention window 64). KJV: trained {s['lm_steps']} steps x {s['batch_size']} x {s['lm_len']} bytes, "
+    notes = (f"\nMQAR: vocabulary {s['mqar_vocab']} (chance 2/{s['mqar_vocab']}), trained {s['mqar_steps']} steps x "
+             f"{s['batch_size']} sequences of {s['mqar_train_len']} tokens (2..16 pairs, lr {s['mqar_lr']}), "
+             f"accuracy on {s['mqar_samples']} sequences of {s['mqar_len']} tokens per number of pairs "
+             "(attention window 64). "
+             f"KJV: trained {s['lm_steps']} steps x {s['batch_size']} x {s['lm_len']} bytes (lr {s['lr']}), "
              f"bits/byte on {s['val_rows']} held-out rows of {s['val_len']} bytes, streamed. Stream tok/s: batch 1, "
              f"8192 tokens in pieces of 2048, {s['threads']} thread(s) per model, {s['workers']} model(s) at once. "
              "State bytes: after 1024 tokens (full attention's grows with the text; the others' are fixed).\n")
@@ -234,14 +253,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _labels(text: str) -> list[str]:
-    by_variant = {v: label for label, v in MECHANISMS.items()}
+def _variants(text: str) -> list[str]:
+    known = list(MECHANISMS.values())
     out = []
     for name in (t.strip() for t in text.split(",") if t.strip()):
-        if name not in by_variant:
-            raise argparse.ArgumentTypeError(f"unknown mechanism {name!r}: expected variants from "
-                                             f"{', '.join(by_variant)}")
-        out.append(by_variant[name])
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"unknown mechanism {name!r}: expected variants from {', '.join(known)}")
+        out.append(name)
     if not out:
         raise argparse.ArgumentTypeError("expected at least one variant")
     return out
@@ -261,13 +279,17 @@ def run(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    if 4 * max(MQAR_TRAIN_PAIRS[0], 1) > args.mqar_train_len or args.mqar_train_len % 2 or args.mqar_len % 2:
+    lengths = (args.mqar_train_len, args.mqar_len)
+    if 4 * MQAR_TRAIN_PAIRS[0] > min(lengths) or any(n % 2 for n in lengths):
         raise SystemExit(f"zoo: --mqar-train-len={args.mqar_train_len} and --mqar-len={args.mqar_len} must be even "
                          f"and >= {4 * MQAR_TRAIN_PAIRS[0]}")
+    if not 2 * MQAR_TRAIN_PAIRS[0] < args.mqar_vocab <= 256:
+        raise SystemExit(f"zoo: --mqar-vocab={args.mqar_vocab} must be in [{2 * MQAR_TRAIN_PAIRS[0] + 1}, 256]")
     workers = args.workers or min(2, os.cpu_count() or 1)
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     settings = {k: getattr(args, k) for k in ("mqar_steps", "lm_steps", "batch_size", "mqar_train_len", "mqar_len",
-                                              "mqar_samples", "lm_len", "val_rows", "val_len", "lr", "seed")}
+                                              "mqar_vocab", "mqar_samples", "mqar_lr", "lm_len", "val_rows",
+                                              "val_len", "lr", "seed")}
     settings.update(threads=threads, workers=workers)
     labels = [label for label, v in MECHANISMS.items() if args.only is None or v in args.only]
     out = Path(args.out)
@@ -296,18 +318,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("zoo", help="train every mechanism (Titans, liquid, Mamba-2, BASED, LFM2, Gated "
                                           "DeltaNet, attention) at one size; MQAR, KJV bits/byte, speed, state",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", type=_labels, default=None,
+    p.add_argument("--only", type=_variants, default=None,
                    help="comma-separated variants to run (default all: " + ",".join(MECHANISMS.values()) + ")")
-    p.add_argument("--mqar-steps", type=_positive, default=200, help="MQAR training steps (default 200)")
-    p.add_argument("--lm-steps", type=_positive, default=200, help="KJV training steps (default 200)")
+    p.add_argument("--mqar-steps", type=_positive, default=300, help="MQAR training steps (default 300)")
+    p.add_argument("--lm-steps", type=_positive, default=300, help="KJV training steps (default 300)")
     p.add_argument("--batch-size", type=_positive, default=16, help="sequences per training step (default 16)")
-    p.add_argument("--mqar-train-len", type=_positive, default=128, help="MQAR training length (default 128)")
-    p.add_argument("--mqar-len", type=_positive, default=256, help="MQAR evaluation length (default 256)")
-    p.add_argument("--mqar-samples", type=_positive, default=64, help="MQAR sequences per pair count (default 64)")
+    p.add_argument("--mqar-train-len", type=_positive, default=64, help="MQAR training length (default 64)")
+    p.add_argument("--mqar-len", type=_positive, default=128, help="MQAR evaluation length (default 128)")
+    p.add_argument("--mqar-vocab", type=_positive, default=64,
+                   help="MQAR token ids: keys 1..V/2-1, values V/2..V-1 (default 64; at most the model's 256)")
+    p.add_argument("--mqar-samples", type=_positive, default=32, help="MQAR sequences per pair count (default 32)")
+    p.add_argument("--mqar-lr", type=float, default=1e-2, help="peak learning rate on MQAR (default 1e-2)")
     p.add_argument("--lm-len", type=_positive, default=128, help="KJV training window in bytes (default 128)")
-    p.add_argument("--val-rows", type=_positive, default=4, help="held-out KJV rows (default 4)")
+    p.add_argument("--val-rows", type=_positive, default=2, help="held-out KJV rows (default 2)")
     p.add_argument("--val-len", type=_positive, default=4096, help="bytes per held-out row (default 4096)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate on KJV (default 3e-3)")
     p.add_argument("--seed", type=_positive, default=1, help="seed of the weights and training data (default 1)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: min(2, CPU cores))")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores / workers)")
