@@ -23,8 +23,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = (f"titans-lnn adapt demo --out {args.out}" + (f" --base {args.base}" if args.base else
+                                                           f" --base-steps {args.base_steps}") +
+               f" --expert-steps {args.expert_steps} --eval-rows {args.eval_rows} --batch-size {args.batch_size} "
+               f"--seed {args.seed}" + (f" --threads {args.threads}" if args.threads else ""))
     table = run_demo(args.out, base=args.base, base_steps=args.base_steps, expert_steps=args.expert_steps,
-                     n_eval=args.eval_rows, batch_size=args.batch_size, seed=args.seed)
+                     n_eval=args.eval_rows, batch_size=args.batch_size, seed=args.seed, command=command)
     print(table)
     print(f"written: {args.out}/table.md, {args.out}/experts/*.safetensors")
     return 0
@@ -50,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     task = make_task(args.task, batch_size=args.batch_size, n_eval=args.eval_rows, seed=args.seed)
     svf = SVF(model, tuple(args.targets))
-    before = score_rows(model, task.eval_rows, task.metric)
+    before = score_rows(model, task.eval_rows, task.metrics)
 
     def log(step: int, loss: float) -> None:
         if step % 10 == 0 or step == args.steps - 1:
@@ -59,10 +63,12 @@ def _train(args: argparse.Namespace) -> int:
     expert = train_svf(svf, task.batch, args.steps, name=args.name or args.task, lr=args.lr,
                        objective=args.objective, kl_coef=args.kl, seed=args.seed, on_step=log, task=args.task)
     with svf.applied(expert):
-        after = score_rows(model, task.eval_rows, task.metric)
+        after = score_rows(model, task.eval_rows, task.metrics)
     expert.save(args.out)
-    print(f"{args.task} {task.metric}: base {before:.4f} -> expert {after:.4f} on {args.eval_rows} held-out rows; "
-          f"{expert.num_parameters()} parameters written to {args.out}")
+    for metric in task.metrics:
+        print(f"{args.task} {metric}: base {before[metric]:.4f} -> expert {after[metric]:.4f} "
+              f"({args.eval_rows} held-out rows)")
+    print(f"{expert.num_parameters()} parameters written to {args.out}")
     return 0
 
 
@@ -109,7 +115,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--base-steps", type=integer(1), default=300, help="base training steps on KJV (default: 300)")
     d.add_argument("--expert-steps", type=integer(1), default=60, help="training steps of each expert and LoRA "
                                                                        "(default: 60)")
-    d.add_argument("--eval-rows", type=integer(1), default=32, help="held-out rows per task (default: 32)")
+    d.add_argument("--eval-rows", type=integer(1), default=64, help="held-out rows per task (default: 64)")
     d.add_argument("--batch-size", type=integer(1), default=8, help="training batch size (default: 8)")
     d.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's choice)")
     d.add_argument("--seed", type=integer(0), default=0, help="random seed (default: 0)")

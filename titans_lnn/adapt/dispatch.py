@@ -70,12 +70,19 @@ def label_scores(model: nn.Module, prompt: torch.Tensor, labels: Sequence[str], 
     return (picked.sum(1) / mask.sum(1)).cpu()
 
 
-def prompt_dispatch(model: nn.Module, prompts: Sequence[torch.Tensor], labels: Sequence[str], **kwargs) -> list[int]:
-    """For each prompt, the index of the label the model finds likeliest (``label_scores``)."""
+def prompt_dispatch(model: nn.Module, prompts: Sequence[torch.Tensor], labels: Sequence[str], *,
+                    calibrate: bool = False, **kwargs) -> list[int]:
+    """For each prompt, the index of the label the model finds likeliest (``label_scores``). With
+    ``calibrate``, each label's score after a content-free prompt ("N/A") is subtracted first (contextual
+    calibration, Zhao et al. 2021): a base LM's preference for one label whatever the prompt cancels."""
     _check_prompts(prompts)
     if len(labels) < 2:
         raise ValueError(f"labels={list(labels)!r}: expected at least two task names to choose from")
-    return [int(label_scores(model, p, labels, **kwargs).argmax()) for p in prompts]
+    prior = 0
+    if calibrate:
+        encode = kwargs.get("encode") or (lambda text: list(text.encode("utf-8")))
+        prior = label_scores(model, torch.tensor(encode("N/A")), labels, **kwargs)
+    return [int((label_scores(model, p, labels, **kwargs) - prior).argmax()) for p in prompts]
 
 
 # ----------------------------------------------------------------------------- classifier expert
