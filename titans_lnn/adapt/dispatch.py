@@ -168,6 +168,8 @@ class Classifier:
     def load(cls, path: str | os.PathLike) -> Classifier:
         from safetensors import safe_open
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such classifier file")
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != CLASSIFIER_FORMAT:

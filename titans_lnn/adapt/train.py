@@ -79,13 +79,14 @@ def train_adapter(model: nn.Module, params: list[torch.Tensor], weights: Callabl
     if not lr > 0:
         raise ValueError(f"lr={lr!r} is invalid: expected a number > 0")
     opt = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)  # multinomial samples on the logits' device
     losses = []
     with frozen(model):
         for step in range(steps):
             ids, labels = batches(step)
-            loss = adapter_loss(model, weights(), ids, labels, objective=objective, kl_coef=kl_coef,
-                                generator=generator)
+            loss = adapter_loss(model, weights(), ids.to(device), labels.to(device), objective=objective,
+                                kl_coef=kl_coef, generator=generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
