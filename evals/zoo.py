@@ -50,18 +50,22 @@ def zoo_config(variant: str, match: str = "mal"):
     """The preset "niah" model of ``variant``; without the neural memory, the MLP width (in steps of 0.25
     d_model) whose parameter count is closest to the ``match`` hybrid's."""
     from titans_lnn.config import PRESETS, TitansLNNConfig
-    from titans_lnn.model import TitansLNN
+    from titans_lnn.layers import SwiGLU
 
     base = PRESETS["niah"]
     config = TitansLNNConfig(variant=variant, **base)
     if "memory" in config.parts:
         return config
 
-    def size(mult: float) -> int:
+    def mlp(mult: float) -> int:  # the blocks' MLPs are all that the width changes
         with torch.device("meta"):
-            return TitansLNN(config.replace(mlp_mult=mult)).num_parameters()
+            return config.n_layers * sum(p.numel() for p in SwiGLU(config.d_model, mult).parameters())
 
-    target = size_of(match)
+    n0, target = size_of(variant), size_of(match)
+
+    def size(mult: float) -> int:
+        return n0 - mlp(base["mlp_mult"]) + mlp(mult)
+
     mult = base["mlp_mult"]
     step = 0.25 if size(mult) < target else -0.25
     while mult + step >= 0.25 and abs(size(mult + step) - target) < abs(size(mult) - target):
@@ -70,6 +74,7 @@ def zoo_config(variant: str, match: str = "mal"):
 
 
 def size_of(variant: str) -> int:
+    """Parameters of the preset "niah" model of ``variant`` (built on the meta device: no memory)."""
     from titans_lnn.config import TitansLNNConfig
     from titans_lnn.model import TitansLNN
 
@@ -173,10 +178,10 @@ def _throughput(model, tokens: int = 8192) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def run_mechanism(label: str, settings: dict) -> dict:
-    """Train and evaluate one mechanism (in a worker process); returns its row of numbers."""
+def run_mechanism(label: str, settings: dict, kjv: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Train and evaluate one mechanism (in a worker process); ``kjv``: the (train, val) byte arrays.
+    Returns its row of numbers."""
     from titans_lnn.model import TitansLNN
-    from titans_lnn.training.data import load_corpus
 
     torch.set_num_threads(settings["threads"])
     t0 = time.perf_counter()
@@ -192,12 +197,12 @@ def run_mechanism(label: str, settings: dict) -> dict:
         s["mqar_lr"])
     row["mqar"] = _mqar_accuracy(model, s["mqar_len"], s["mqar_vocab"], s["mqar_samples"])
 
-    split = load_corpus("kjv").split(0.05, by="tail")
+    train, val = kjv
     torch.manual_seed(s["seed"])
     model = TitansLNN(config)
-    row["lm_loss"], _ = _train(model, _lm_batches(split.train, s["batch_size"], s["lm_len"], s["seed"]),
-                               s["lm_steps"], s["lr"])
-    row["bits_per_byte"] = _bits_per_byte(model, split.val, s["val_rows"], s["val_len"])
+    row["lm_loss"], _ = _train(model, _lm_batches(train, s["batch_size"], s["lm_len"], s["seed"]), s["lm_steps"],
+                               s["lr"])
+    row["bits_per_byte"] = _bits_per_byte(model, val, s["val_rows"], s["val_len"])
     row["stream_tok_s"] = _throughput(model)
     with torch.no_grad():
         state = model.stream(torch.randint(0, 256, (1, 1024)), chunk_len=1024, logits="none").state
@@ -295,15 +300,31 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    from titans_lnn.training.data import load_corpus
+
+    split = load_corpus("kjv").split(0.05, by="tail")  # the last 5% held out
+    kjv = (split.train, split.val)
+    if len(split.val) < args.val_len or len(split.train) <= args.lm_len + 1:
+        raise SystemExit(f"zoo: the held-out text has {len(split.val)} bytes, training text {len(split.train)}: "
+                         f"too few for --val-len={args.val_len} and --lm-len={args.lm_len}")
     slow_first = sorted(labels, key=lambda label: MECHANISMS[label] not in ("mac", "mag", "mal", "based"))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {label: pool.submit(run_mechanism, label, settings) for label in slow_first}
+    done: dict[str, dict] = {}
+
+    def report(label: str, row: dict) -> None:
+        done[label] = row
+        print(f"{label:16s} {row['params']:>7,} params  MQAR {row['mqar']}  {row['bits_per_byte']:.3f} bits/byte  "
+              f"{row['stream_tok_s']:,.0f} tok/s  {row['state_bytes']:,} state bytes  {row['seconds']:.0f}s",
+              flush=True)
+
+    if workers == 1:
         for label in slow_first:
-            row = futures[label].result()
-            print(f"{label:16s} {row['params']:>7,} params  MQAR {row['mqar']}  {row['bits_per_byte']:.3f} bits/byte  "
-                  f"{row['stream_tok_s']:,.0f} tok/s  {row['state_bytes']:,} state bytes  {row['seconds']:.0f}s",
-                  flush=True)
-    rows = [futures[label].result() for label in labels]
+            report(label, run_mechanism(label, settings, kjv))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {label: pool.submit(run_mechanism, label, settings, kjv) for label in slow_first}
+            for label in slow_first:
+                report(label, futures[label].result())
+    rows = [done[label] for label in labels]
     settings["wall_seconds"] = round(time.perf_counter() - t0, 1)
     table = _table(rows, settings)
     (out / "zoo.md").write_text(f"# Model zoo\n\n{table}\nWall time: {settings['wall_seconds']:.0f} s.\n")

@@ -322,3 +322,50 @@ def test_bad_kwargs_are_named(build, match):
 def test_forward_impl_is_checked():
     with pytest.raises(ValueError, match="impl='triton'"):
         GatedDeltaNet(DIM)(torch.randn(1, 3, DIM), impl="triton")
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+
+def test_zoo_models_have_the_hybrids_size():
+    from titans_lnn.evals.zoo import MECHANISMS, size_of, zoo_config
+
+    target = size_of("mal")
+    for label, variant in MECHANISMS.items():
+        config = zoo_config(variant)
+        with torch.device("meta"):
+            n = TitansLNN(config).num_parameters()
+        assert abs(n - target) / target < 0.05, (label, n, target)
+        assert "liquid" not in config.parts or variant in ("mac", "mag", "mal", "liquid")
+
+
+def test_zoo_command_writes_its_table_and_plot(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from titans_lnn.cli import main
+    from titans_lnn.training import data
+
+    text = np.frombuffer(b"In the beginning God created the heaven and the earth. " * 200, dtype=np.uint8)
+    byte = data.get_tokenizer("byte")
+    monkeypatch.setattr(data, "load_corpus", lambda name: data.Corpus.from_documents(name, [("gen", text)], byte))
+
+    argv = ["zoo", "--only", "swa,gdn", "--mqar-steps", "2", "--lm-steps", "2", "--mqar-samples", "2",
+            "--val-rows", "1", "--val-len", "300", "--workers", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    table = (tmp_path / "zoo.md").read_text()
+    assert "| Gated DeltaNet |" in table and "| SWA only |" in table
+    assert (tmp_path / "zoo.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "zoo.json").read_text())["rows"]
+    for row in rows:  # fixed-size states: after 1024 tokens as at the start
+        assert row["state_bytes"] == row["state_bytes_init"] > 0
+        assert set(row["mqar"]) == {"2", "4", "8", "16", "24"} and 0 < row["bits_per_byte"] < 16
+
+
+def test_zoo_flags_are_checked(capsys):
+    from titans_lnn.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["zoo", "--only", "transformer"])
+    assert "unknown mechanism 'transformer'" in capsys.readouterr().err
