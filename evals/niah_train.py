@@ -7,9 +7,10 @@ below TRAIN_SEED_BASE, so no evaluated prompt (and no needle placement) was seen
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -100,6 +101,36 @@ def filler_write_rate(model: TitansLNN, filler: torch.Tensor) -> torch.Tensor:
     return sum(rates) if rates else torch.zeros(())
 
 
+@contextlib.contextmanager
+def recorded_write_gates(model: TitansLNN) -> Iterator[dict]:
+    """While open: ``{memory: gate}`` with each memory's write gate of its last forward before any
+    threshold, theta / max_lr in [0, 1] (B, H, T), recorded by a hook on the gate projection (whose
+    first ``heads`` outputs are theta's logits). A penalty on it keeps pushing the filler's gates down
+    where the threshold already skips them (the skipped ``last_theta`` is 0 and has no gradient), so
+    the filler ends far below the threshold rather than just under it: a margin that holds at 1M."""
+    gates: dict = {}
+
+    def hook(memory):
+        def record(module, inputs, output):
+            logits = output[..., :memory.heads].transpose(1, 2).float()  # (B, H, T): theta's logits
+            gates[memory] = torch.sigmoid(logits) if memory.write_gate == "sigmoid" else logits.clamp(0, 1)
+        return record
+
+    handles = [m.w_gates.register_forward_hook(hook(m)) for m in memory_modules(model)]
+    try:
+        yield gates
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def filler_gate_mean(gates: dict, filler: torch.Tensor) -> torch.Tensor:
+    """Mean write gate (``recorded_write_gates``) over the filler tokens (``filler``: (B, T) bool) and
+    heads, summed over the memories."""
+    weight = filler.float() / filler.sum().clamp_min(1)  # (B, T)
+    return sum(((g.mean(1) * weight).sum() for g in gates.values()), torch.zeros(()))
+
+
 def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Random):
     """``task_batch`` of passkey prompts."""
     return task_batch("passkey", batch_size, min_len, max_len, rng)
@@ -108,7 +139,7 @@ def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Rando
 def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_size: int = 16, min_len: int = 260,
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
                   lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
-                  threshold_from: float = 0.5, progress: bool = True,
+                  threshold_from: float = 0.5, penalize: str = "written", progress: bool = True,
                   on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
     steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
@@ -116,7 +147,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     ``write_penalty`` adds that weight times the memories' mean write gate (theta / max_lr) over the
     haystack's filler tokens (not the needles, header or question) to the loss, from the fraction
     ``penalty_from`` of the steps on: the memory learns to write nothing on filler, so that what it
-    wrote survives any amount of it.
+    wrote survives any amount of it. ``penalize="written"`` penalises theta after the threshold (0 and
+    no gradient where a write is skipped), ``"gate"`` the gate before it (``recorded_write_gates``:
+    the filler's gates keep going down below the threshold, a margin).
     A memory whose config skips small writes (``mem_write_threshold``) trains without the threshold
     until the fraction ``threshold_from`` of the steps, then with it raised linearly to the config's
     value by the last step: retrieval is learned first, then to keep the filler's writes below it.
@@ -125,6 +158,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train_passkey: steps={steps!r} is invalid: expected a whole number >= 1")
+    if penalize not in ("written", "gate"):
+        raise ValueError(f"train_passkey: penalize={penalize!r} is invalid: expected 'written' or 'gate'")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -145,10 +180,12 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
             x, y, filler = task_batch(task, batch_size, min_len, max_len, rng, with_filler=True)
         else:
             x, y, filler = task_batch(task, long_batch, *long_len, rng, with_filler=True)
-        loss = model(x, labels=y).loss
+        with recorded_write_gates(model) as gates:
+            loss = model(x, labels=y).loss
         total = loss
         if write_penalty and step >= penalty_from * steps:
-            total = loss + write_penalty * filler_write_rate(model, filler)
+            rate = filler_write_rate(model, filler) if penalize == "written" else filler_gate_mean(gates, filler)
+            total = loss + write_penalty * rate
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

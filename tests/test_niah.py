@@ -202,3 +202,43 @@ def test_niah_bad_flags_fail_before_any_work(tmp_path, capsys, flags, named):
 def test_train_passkey_rejects_zero_steps():
     with pytest.raises(ValueError, match="steps=0"):
         train_passkey(TitansLNN(niah_config("mal")), 0, progress=False)
+
+
+def test_gate_penalty_reaches_the_writes_the_threshold_skips():
+    """penalize="gate": the recorded gate is theta / max_lr before the threshold (where a write is kept,
+    it equals last_theta / max_lr), and its filler mean has a gradient on skipped filler tokens too,
+    which the thresholded last_theta (0 there) does not."""
+    import random
+
+    from titans_lnn.evals.niah_train import (
+        filler_gate_mean,
+        filler_write_rate,
+        memory_modules,
+        recorded_write_gates,
+        task_batch,
+    )
+
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal"))
+    for m in memory_modules(model):
+        m.write_threshold = 0.12  # about half the initial gates (~0.1 max_lr plus noise) are skipped
+    x, y, filler = task_batch("passkey", 2, 300, 300, random.Random(0), with_filler=True)
+    with recorded_write_gates(model) as gates:
+        model(x, labels=y)
+    assert len(gates) == 2
+    for m, gate in gates.items():
+        assert gate.shape == m.last_theta.shape == (2, m.heads, x.shape[1])
+        kept = m.last_theta > 0
+        assert 0 < kept.float().mean() < 1
+        torch.testing.assert_close(gate[kept], m.last_theta[kept] / m.max_lr)
+    weight = filler.float() / filler.sum()
+    for m, gate in gates.items():  # each memory's own gate bias (a layer's writes also move the next one's gates)
+        theta_bias = m.w_gates.bias
+        g_gate = torch.autograd.grad(filler_gate_mean({m: gate}, filler), theta_bias, retain_graph=True)[0]
+        written = (m.last_theta.mean(1) * weight).sum() / m.max_lr  # filler_write_rate's term of this memory
+        g_written = torch.autograd.grad(written, theta_bias, retain_graph=True)[0]
+        assert (g_gate[:m.heads] > g_written[:m.heads]).all() and (g_written[:m.heads] >= 0).all()
+    assert filler_write_rate(model, filler) < filler_gate_mean(gates, filler)
+    assert len(gates) == 2 and not memory_modules(model)[0].w_gates._forward_hooks  # hooks removed on exit
+    with pytest.raises(ValueError, match="penalize='all'"):
+        train_passkey(model, 1, penalize="all", progress=False)
