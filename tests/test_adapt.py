@@ -355,3 +355,20 @@ def test_cli_show_and_train(tmp_path, capsys):
     assert Expert.load(tmp_path / "p.safetensors").meta["task"] == "passkey"
     with pytest.raises(SystemExit):
         main(["adapt", "train", "--model", "x", "--task", "chess", "--out", "y"])
+
+
+def test_task_rows_and_prompts():
+    from titans_lnn.adapt.tasks import Task, qa_row, row_scores
+
+    ids, labels = qa_row("passkey", 300, seed=5, depth=0.5)
+    text = bytes(ids.tolist()).decode()
+    answer = bytes(labels[labels != -100].tolist()).decode()
+    assert answer.strip(" .").isdigit() and answer.strip(" .") in text  # the key, stated in the needle
+    assert bytes(Task.prompt(ids, labels).tolist()).decode().endswith("What is the pass key? The pass key is")
+    every = torch.arange(10)
+    assert torch.equal(Task.prompt(every, every), every[:5])  # language modelling: the first half decides
+    model = make_model()
+    scores = row_scores(model, [(ids, labels)], ("exact match", "answer bits per byte"))
+    assert scores["exact match"] == [0.0] and 0 < scores["answer bits per byte"][0] < 20
+    with pytest.raises(ValueError, match="metric='accuracy' is invalid"):
+        row_scores(model, [(ids, labels)], ("accuracy",))

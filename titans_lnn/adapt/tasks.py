@@ -47,9 +47,13 @@ class Task:
 
     @staticmethod
     def prompt(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The tokens read before the first scored prediction (the whole row when every position is scored)."""
+        """What the dispatcher reads: the tokens before the first scored prediction; for a row scored at
+        every position (DNA: language modelling), its first half."""
         scored = (labels != -100).nonzero()
-        return ids[: int(scored[0]) + 1] if len(scored) else ids
+        if not len(scored):
+            return ids
+        first = int(scored[0])
+        return ids[: max(1, len(ids) // 2)] if first == 0 else ids[: first + 1]
 
 
 def qa_row(task: str, length: int, seed: int, depth: float | None) -> Row:
