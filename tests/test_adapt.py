@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from titans_lnn import TitansLNN, TitansLNNConfig
 from titans_lnn.adapt import SVF, Classifier, Expert, LoRA, cem_mixture, classifier_dispatch, prompt_features
-from titans_lnn.adapt.dispatch import few_shot_score, label_scores, prompt_dispatch
+from titans_lnn.adapt.dispatch import few_shot_score, label_scores, prompt_dispatch, prompt_scores
 from titans_lnn.adapt.svf import target_layers
 from titans_lnn.adapt.train import adapter_loss, frozen, train_svf
 from titans_lnn.cli import main
@@ -300,6 +300,8 @@ def test_prompt_dispatch_scores_labels_as_separate_passes_would():
     prior = label_scores(model, torch.tensor(list(b"N/A")), labels, template=": ", max_len=20)
     assert prompt_dispatch(model, [prompt], labels, template=": ", max_len=20, calibrate=True) == [
         int((got - prior).argmax())]
+    torch.testing.assert_close(prompt_scores(model, [prompt, prompt], labels, template=": ", max_len=20,
+                                             calibrate=True), torch.stack([got - prior] * 2))
     with pytest.raises(ValueError, match="at least two task names"):
         prompt_dispatch(model, [prompt], ["only"])
     with pytest.raises(ValueError, match=r"prompts\[0\] must be a non-empty 1-D integer tensor"):

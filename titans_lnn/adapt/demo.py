@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from titans_lnn.adapt.dispatch import Classifier, cem_mixture, few_shot_score, prompt_dispatch, prompt_features
+from titans_lnn.adapt.dispatch import (
+    Classifier,
+    cem_mixture,
+    few_shot_score,
+    label_scores,
+    prompt_features,
+    prompt_scores,
+)
 from titans_lnn.adapt.lora import LoRA
 from titans_lnn.adapt.svf import SVF, Expert
 from titans_lnn.adapt.tasks import HIGHER_IS_BETTER, TASKS, Task, make_task, row_scores, score_rows
@@ -134,9 +141,10 @@ def run_demo(out: str | Path, *, base: str | None = None, base_steps: int = 300,
     for name, task in tasks.items():
         prompts = [Task.prompt(x, y) for x, y in task.eval_rows]
         choices[name] = classifier.predict(prompt_features(model, prompts))
-        labels = [PROMPT_LABELS[n] for n in names]
-        prompt_choices[name] = prompt_dispatch(model, prompts, labels)
-        calibrated_choices[name] = prompt_dispatch(model, prompts, labels, calibrate=True)
+        scores = prompt_scores(model, prompts, [PROMPT_LABELS[n] for n in names])  # (N, K)
+        prior = label_scores(model, torch.tensor(list(b"N/A")), [PROMPT_LABELS[n] for n in names])  # (K,)
+        prompt_choices[name] = scores.argmax(-1).tolist()
+        calibrated_choices[name] = (scores - prior).argmax(-1).tolist()  # prompt_scores(..., calibrate=True)
     cem = {name: cem_mixture(svf, experts, few_shot_score(svf, *_shots(task)), seed=seed)
            for name, task in tasks.items()}
     t_dispatch = time.perf_counter() - t0

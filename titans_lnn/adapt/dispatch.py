@@ -70,19 +70,25 @@ def label_scores(model: nn.Module, prompt: torch.Tensor, labels: Sequence[str], 
     return (picked.sum(1) / mask.sum(1)).cpu()
 
 
-def prompt_dispatch(model: nn.Module, prompts: Sequence[torch.Tensor], labels: Sequence[str], *,
-                    calibrate: bool = False, **kwargs) -> list[int]:
-    """For each prompt, the index of the label the model finds likeliest (``label_scores``). With
-    ``calibrate``, each label's score after a content-free prompt ("N/A") is subtracted first (contextual
-    calibration, Zhao et al. 2021): a base LM's preference for one label whatever the prompt cancels."""
+def prompt_scores(model: nn.Module, prompts: Sequence[torch.Tensor], labels: Sequence[str], *,
+                  calibrate: bool = False, **kwargs) -> torch.Tensor:
+    """(N, K) ``label_scores`` of every prompt. With ``calibrate``, each label's score after a content-free
+    prompt ("N/A") is subtracted (contextual calibration, Zhao et al. 2021): a base LM's preference for one
+    label whatever the prompt cancels."""
     _check_prompts(prompts)
     if len(labels) < 2:
         raise ValueError(f"labels={list(labels)!r}: expected at least two task names to choose from")
-    prior = 0
+    scores = torch.stack([label_scores(model, p, labels, **kwargs) for p in prompts])  # (N, K)
     if calibrate:
         encode = kwargs.get("encode") or (lambda text: list(text.encode("utf-8")))
-        prior = label_scores(model, torch.tensor(encode("N/A")), labels, **kwargs)
-    return [int((label_scores(model, p, labels, **kwargs) - prior).argmax()) for p in prompts]
+        scores = scores - label_scores(model, torch.tensor(encode("N/A")), labels, **kwargs)
+    return scores
+
+
+def prompt_dispatch(model: nn.Module, prompts: Sequence[torch.Tensor], labels: Sequence[str], *,
+                    calibrate: bool = False, **kwargs) -> list[int]:
+    """For each prompt, the index of the label the model finds likeliest (``prompt_scores``)."""
+    return prompt_scores(model, prompts, labels, calibrate=calibrate, **kwargs).argmax(-1).tolist()
 
 
 # ----------------------------------------------------------------------------- classifier expert
@@ -199,13 +205,14 @@ class CEMResult:
     history: list[float]  # the best score after each iteration
 
 
-def cem_mixture(svf: SVF, experts: Sequence[Expert], score: Callable[[Expert], float], *, iterations: int = 5,
+def cem_mixture(svf: SVF, experts: Sequence[Expert], score: Callable[[Expert], float], *, iterations: int = 6,
                 population: int = 10, elite: int = 3, init_std: float = 0.5, seed: int = 0) -> CEMResult:
     """Search the mixing weights alpha (K,) of ``experts`` maximising ``score(svf.mix(experts, alpha))``
     with the cross-entropy method: sample ``population`` alphas from N(mu, sigma^2) (mu = 1/K at the start,
     sigma = ``init_std``), refit mu and sigma to the ``elite`` best, repeat ``iterations`` times; the
-    best alpha ever scored is returned. ``score`` sees each candidate as an ``Expert`` (e.g. minus the
-    loss on a few examples with it applied: ``few_shot_score``)."""
+    best alpha ever scored is returned. The first population also holds each expert alone (one-hot
+    alphas), so the search starts no worse than the best single expert on these examples. ``score`` sees
+    each candidate as an ``Expert`` (e.g. minus the loss on a few examples with it applied: ``few_shot_score``)."""
     K = len(experts)
     if K < 1:
         raise ValueError("cem_mixture needs at least one expert")
@@ -214,8 +221,10 @@ def cem_mixture(svf: SVF, experts: Sequence[Expert], score: Callable[[Expert], f
     g = torch.Generator().manual_seed(seed)
     mu, sigma = torch.full((K,), 1.0 / K, dtype=torch.float64), torch.full((K,), float(init_std), dtype=torch.float64)
     best_alpha, best, history = mu.clone(), float("-inf"), []
-    for _ in range(iterations):
+    for i in range(iterations):
         alphas = mu + sigma * torch.randn(population, K, generator=g, dtype=torch.float64)  # (P, K)
+        if i == 0:
+            alphas = torch.cat([torch.eye(K, dtype=torch.float64), alphas])  # (K + P, K)
         scores = torch.tensor([score(svf.mix(experts, a.tolist())) for a in alphas], dtype=torch.float64)
         top = scores.topk(elite).indices
         if scores[top[0]] > best:
