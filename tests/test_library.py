@@ -243,3 +243,25 @@ def test_labels_and_dt_are_checked():
     swa = TitansLNN(TitansLNNConfig.from_preset("debug", variant="swa"))
     with pytest.raises(ValueError, match="dt is read only by the liquid core"):
         swa(ids, dt=torch.ones(1, 6))
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal", "liquid"])
+def test_checkpointed_loss_has_the_plain_gradients(variant):
+    torch.manual_seed(0)
+    model = TitansLNN(TitansLNNConfig.from_preset("debug", variant=variant)).double()
+    ids = torch.randint(0, 256, (2, 37))
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = -100
+    model(ids, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model.checkpointed_loss(ids, labels, segment_len=6)
+    out.loss.backward()
+    assert out.logits is None and out.state.pos == 37
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+    with pytest.raises(ValueError, match="segment_len=0"):
+        model.checkpointed_loss(ids, labels, segment_len=0)

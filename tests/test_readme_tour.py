@@ -45,15 +45,15 @@ def test_quick_tour_runs_and_streams_in_constant_memory(tmp_path, monkeypatch):
     piece (2.4 -> 8.5 GB RSS from 4K to 16K tokens of the tiny model)."""
     monkeypatch.chdir(tmp_path)  # the tour writes doc.state and ckpt/
     sizes = []
-    forward = TitansLNN.forward
+    forward = TitansLNN._forward  # every call goes through it (forward checks inputs first, decode steps do not)
 
-    def recording_forward(self, input_ids, *args, state=None, **kwargs):
-        out = forward(self, input_ids, *args, state=state, **kwargs)
+    def recording_forward(self, input_ids, labels=None, state=None, dt=None):
+        out = forward(self, input_ids, labels, state, dt)
         if state is not None:
             sizes.append(graph_size(out.state))
         return out
 
-    monkeypatch.setattr(TitansLNN, "forward", recording_forward)
+    monkeypatch.setattr(TitansLNN, "_forward", recording_forward)
     torch.manual_seed(0)
     ns = {}
     with warnings.catch_warnings():

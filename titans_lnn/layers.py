@@ -95,4 +95,4 @@ class CausalConv(OwnInit, nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
         y = self.conv(xx.transpose(1, 2)).transpose(1, 2)  # (B, T, D)
-        return y, xx[:, xx.shape[1] - (self.kernel - 1):]
+        return y, xx[:, xx.shape[1] - (self.kernel - 1):].clone()  # a copy: a view would pin the whole input

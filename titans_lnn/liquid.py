@@ -93,4 +93,4 @@ class LiquidCore(OwnInit, nn.Module):
         h, h_last = liquid_scan(log_a.reshape(B, T, D * N), b.reshape(B, T, D * N), state.h.to(dtype), impl=impl)
         y = (h.view(B, T, D, N) * Ct[:, :, None, :]).sum(-1) + self.skip * u  # (B, T, D)
         out = self.w_out((y * F.silu(z)).to(x.dtype))
-        return out, LiquidState(h_last.to(state.h.dtype))
+        return out, LiquidState(h_last.to(state.h.dtype, copy=True))  # a copy: a view of h would pin all of h

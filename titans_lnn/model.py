@@ -34,9 +34,16 @@ from titans_lnn.state import ModelState, check_like
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V) (None from checkpointed_loss)
     loss: torch.Tensor | None  # scalar, when labels were given
     state: ModelState  # the state after the last token
+
+
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token cross-entropies over the labelled positions, their number); -100 is ignored."""
+    labels = labels.reshape(-1).long()
+    total = F.cross_entropy(logits.float().reshape(labels.shape[0], -1), labels, ignore_index=-100, reduction="sum")
+    return total, (labels != -100).sum()
 
 
 class StreamPiece(NamedTuple):
@@ -179,6 +186,15 @@ class TitansLNN(nn.Module):
         B, T = input_ids.shape
         if state is None:
             state = self.init_state(B)
+        logits, state = self._logits(input_ids, state, dt)
+        loss = None
+        if labels is not None:  # the mean over the labelled positions; 0 (not NaN) when every label is -100
+            total, count = _loss_sum(logits, labels)
+            loss = total / count.clamp_min(1)
+        return ModelOutput(logits, loss, state)
+
+    def _logits(self, input_ids, state: ModelState, dt=None) -> tuple[torch.Tensor, ModelState]:
+        B, T = input_ids.shape
         x = self.embed(input_ids.long())  # (B, T, d)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
@@ -186,12 +202,50 @@ class TitansLNN(nn.Module):
             layers.append(new)
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
-        loss = None
-        if labels is not None:  # the mean over the labelled positions; 0 (not NaN) when every label is -100
-            labels = labels.reshape(B * T).long()
-            total = F.cross_entropy(logits.float().reshape(B * T, -1), labels, ignore_index=-100, reduction="sum")
-            loss = total / (labels != -100).sum().clamp_min(1)
-        return ModelOutput(logits, loss, ModelState(state.pos + T, B, self.fingerprint, layers))
+        return logits, ModelState(state.pos + T, B, self.fingerprint, layers)
+
+    def checkpointed_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, segment_len: int = 2048,
+                          state: ModelState | None = None, dt: torch.Tensor | None = None) -> ModelOutput:
+        """The loss of ``forward(input_ids, labels, state, dt)`` and its gradients, computed in segments of
+        ``segment_len`` tokens whose activations are recomputed in the backward pass (activation
+        checkpointing): training memory grows with one segment's activations plus the states at the segment
+        boundaries, instead of with the whole sequence, so one 64K-token sequence trains on a laptop. The
+        gradients equal the plain forward's (the same operations, run twice). Returns a ``ModelOutput``
+        whose ``logits`` are None (the whole sequence's logits are what this avoids keeping)."""
+        from torch.utils.checkpoint import checkpoint
+
+        if not isinstance(segment_len, int) or isinstance(segment_len, bool) or segment_len < 1:
+            raise ValueError(f"segment_len={segment_len!r} is invalid: expected a positive integer")
+        if labels is None:
+            raise ValueError("checkpointed_loss needs labels: it returns the loss, not the logits")
+        self._check_inputs(input_ids, labels, state, dt)
+        B, T = input_ids.shape
+        if state is None:
+            state = self.init_state(B)
+
+        # Reentrant checkpointing over the state's tensors, passed flat: the non-reentrant form kept memory
+        # growing with the segments read (~90 KB per token of the tiny MAC, measured), this one does not.
+        names = list(state.tensors())
+        anchor = torch.zeros((), requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+
+        def segment(ids, lab, piece_dt, template, _anchor, *flat):
+            seg_state = ModelState.from_tensors(template, template.pos, dict(zip(names, flat)))
+            logits, seg_state = self._logits(ids, seg_state, piece_dt)
+            total, count = _loss_sum(logits, lab)
+            return (total, count, *seg_state.tensors().values())
+
+        total = count = 0
+        for s in range(0, T, segment_len):
+            piece_dt = None if dt is None else dt[:, s:s + segment_len]
+            ids = input_ids[:, s:s + segment_len]
+            args = (ids, labels[:, s:s + segment_len], piece_dt, state, anchor, *state.tensors().values())
+            if torch.is_grad_enabled():
+                t, c, *flat = checkpoint(segment, *args, use_reentrant=True)
+            else:
+                t, c, *flat = segment(*args)
+            state = ModelState.from_tensors(state, state.pos + ids.shape[1], dict(zip(names, flat)))
+            total, count = total + t, count + c
+        return ModelOutput(None, total / count.clamp_min(1), state)
 
     # Streaming.
     def stream_pieces(self, input_ids: torch.Tensor, *, chunk_len: int = 4096, state: ModelState | None = None,
