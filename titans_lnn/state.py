@@ -201,7 +201,8 @@ class ModelState(State):
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {"pos": str(self.pos), "batch_size": str(self.batch_size), "fingerprint": self.fingerprint,
-                "n_layers": str(len(self.layers)), "format": STATE_FORMAT, "sha256": _digest(tensors)}
+                "n_layers": str(len(self.layers)), "format": STATE_FORMAT}
+        meta["sha256"] = _digest(tensors, meta)
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod
@@ -221,8 +222,9 @@ class ModelState(State):
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"{path} is not a titans-lnn state file of format {STATE_FORMAT} "
                              f"(its format: {meta.get('format')!r})")
-        if meta.get("sha256") != _digest(tensors):
-            raise ValueError(f"{path}: its tensors do not match their checksum (the file was modified or damaged)")
+        if meta.get("sha256") != _digest(tensors, meta):
+            raise ValueError(f"{path}: its tensors and header do not match their checksum (the file was modified "
+                             "or damaged)")
         if meta.get("fingerprint") != model.fingerprint:
             raise ValueError(f"{path} was saved by a model with another config (fingerprint "
                              f"{meta.get('fingerprint')}, this model's is {model.fingerprint})")
@@ -260,10 +262,13 @@ class _Replace:
         return self.by_id[id(t)]
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """sha256 over the header's fields (all but the digest itself) and every tensor's name, dtype, shape, bytes."""
     import hashlib
 
     h = hashlib.sha256()
+    for key in ("format", "pos", "batch_size", "fingerprint", "n_layers"):
+        h.update(f"{key}={meta.get(key)}|".encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
