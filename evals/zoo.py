@@ -21,7 +21,8 @@ reading 1024 tokens (``ModelState.nbytes``: fixed from the first token for every
 attention, whose cache grows with the text).
 
 Outputs in ``--out`` (default ``zoo-results/``): ``zoo.md`` (the table), ``zoo.json`` (every number
-and the settings), ``zoo.png`` (MQAR accuracy by pairs; bits/byte against state size).
+and the settings), ``zoo.png`` (MQAR accuracy by pairs; bits/byte against state size); ``--render``
+rewrites the table and plot from ``zoo.json``.
 """
 
 from __future__ import annotations
@@ -230,11 +231,14 @@ def _table(rows: list[dict], settings: dict) -> str:
              f"KJV: trained {s['lm_steps']} steps x {s['batch_size']} x {s['lm_len']} bytes (lr {s['lr']}), "
              f"bits/byte on {s['val_rows']} held-out rows of {s['val_len']} bytes, streamed. Stream tok/s: batch 1, "
              f"8192 tokens in pieces of 2048, {s['threads']} thread(s) per model, {s['workers']} model(s) at once. "
-             "State bytes: after 1024 tokens (full attention's grows with the text; the others' are fixed).\n")
+             "State bytes: after 1024 tokens (full attention's grows with the text; the others' are fixed). "
+             f"Every model trains on {s['lm_len']}-byte windows and is scored on {s['val_len']}-byte rows: full "
+             "attention then attends across distances it never trained on; the others read through a window or a "
+             "fixed-size state.\n")
     return "\n".join(lines) + "\n" + notes
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], settings: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,6 +254,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     a.set(xscale="log", xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(-0.02, 1.02),
           title="associative recall")
     a.set_xticks([int(n) for n in MQAR_EVAL_PAIRS], [str(n) for n in MQAR_EVAL_PAIRS])
+    a.minorticks_off()
+    a.axhline(2 / settings["mqar_vocab"], color="gray", linestyle="--", linewidth=1, label="chance")
     a.legend(fontsize=7)
     b.set(xscale="log", xlabel="state bytes (batch 1, after 1024 tokens)", ylabel="KJV held-out bits/byte",
           title="language modelling vs state size")
@@ -283,6 +289,11 @@ def _positive(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
+
+    if args.render:
+        if not (Path(args.out) / "zoo.json").is_file():
+            raise SystemExit(f"zoo: --render needs {Path(args.out) / 'zoo.json'} from an earlier run")
+        return _render(Path(args.out))
 
     lengths = (args.mqar_train_len, args.mqar_len)
     if 4 * MQAR_TRAIN_PAIRS[0] > min(lengths) or any(n % 2 for n in lengths):
@@ -326,12 +337,20 @@ def run(args: argparse.Namespace) -> int:
                 report(label, futures[label].result())
     rows = [done[label] for label in labels]
     settings["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    table = _table(rows, settings)
-    (out / "zoo.md").write_text(f"# Model zoo\n\n{table}\nWall time: {settings['wall_seconds']:.0f} s.\n")
     (out / "zoo.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    _plot(rows, out / "zoo.png")
+    return _render(out)
+
+
+def _render(out: Path) -> int:
+    """Write ``zoo.md`` and ``zoo.png`` from ``zoo.json`` in ``out``."""
+    results = json.loads((out / "zoo.json").read_text())
+    rows, settings = results["rows"], results["settings"]
+    table = _table(rows, settings)
+    (out / "zoo.md").write_text(f"# Model zoo\n\n{table}\nWall time: {settings['wall_seconds']:.0f} s "
+                                f"(`titans-lnn zoo`).\n")
+    _plot(rows, settings, out / "zoo.png")
     print(table)
-    print(f"wrote {out / 'zoo.md'}, {out / 'zoo.json'}, {out / 'zoo.png'} in {settings['wall_seconds']:.0f} s")
+    print(f"wrote {out / 'zoo.md'}, {out / 'zoo.json'}, {out / 'zoo.png'} ({settings['wall_seconds']:.0f} s of runs)")
     return 0
 
 
@@ -358,5 +377,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="processes (default: min(2, CPU cores))")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores / workers)")
     p.add_argument("--out", default="zoo-results", help="output folder (default zoo-results)")
+    p.add_argument("--render", action="store_true", help="only rewrite zoo.md and zoo.png from --out's zoo.json")
     p.set_defaults(func=run)
     return p

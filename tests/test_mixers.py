@@ -361,6 +361,8 @@ def test_zoo_command_writes_its_table_and_plot(tmp_path, monkeypatch):
     for row in rows:  # fixed-size states: after 1024 tokens as at the start
         assert row["state_bytes"] == row["state_bytes_init"] > 0
         assert set(row["mqar"]) == {"2", "4", "8", "16", "24"} and 0 < row["bits_per_byte"] < 16
+    (tmp_path / "zoo.md").unlink()
+    assert main(["zoo", "--render", "--out", str(tmp_path)]) == 0 and (tmp_path / "zoo.md").read_text() == table
 
 
 def test_zoo_flags_are_checked(capsys):
