@@ -357,6 +357,11 @@ def test_cli_show_and_train(tmp_path, capsys):
     assert Expert.load(tmp_path / "p.safetensors").meta["task"] == "passkey"
     with pytest.raises(SystemExit):
         main(["adapt", "train", "--model", "x", "--task", "chess", "--out", "y"])
+    capsys.readouterr()
+    assert main(["adapt", "train", "--model", str(tmp_path / "model"), "--task", "dna", "--out", "y",
+                 "--targets", "mlp.w9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--targets: target 'mlp.w9' matches no module" in err[0]
 
 
 def test_task_rows_and_prompts():

@@ -52,8 +52,16 @@ def _train(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     if model is None:
         return 2
+    if model.config.vocab_size < 256:
+        print(f"titans-lnn adapt train: --model {args.model} has vocab_size={model.config.vocab_size}: the tasks "
+              f"are byte-level, expected a model with vocab_size >= 256", file=sys.stderr)
+        return 2
+    try:
+        svf = SVF(model, tuple(args.targets))
+    except ValueError as e:
+        print(f"titans-lnn adapt train: --targets: {e}", file=sys.stderr)
+        return 2
     task = make_task(args.task, batch_size=args.batch_size, n_eval=args.eval_rows, seed=args.seed)
-    svf = SVF(model, tuple(args.targets))
     before = score_rows(model, task.eval_rows, task.metrics)
 
     def log(step: int, loss: float) -> None:
