@@ -535,7 +535,7 @@ def test_weights_file_holds_the_config_fingerprint(tmp_path):
 
 # ----------------------------------------------------------------------------- property: random edits
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 40) | st.floats(allow_nan=True)
@@ -654,8 +654,7 @@ def saved_state(tmp_path_factory):
     return path, model, state
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-          phases=[Phase.explicit, Phase.generate])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(["pos", "batch_size", "fingerprint", "n_layers", "format", "sha256", "other"]),
        value=st.one_of(st.integers(-3, 1000).map(str), st.text(max_size=12)))
 def test_property_an_edited_state_file_loads_exactly_or_fails_clearly(saved_state, tmp_path_factory, key, value):
