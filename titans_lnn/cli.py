@@ -28,7 +28,8 @@ from titans_lnn.config import PRESETS, VARIANTS
 
 # Subcommand -> its module, in the order their help is listed.
 _SUBCOMMANDS = {"train": "titans_lnn.training.cli", "eval": "titans_lnn.evals.cli", "niah": "titans_lnn.evals.niah",
-                "stability": "titans_lnn.stability", "adapt": "titans_lnn.adapt.cli", "zoo": "titans_lnn.evals.zoo"}
+                "stability": "titans_lnn.stability", "adapt": "titans_lnn.adapt.cli", "zoo": "titans_lnn.evals.zoo",
+                "embed": "titans_lnn.evals.embed"}
 MAX_DEMO_LENGTH = 1 << 20  # the demo also reads the whole sequence in one pass
 
 

@@ -8,6 +8,9 @@ uint8 when the vocabulary fits in a byte, int32 otherwise), ``decode(ids) -> str
     get_tokenizer("byte")                 # UTF-8 bytes, vocab 256
     get_tokenizer("nucleotide")           # A C G T N + record separator, vocab 6
     get_tokenizer("path/tokenizer.json")  # tokenizers.Tokenizer.from_file, imported lazily
+
+DNA's two strands: ``reverse_complement("ACGTRn") == "nYACGT"`` on text (IUPAC codes kept), and
+``NucleotideTokenizer().reverse_complement(ids)`` on token ids (numpy or torch, reversed on the last axis).
 """
 
 from __future__ import annotations
@@ -96,6 +99,28 @@ def nucleotide_table(values: dict[str, int], invalid: int) -> bytes:
     return bytes(table)
 
 
+# The complementary strand, character by character: Watson-Crick pairs, and each IUPAC code to the code of
+# the complementary set (R = A/G <-> Y = C/T, K = G/T <-> M = A/C, B = not A <-> V = not T, D = not C <->
+# H = not G; S = C/G, W = A/T and N are their own complements). Case is kept; U pairs with A.
+COMPLEMENT = {"A": "T", "C": "G", "G": "C", "T": "A", "U": "A", "R": "Y", "Y": "R", "S": "S", "W": "W",
+              "K": "M", "M": "K", "B": "V", "V": "B", "D": "H", "H": "D", "N": "N"}
+_COMPLEMENT_TABLE = str.maketrans({**COMPLEMENT, **{k.lower(): v.lower() for k, v in COMPLEMENT.items()}})
+_VALID_DNA = frozenset("".join(COMPLEMENT) + "".join(COMPLEMENT).lower() + "\n")
+_VALID_DNA_DELETE = str.maketrans("", "", "".join(_VALID_DNA))
+
+
+def reverse_complement(seq: str) -> str:
+    """The reverse complement of a DNA string (the other strand, read 5' to 3'): IUPAC codes map to their
+    complements (:data:`COMPLEMENT`), case is kept, newlines stay (a multi-record text keeps its record
+    boundaries, in reverse order). Any other character is an error naming it and its position."""
+    leftover = seq.translate(_VALID_DNA_DELETE)
+    if leftover:
+        i = next(i for i, c in enumerate(seq) if c not in _VALID_DNA)
+        raise ValueError(f"reverse_complement: invalid character {seq[i]!r} at position {i} (expected A, C, G, T, "
+                         f"U, an IUPAC code or a newline)")
+    return seq.translate(_COMPLEMENT_TABLE)[::-1]
+
+
 _INVALID = 0xFF
 _ENCODE_TABLE = bytearray(nucleotide_table({b: NUCLEOTIDE_VOCAB.index(b) for b in "ACGTN"}, _INVALID))
 _ENCODE_TABLE[ord("\n")] = SEP_ID
@@ -131,6 +156,26 @@ class NucleotideTokenizer:
     def decode(self, ids) -> str:
         arr = _check_ids(ids, self.vocab_size, self.name)
         return _DECODE[arr].tobytes().decode("ascii")
+
+    # Token id -> the id of its complement: A<->T, C<->G; N and the record separator are their own.
+    complement_ids = np.array([T_ID, G_ID, C_ID, A_ID, N_ID, SEP_ID], dtype=np.int64)
+
+    def complement(self, ids):
+        """The complement of each id (same shape and type: a numpy array or a torch tensor, any shape)."""
+        if hasattr(ids, "detach"):  # a torch tensor, without importing torch here
+            import torch
+
+            _check_ids(ids.reshape(-1), self.vocab_size, self.name)
+            return torch.as_tensor(self.complement_ids, device=ids.device)[ids.long()].to(ids.dtype)
+        arr = np.asarray(ids)
+        return self.complement_ids[_check_ids(arr.reshape(-1), self.vocab_size, self.name)].reshape(
+            arr.shape).astype(arr.dtype)
+
+    def reverse_complement(self, ids):
+        """The other strand of ``ids`` (..., T): complemented and reversed along the last axis, so that
+        ``reverse_complement(encode(s)) == encode(titans_lnn.tokenizers.reverse_complement(s))``."""
+        out = self.complement(ids)
+        return out.flip(-1) if hasattr(out, "detach") else np.ascontiguousarray(out[..., ::-1])
 
     def to_dict(self) -> dict:
         return {"type": "nucleotide"}

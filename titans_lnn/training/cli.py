@@ -76,6 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"share of the corpus held out for evaluation (default: {_default('val_fraction')})")
     g.add_argument("--split-by", choices=["tail", "document"],
                    help="hold out the corpus' last tokens or whole documents (default: tail)")
+    g.add_argument("--rc-augment", action="store_true", help="DNA: also train on the reverse complement of the "
+                   "training split (both strands)")
     g = p.add_argument_group("batches and long context")
     g.add_argument("--batch-size", type=integer(1), help=f"sequences per micro-batch over all processes together "
                                                   f"(default: {_default('batch_size')})")

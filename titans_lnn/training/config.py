@@ -31,6 +31,9 @@ class TrainConfig:
     tokenizer: str | None = None  # byte | nucleotide | a tokenizers JSON path; None: the corpus' default
     val_fraction: float = 0.01  # share of the corpus held out for evaluation (never trained on)
     split_by: str = "tail"  # held-out split: "tail" (the last tokens) or "document" (whole documents)
+    # DNA: train on both strands (the training split plus its reverse complement). Not in DATA_FIELDS, so
+    # older checkpoints still resume; a changed value is refused by the sampler (its token count differs).
+    rc_augment: bool = False
     # Batches and long context.
     batch_size: int = 8  # sequences per micro-batch, over all processes together (divisible by their number)
     seq_len: int = 256  # tokens per segment (one forward call)
@@ -100,6 +103,8 @@ class TrainConfig:
             raise bad("val_fraction", "a number in (0, 1)")
         if self.split_by not in ("tail", "document"):
             raise bad("split_by", "tail or document")
+        if not isinstance(self.rc_augment, bool):
+            raise bad("rc_augment", "True or False")
         for name in ("batch_size", "seq_len", "bptt", "accum", "steps", "eval_batches", "log_every", "keep"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")

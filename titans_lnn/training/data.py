@@ -344,6 +344,18 @@ def load_corpus(spec: str | os.PathLike, tokenizer: Tokenizer | str | None = Non
     return Corpus.from_documents(name, docs, tokenizer)
 
 
+def with_reverse_complement(tokens: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """Reverse-complement augmentation: ``tokens`` (N,), the separator, then the reverse complement of
+    ``tokens`` (N,) -> (2N + 1,), so that every sampler draws windows from both strands (about half from
+    each) without any change to its batches' shapes. Needs a tokenizer with ``reverse_complement``
+    (the nucleotide tokenizer)."""
+    if not hasattr(tokenizer, "reverse_complement"):
+        raise ValueError(f"reverse-complement augmentation needs the nucleotide tokenizer; the data is tokenized "
+                         f"with {tokenizer.name!r}")
+    sep = tokenizer.encode(DOC_SEPARATOR).astype(tokens.dtype)
+    return np.concatenate([tokens, sep, tokenizer.reverse_complement(tokens).astype(tokens.dtype)])
+
+
 # ----------------------------------------------------------------------------- samplers
 
 

@@ -64,7 +64,7 @@ from titans_lnn.training.config import (  # noqa: F401  (re-exported: titans_lnn
     resolve_resume,
     saved_train_config,
 )
-from titans_lnn.training.data import StreamSampler, load_corpus
+from titans_lnn.training.data import StreamSampler, load_corpus, with_reverse_complement
 
 # What ``Trainer.save`` stores in a checkpoint's meta (and ``_load`` needs), with its JSON type.
 CHECKPOINT_META = {"state": dict, "scheduler": dict, "sampler": dict, "train_config": dict, "model_config": dict,
@@ -152,6 +152,7 @@ class Trainer:
         self.corpus = load_corpus(cfg.data, cfg.tokenizer, format=cfg.data_format)
         self.tokenizer = self.corpus.tokenizer
         train, val = self.corpus.split(cfg.val_fraction, seed=cfg.seed, by=cfg.split_by)
+        train = with_reverse_complement(train, self.tokenizer) if cfg.rc_augment else train
         T, B = cfg.seq_len, cfg.batch_size
         try:
             self.sampler = StreamSampler(train, B, T, doc_len=cfg.segments * T or None, seed=cfg.seed)
