@@ -2,14 +2,20 @@
 
     python benchmarks/niah_ablation.py                                        # the main job's recipe
     python benchmarks/niah_ablation.py --set mem_write_threshold=0 --train threshold_from=0.5
-    python benchmarks/niah_ablation.py --set mem_gate_context=true --train write_penalty=0.3 --train penalty_from=0.5
+    python benchmarks/niah_ablation.py --train penalize=written --train write_penalty=0.3 --save /tmp/old
+    python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 16k,256k,1m --silence 0 --silence 1
+    python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 4k,256k --eval-threshold 0.2
 
 It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL`` with the ``--set`` overrides) for
 ``--steps`` steps with ``train_passkey`` (``NIAH_TRAIN`` with the ``--train`` overrides), on one
-thread, then prints the training loss, the fraction of filler tokens each memory layer writes
-(theta > 1e-6, over 3,000 tokens of the noise filler), and the passkey accuracy of ``--samples``
-fresh prompts per length (depths 5%..95%, evaluation seeds of the main job). The closing notes of
-the capability issue list the runs made with it.
+thread (or loads a saved one with ``--load``), then prints the training loss, the fraction of filler
+tokens each memory layer writes (theta > 1e-6, over 3,000 tokens of the noise filler), and the
+passkey accuracy of ``--samples`` fresh prompts per length (depths 5%..95%, evaluation seeds of the
+main job). ``--readout`` adds the needle's -log p(key) after that much filler (``needle_readout``),
+once as trained and once per ``--silence`` layer (that memory writes nothing on the filler: the
+layer whose silence keeps the key is the one that stores it). ``--eval-threshold`` raises every
+memory's write threshold for the evaluation only. The closing notes of the capability issue list
+the runs made with it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from titans_lnn import TitansLNN, TitansLNNConfig
 from titans_lnn.cli import plain
-from titans_lnn.evals.niah import eval_seed, spread_depths
+from titans_lnn.evals.niah import _parse_lengths, eval_seed, needle_readout, spread_depths
 from titans_lnn.evals.niah_train import NIAH_MODEL, NIAH_TRAIN, memory_modules, train_passkey
 from titans_lnn.evals.runner import evaluate_samples
 from titans_lnn.evals.tasks import make_sample
@@ -52,19 +58,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated prompt lengths (default 4K,16K,64K)")
     p.add_argument("--samples", type=int, default=8, help="prompts per length (default 8)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--load", default=None, metavar="DIR", help="evaluate this saved model instead of training one")
+    p.add_argument("--readout", type=_parse_lengths, default=[], metavar="N,N,...",
+                   help="filler lengths after the needle for needle_readout, e.g. 16k,256k,1m (default: none)")
+    p.add_argument("--silence", type=int, action="append", default=[], metavar="LAYER",
+                   help="also read out with this memory layer (0-based) writing nothing on the filler (repeatable)")
+    p.add_argument("--eval-threshold", type=float, default=None, metavar="X",
+                   help="every memory's write threshold during the evaluation (fraction of max_lr, in [0, 1))")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="save the trained model there (for titans-lnn niah --reuse or evaluation-time ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    config = TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **dict(args.set)})
-    torch.manual_seed(args.seed)
-    model = TitansLNN(config)
-    t0 = time.perf_counter()
-    losses = train_passkey(model, args.steps, seed=args.seed, progress=False, **{**NIAH_TRAIN, **dict(args.train)})
-    print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.2f} -> "
-          f"{sum(losses[-20:]) / 20:.3f} (mean of the last 20)")
-    if args.save:
-        model.save_pretrained(args.save)
+    if args.eval_threshold is not None and not 0 <= args.eval_threshold < 1:
+        p.error(f"argument --eval-threshold: {args.eval_threshold} is outside [0, 1): expected a fraction of max_lr")
+    if args.load:
+        model = TitansLNN.from_pretrained(args.load)
+        print(f"loaded {args.load}")
+    else:
+        config = TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **dict(args.set)})
+        torch.manual_seed(args.seed)
+        model = TitansLNN(config)
+        t0 = time.perf_counter()
+        train = {**NIAH_TRAIN, **dict(args.train)}
+        losses = train_passkey(model, args.steps, seed=args.seed, progress=False, **train)
+        print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.2f} -> "
+              f"{sum(losses[-20:]) / 20:.3f} (mean of the last 20)")
+        if args.save:
+            model.save_pretrained(args.save)
+    if args.eval_threshold is not None:
+        for m in memory_modules(model):
+            m.write_threshold = args.eval_threshold
     model.eval()
     tok = ByteTokenizer()
     filler = make_sample("passkey", 4096, 0.99, seed=1).prompt.encode()[:3000]
@@ -76,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         samples = [make_sample("passkey", n, d, eval_seed(0, j, i)) for i, d in enumerate(spread_depths(args.samples))]
         records = evaluate_samples(model, tok, samples)
         print(f"{n} tokens: {sum(r['correct'] for r in records)}/{len(records)} correct")
+    silences = [()] + [(i,) for i in args.silence]  # as trained, then each layer silent on the filler
+    for silence in silences if args.readout else []:
+        d = needle_readout(model, args.readout, silence=silence)
+        nats = ", ".join(f"{n}: {-x:.2f}" for n, x in zip(d["distances"], d["logp_key"]))
+        print(f"-log p(key) after filler ({'as trained' if not silence else f'layer {silence[0]} silent'}): {nats}")
     return 0
 
 

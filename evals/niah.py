@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -161,11 +162,14 @@ def _eval_job(model_dir: str, task: str, length: int, length_index: int, depths:
 
 
 @torch.no_grad()
-def needle_readout(model: TitansLNN, distances: list[int], *, seed: int = 0, chunk_len: int = 4096) -> dict:
+def needle_readout(model: TitansLNN, distances: list[int], *, seed: int = 0, chunk_len: int = 4096,
+                   silence: tuple[int, ...] = ()) -> dict:
     """The passkey needle's read-out strength against the filler read after it, and how much filler
     the memory wrote. Streams header + needle, then the noise filler; at each distance, a branch of
     the state is asked the question and scored: log p(key | question) (teacher-forced, nats) and
-    the greedy answer. Also counts, per memory layer, the filler tokens written with theta > 1e-6."""
+    the greedy answer. Also counts, per memory layer, the filler tokens written with theta > 1e-6.
+    ``silence``: memory layers (0-based) that write nothing on the filler (an ablation: the layer
+    whose silence keeps the key is the one that stores it)."""
     from titans_lnn.evals.haystack import NOISE_SENTENCES
     from titans_lnn.evals.needles import PASSKEY_HEADER, PASSKEY_NEEDLE, PASSKEY_QUESTION
 
@@ -177,13 +181,23 @@ def needle_readout(model: TitansLNN, distances: list[int], *, seed: int = 0, chu
     state = model(ids(PASSKEY_HEADER + "\n" + PASSKEY_NEEDLE.format(key=key)), state=model.init_state(1)).state
     filler = " " + " ".join(NOISE_SENTENCES)
     memories = memory_modules(model)
+    if not all(0 <= i < len(memories) for i in silence):
+        raise ValueError(f"needle_readout: silence={silence!r} is invalid: expected memory layers in "
+                         f"0..{len(memories) - 1}")
+    thresholds = [m.write_threshold for m in memories]
     written, seen = [0] * len(memories), 0
     out = {"key": key, "distances": [], "logp_key": [], "correct": [], "filler_written": []}
     for target in sorted(distances):
         while seen < target:
             n = min(chunk_len, target - seen)
             text = (filler * (n // len(filler) + 2))[(seen % len(filler)):(seen % len(filler)) + n]
-            state = model(ids(text), state=state).state
+            for i in silence:
+                memories[i].write_threshold = math.inf  # every write skipped
+            try:
+                state = model(ids(text), state=state).state
+            finally:
+                for m, threshold in zip(memories, thresholds):
+                    m.write_threshold = threshold
             for i, m in enumerate(memories):
                 written[i] += int((m.last_theta > 1e-6).sum()) // m.heads
             seen += n

@@ -148,27 +148,44 @@ def test_wilson_interval():
 
 def test_readout_diagnostics_count_filler_writes():
     from titans_lnn.evals.niah import needle_readout
+    from titans_lnn.evals.niah_train import memory_modules
 
     torch.manual_seed(0)
     model = TitansLNN(niah_config("mal")).eval()
+    for m in memory_modules(model):
+        m.write_threshold = 0.0  # every filler token written (the trained threshold skips some)
     d = needle_readout(model, [200, 500], chunk_len=128)
     assert d["distances"] == [200, 500] and len(d["logp_key"]) == 2 and all(x < 0 for x in d["logp_key"])
     # one fraction per memory layer, in [0, 1]
     assert all(len(w) == 2 and all(0 <= x <= 1 for x in w) for w in d["filler_written"])
+    assert d["filler_written"][-1][0] > 0  # random gates write some filler
+    quiet = needle_readout(model, [200, 500], chunk_len=128, silence=(0,))
+    assert quiet["filler_written"][-1][0] == 0 and quiet["filler_written"][-1][1] > 0  # only layer 0 silenced
+    assert quiet["logp_key"] != d["logp_key"]
+    assert [m.write_threshold for m in memory_modules(model)] == [0.0, 0.0]  # restored after the stream
+    with pytest.raises(ValueError, match="silence=\\(2,\\)"):
+        needle_readout(model, [200], silence=(2,))
 
 
-def test_ablation_script_runs():
-    """benchmarks/niah_ablation.py, the tool behind the capability notes, at toy size."""
+def test_ablation_script_runs(tmp_path):
+    """benchmarks/niah_ablation.py, the tool behind the capability notes, at toy size: train and save,
+    then load the saved model for the read-out with a layer silenced and a raised evaluation threshold."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "niah_ablation.py"
     proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--lengths", "300", "--samples", "2",
-                           "--set", "mem_gate_context=true", "--train", "write_penalty=0.1"],
-                          capture_output=True, text=True, timeout=300)
+                           "--set", "mem_gate_context=true", "--train", "write_penalty=0.1",
+                           "--save", str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "filler tokens written per memory layer" in proc.stdout and "300 tokens: " in proc.stdout
+    proc = subprocess.run([sys.executable, str(script), "--load", str(tmp_path / "m"), "--lengths", "300",
+                           "--samples", "1", "--readout", "200", "--silence", "0", "--eval-threshold", "0.2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loaded" in proc.stdout and "trained 2 steps" not in proc.stdout
+    assert "(as trained): 200: " in proc.stdout and "(layer 0 silent): 200: " in proc.stdout
 
 
 @pytest.mark.parametrize(("flags", "named"), [
