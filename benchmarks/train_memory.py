@@ -2,7 +2,7 @@
 
 Each configuration runs in a fresh process (peak RSS is per process): one forward + backward of a random
 sequence of ``--tokens`` tokens through the preset's model, either plain (``model(ids, labels)``) or with
-``model.checkpointed_loss(ids, labels, segment_len=...)``; the row reports the peak RSS, the wall time and
+``model(ids, labels=labels, checkpoint_len=...)``; the row reports the peak RSS, the wall time and
 the gradient norm (equal between the rows up to rounding: the same gradients).
 
     python benchmarks/train_memory.py --preset tiny --variant mac --tokens 65536 --segment 2048
@@ -31,7 +31,7 @@ def run_one(preset: str, variant: str, tokens: int, segment: int, threads: int) 
     labels = ids.roll(-1, 1)
     t0 = time.perf_counter()
     if segment:
-        loss = model.checkpointed_loss(ids, labels, segment_len=segment).loss
+        loss = model(ids, labels=labels, checkpoint_len=segment).loss
     else:
         loss = model(ids, labels=labels).loss
     loss.backward()

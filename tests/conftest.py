@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings
 
-from titans_lnn import TitansLNNConfig
+from titans_lnn import TitansLNN, TitansLNNConfig
 
 # Two CPU cores on CI: keep torch from oversubscribing them, and give hypothesis a budget that fits.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -31,14 +31,20 @@ def close():
 class _Counter(torch.nn.Module):
     """A stand-in model whose greedy continuation of token x is x + 1 (mod 256): "a" -> "bcdef..."."""
 
+    stream = TitansLNN.stream  # the model's own streaming, over this forward
+    stream_pieces = TitansLNN.stream_pieces
+
     def __init__(self):
         super().__init__()
         self.config = TitansLNNConfig.from_preset("debug")
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.embed = torch.nn.Embedding(1, 1)  # where stream_pieces finds the device
 
-    def forward(self, input_ids, state=None):
+    def forward(self, input_ids, state=None, dt=None):
         logits = F.one_hot((input_ids + 1) % 256, 256).double()  # (B, T, V)
         return SimpleNamespace(logits=logits, state=(state or 0) + input_ids.shape[1])
+
+    def _forward(self, input_ids, labels=None, state=None, dt=None):
+        return self(input_ids, state=state)
 
 
 @pytest.fixture

@@ -249,7 +249,7 @@ def test_labels_and_dt_are_checked():
 
 
 @pytest.mark.parametrize("variant", ["mac", "mal", "liquid"])
-def test_checkpointed_loss_has_the_plain_gradients(variant):
+def test_checkpointed_pass_has_the_plain_gradients(variant):
     torch.manual_seed(0)
     model = TitansLNN(TitansLNNConfig.from_preset("debug", variant=variant)).double()
     ids = torch.randint(0, 256, (2, 37))
@@ -258,10 +258,10 @@ def test_checkpointed_loss_has_the_plain_gradients(variant):
     model(ids, labels=labels).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    out = model.checkpointed_loss(ids, labels, segment_len=6)
+    out = model(ids, labels=labels, checkpoint_len=6)
     out.loss.backward()
     assert out.logits is None and out.state.pos == 37
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], msg=n)
-    with pytest.raises(ValueError, match="segment_len=0"):
-        model.checkpointed_loss(ids, labels, segment_len=0)
+    with pytest.raises(ValueError, match="checkpoint_len=0"):
+        model(ids, labels=labels, checkpoint_len=0)

@@ -258,3 +258,15 @@ def test_cli_train_help_documents_every_flag(capsys):
                  "--seq-len", "--segments", "--bptt", "--lr", "--warmup", "--grad-clip", "--accum",
                  "--eval-every", "--save-every", "--keep", "--out", "--resume", "--seed", "--distributed"):
         assert flag in text
+
+
+def test_activation_checkpointing_trains_the_same_model(corpus, tmp_path):
+    """--checkpoint-len recomputes activations in the backward pass: the same gradients, so the same weights."""
+    plain = train(config(corpus, tmp_path / "plain", steps=3, seq_len=24, eval_every=3))
+    ckpt = train(config(corpus, tmp_path / "ckpt", steps=3, seq_len=24, eval_every=3, checkpoint_len=7))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    a, b = weights(plain.model_dir), weights(ckpt.model_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    with pytest.raises(ValueError, match="checkpoint_len"):
+        config(corpus, tmp_path / "bad", checkpoint_len=0)

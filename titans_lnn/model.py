@@ -34,7 +34,7 @@ from titans_lnn.state import ModelState, check_like
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # (B, T, V) (None from checkpointed_loss)
+    logits: torch.Tensor | None  # (B, T, V) (None from a checkpointed pass, forward(..., checkpoint_len=))
     loss: torch.Tensor | None  # scalar, when labels were given
     state: ModelState  # the state after the last token
 
@@ -175,9 +175,17 @@ class TitansLNN(nn.Module):
             UserWarning, stacklevel=2)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                state: ModelState | None = None, dt: torch.Tensor | None = None) -> ModelOutput:
+                state: ModelState | None = None, dt: torch.Tensor | None = None, *,
+                checkpoint_len: int | None = None) -> ModelOutput:
+        """``checkpoint_len``: with labels, compute the loss in segments of this many tokens whose activations
+        are recomputed in the backward pass (activation checkpointing): training memory then grows with one
+        segment plus the states at segment boundaries instead of with the sequence, and the gradients equal
+        the plain pass's (the same operations, run twice). The output's ``logits`` are then None (the whole
+        sequence's logits are what it avoids keeping)."""
         self._check_inputs(input_ids, labels, state, dt)
         self._warn_if_state_carries_graph(state)
+        if checkpoint_len is not None:
+            return self._checkpointed(input_ids, labels, state, dt, checkpoint_len)
         return self._forward(input_ids, labels, state, dt)
 
     def _forward(self, input_ids, labels=None, state=None, dt=None) -> ModelOutput:
@@ -204,21 +212,14 @@ class TitansLNN(nn.Module):
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return logits, ModelState(state.pos + T, B, self.fingerprint, layers)
 
-    def checkpointed_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, segment_len: int = 2048,
-                          state: ModelState | None = None, dt: torch.Tensor | None = None) -> ModelOutput:
-        """The loss of ``forward(input_ids, labels, state, dt)`` and its gradients, computed in segments of
-        ``segment_len`` tokens whose activations are recomputed in the backward pass (activation
-        checkpointing): training memory grows with one segment's activations plus the states at the segment
-        boundaries, instead of with the whole sequence, so one 64K-token sequence trains on a laptop. The
-        gradients equal the plain forward's (the same operations, run twice). Returns a ``ModelOutput``
-        whose ``logits`` are None (the whole sequence's logits are what this avoids keeping)."""
+    def _checkpointed(self, input_ids, labels, state, dt, segment_len) -> ModelOutput:
+        """forward(..., checkpoint_len=segment_len): see ``forward``."""
         from torch.utils.checkpoint import checkpoint
 
         if not isinstance(segment_len, int) or isinstance(segment_len, bool) or segment_len < 1:
-            raise ValueError(f"segment_len={segment_len!r} is invalid: expected a positive integer")
+            raise ValueError(f"checkpoint_len={segment_len!r} is invalid: expected a positive integer")
         if labels is None:
-            raise ValueError("checkpointed_loss needs labels: it returns the loss, not the logits")
-        self._check_inputs(input_ids, labels, state, dt)
+            raise ValueError("checkpoint_len needs labels: the checkpointed pass returns the loss, not the logits")
         B, T = input_ids.shape
         if state is None:
             state = self.init_state(B)

@@ -88,6 +88,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--bptt", type=integer(1), help="segments per backward pass: truncated backpropagation through "
                                             "the carried state, detached in between (default: 1)")
     g.add_argument("--accum", type=integer(1), help="backward passes accumulated per optimizer step (default: 1)")
+    g.add_argument("--checkpoint-len", type=integer(1), help="activation checkpointing: recompute the activations "
+                   "per piece of this many tokens in the backward pass (long --seq-len in bounded memory; same "
+                   "gradients; default: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=integer(1), help=f"optimizer steps in the run (default: {_default('steps')})")
     g.add_argument("--lr", type=number(0, math.inf, open_lo=True, open_hi=True),

@@ -16,7 +16,7 @@ from titans_lnn.training.checkpoint import CheckpointError, latest_checkpoint, l
 # Fields whose change makes a checkpoint's data position meaningless: a resume must keep them.
 DATA_FIELDS = ("data", "data_format", "val_fraction", "split_by", "batch_size", "seq_len", "segments", "seed")
 # Fields a resumed CLI run takes from the invocation, never from the checkpoint.
-RUN_FIELDS = ("out", "resume", "stop_at", "progress", "tensorboard", "device", "distributed")
+RUN_FIELDS = ("out", "resume", "stop_at", "progress", "tensorboard", "device", "distributed", "checkpoint_len")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TrainConfig:
     segments: int = 1  # consecutive segments per document, state carried; 0: one unbroken stream per row
     bptt: int = 1  # segments per backward pass (truncated BPTT length); the state is detached between
     accum: int = 1  # backward passes accumulated per optimizer step
+    checkpoint_len: int | None = None  # activation checkpointing: recompute per piece of this many tokens (None: off)
     # Optimisation.
     steps: int = 1000  # optimizer steps in the whole run
     lr: float = 1e-3  # peak learning rate (AdamW)
@@ -108,6 +109,8 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "bptt", "accum", "steps", "eval_batches", "log_every", "keep"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
+        if self.checkpoint_len is not None and (not is_int(self.checkpoint_len) or self.checkpoint_len < 1):
+            raise bad("checkpoint_len", "None or an integer >= 1")
         if not is_int(self.segments) or self.segments < 0:
             raise bad("segments", "an integer >= 0 (0: unbroken streams)")
         if self.segments and self.bptt > self.segments:

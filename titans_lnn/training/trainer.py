@@ -364,7 +364,7 @@ class Trainer:
             for j in range(cfg.bptt):
                 x, y = self._next_segment()
                 with self._sync(last and j == cfg.bptt - 1), self.autocast():
-                    out = self.wrapped(x, labels=y, state=self.state)
+                    out = self.wrapped(x, labels=y, state=self.state, checkpoint_len=cfg.checkpoint_len)
                 self.state = out.state
                 window = window + out.loss
             if self.mode == "fsdp":
