@@ -210,3 +210,95 @@ def test_embed_bad_flags(tmp_path, checkpoint, capsys):
     assert main(["embed", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "missing.fa"), "--out",
                  str(tmp_path / "e.npy")]) == 2
     assert "missing.fa" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the gene probe
+
+
+def _planted_genome(seed: int, n_genes: int = 40) -> tuple[str, list[tuple[int, int]]]:
+    """AT-rich random intergenic DNA with planted ORFs (ATG, GC-rich sense codons without stops, TAA), every
+    other one on the reverse strand; returns the genome and each ORF's [start, end)."""
+    rng = np.random.default_rng(seed)
+    codons = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c not in ("TAA", "TAG", "TGA")]
+    p = np.array([3.0 if sum(ch in "GC" for ch in c) >= 2 else 1.0 for c in codons])
+    parts, genes, pos = [], [], 0
+    for i in range(n_genes):
+        spacer = "".join(rng.choice(list("ACGT"), p=[0.35, 0.15, 0.15, 0.35], size=int(rng.integers(150, 400))))
+        orf = "ATG" + "".join(rng.choice(codons, p=p / p.sum(), size=int(rng.integers(150, 300)))) + "TAA"
+        orf = reverse_complement(orf) if i % 2 else orf
+        parts += [spacer, orf]
+        genes.append((pos + len(spacer), pos + len(spacer) + len(orf)))
+        pos += len(spacer) + len(orf)
+    return "".join(parts), genes
+
+
+def test_window_labels_and_kmer_features():
+    from titans_lnn.evals.gene_probe import kmer_features, window_labels
+
+    mask = np.zeros(45, dtype=bool)
+    mask[:10] = True
+    mask[10:19] = True  # window 1: 9/10 coding -> gene
+    mask[25:30] = True  # window 2: half -> left out; window 3 none -> intergenic; the last 5 bases: no window
+    assert window_labels(mask, 10).tolist() == [1, 1, -1, 0]
+    ids = TOK.encode("AACGN" + "TTTTT")  # windows of 5: "AACGN" (N not counted), "TTTTT"
+    feats = kmer_features(ids, 5, 2)  # (2, 4 + 16)
+    np.testing.assert_allclose(feats[0, :4], [0.5, 0.25, 0.25, 0])
+    assert feats[0, 4 + 0 * 4 + 0] == feats[0, 4 + 0 * 4 + 1] == feats[0, 4 + 1 * 4 + 2] == pytest.approx(1 / 3)
+    np.testing.assert_allclose(feats[1], [0, 0, 0, 1] + [0] * 15 + [1])
+
+
+def test_streamed_window_embeddings_read_each_part_from_its_start(dna_model):
+    from titans_lnn.evals.gene_probe import window_embeddings
+
+    ids = np.random.default_rng(5).integers(0, 5, size=130).astype(np.uint8)  # 13 windows of 10; 3 streams of 5
+    parts = window_embeddings(dna_model, ids, 10, "stream", streams=3, chunk_len=16)
+    assert parts.shape == (13, 32)
+    for lo, hi in ((0, 5), (5, 10), (10, 13)):  # the last part is 3 windows (padded after them)
+        np.testing.assert_allclose(parts[lo:hi], embed_array(dna_model, ids[lo * 10:hi * 10], window=10),
+                                   rtol=1e-5, atol=1e-5)
+    alone = window_embeddings(dna_model, ids, 10, "window", rc_complement=TOK.complement_ids)
+    rc_alone = window_embeddings(dna_model, TOK.reverse_complement(ids), 10, "window", rc_complement=TOK.complement_ids)
+    np.testing.assert_allclose(alone, rc_alone[::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_auroc_and_f1():
+    from titans_lnn.evals.gene_probe import auroc, f1
+
+    y = np.array([0, 0, 1, 1, 1, 0])
+    assert auroc(y, np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])) == pytest.approx(8 / 9)
+    assert auroc(y, np.array([0.5] * 6)) == 0.5  # ties count half
+    assert f1(y, np.array([0.1, 0.6, 0.7, 0.8, 0.2, 0.1])) == pytest.approx(2 * 2 / (3 + 3))
+
+
+def test_gene_probe_on_planted_genes(tmp_path, dna_model):
+    pytest.importorskip("pyrodigal")
+    from titans_lnn.evals.gene_probe import gene_mask, gene_probe, markdown_table
+
+    seq, genes = _planted_genome(0, n_genes=24)
+    truth = np.zeros(len(seq), dtype=bool)
+    for start, end in genes:
+        truth[start:end] = True
+    found = gene_mask(seq)
+    assert (found == truth).mean() > 0.95  # Prodigal finds the planted ORFs
+    fa, other = _write_fasta(tmp_path / "g.fa", [("g", seq)]), _write_fasta(tmp_path / "h.fa",
+                                                                           [("h", _planted_genome(1, n_genes=12)[0])])
+    rows = gene_probe(dna_model, TOK, str(fa), str(other), bases=None, other_bases=None, window=50, kmax=3,
+                      rc=True, streams=16, chunk_len=512, log=lambda s: None)
+    assert [r.features for r in rows] == ["k-mer frequencies, k <= 3"] * 2 + \
+        ["embedding (streamed genome, RC-averaged)"] * 2 + ["embedding (window alone, RC-averaged)"] * 2
+    kmer = rows[0]
+    assert kmer.auroc > 0.95 and kmer.f1 > 0.9 and 0.3 < kmer.genes < 0.8  # planted genes differ in composition
+    assert all(0 <= r.auroc <= 1 and 0 <= r.f1 <= 1 and r.windows > 100 for r in rows)
+    table = markdown_table(rows)
+    assert table.count("\n") == 8 and "| k-mer frequencies, k <= 3 | " in table
+
+
+def test_gene_probe_command_errors(tmp_path, capsys):
+    from titans_lnn.evals.gene_probe import main as probe_main
+
+    fa = _write_fasta(tmp_path / "bad.fa", [("x", "ACGT*")])
+    assert probe_main(["--genome", str(fa), "--other", "none"]) == 2
+    assert "invalid character '*'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe_main(["--contexts", "stream,everything"])
+    assert "'everything' is not a context" in capsys.readouterr().err
