@@ -302,3 +302,29 @@ def test_gene_probe_command_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         probe_main(["--contexts", "stream,everything"])
     assert "'everything' is not a context" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Markov baselines
+
+
+def test_markov_counts_by_hand():
+    from titans_lnn.evals.markov import MarkovModel
+
+    train = [TOK.encode("ACACACAG")]  # order 1: after A: C C C G; after C: A A A
+    model = MarkovModel(1, alpha=0.5).fit(train)
+    bits = model.bits(TOK.encode("ACNAG"))  # scored: C after A; G after A (the N breaks two contexts)
+    np.testing.assert_allclose(bits, -np.log2([(3 + 0.5) / (4 + 2), (1 + 0.5) / (4 + 2)]))
+    assert MarkovModel(0).fit(train).bits(TOK.encode("T"))[0] == pytest.approx(-np.log2(0.5 / (8 + 2)))
+
+
+def test_markov_learns_a_periodic_sequence_and_its_table():
+    from titans_lnn.evals.markov import markov_table
+
+    rng = np.random.default_rng(6)
+    motif = [0, 1, 2, 0, 1, 3, 2]  # "01" is followed by 2 and by 3: order 2 cannot tell; order 6 can
+    periodic = np.tile(motif, 300).astype(np.uint8)
+    rows = markov_table([periodic], {"same": [periodic], "random": [rng.integers(0, 4, 2000).astype(np.uint8)]},
+                        [0, 2, 6])
+    assert rows[0]["random"] == pytest.approx(2, abs=0.2)
+    assert rows[2]["same"] < 0.01 < rows[1]["same"]
+    assert rows[2]["random"] > 1.9  # nothing to learn there
