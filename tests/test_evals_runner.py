@@ -145,9 +145,11 @@ class _OracleMQAR(torch.nn.Module):
         super().__init__()
         self.config = TitansLNNConfig.from_preset("debug", vocab_size=vocab_size)
         self.n = num_kv_pairs
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.embed = torch.nn.Embedding(1, 1)  # where stream_pieces finds the device
 
-    def forward(self, input_ids, state=None):
+    stream_pieces = TitansLNN.stream_pieces  # the model's own streaming, over this forward
+
+    def forward(self, input_ids, state=None, dt=None):
         B, T = input_ids.shape
         pos, tables, last = state if state is not None else (0, [{} for _ in range(B)], [None] * B)
         logits = torch.zeros(B, T, self.config.vocab_size)
