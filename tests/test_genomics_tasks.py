@@ -283,9 +283,9 @@ def test_gene_probe_on_planted_genes(tmp_path, dna_model):
     fa, other = _write_fasta(tmp_path / "g.fa", [("g", seq)]), _write_fasta(tmp_path / "h.fa",
                                                                            [("h", _planted_genome(1, n_genes=12)[0])])
     rows = gene_probe(dna_model, TOK, str(fa), str(other), bases=None, other_bases=None, window=50, kmax=3,
-                      rc=True, streams=16, chunk_len=512, log=lambda s: None)
+                      streams=16, chunk_len=512, log=lambda s: None)
     assert [r.features for r in rows] == ["k-mer frequencies, k <= 3"] * 2 + \
-        ["embedding (streamed genome, RC-averaged)"] * 2 + ["embedding (window alone, RC-averaged)"] * 2
+        ["embedding (streamed genome)"] * 2 + ["embedding (window alone)"] * 2
     kmer = rows[0]
     assert kmer.auroc > 0.95 and kmer.f1 > 0.9 and 0.3 < kmer.genes < 0.8  # planted genes differ in composition
     assert all(0 <= r.auroc <= 1 and 0 <= r.f1 <= 1 and r.windows > 100 for r in rows)
