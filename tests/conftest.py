@@ -1,9 +1,16 @@
 import os
 from types import SimpleNamespace
 
-import pytest
 import torch
-import torch.nn.functional as F
+
+# Without a GPU, Triton kernels are tested through Triton's CPU interpreter. Triton picks the interpreter when
+# it is imported and when a kernel is decorated, and libraries other test modules import at collection
+# (transformers, fla) import triton too: so the flag is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from hypothesis import settings
 
 from titans_lnn import TitansLNN, TitansLNNConfig
