@@ -14,7 +14,6 @@ does it for inputs of any length in fixed memory:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -60,7 +59,7 @@ class TitansLNN(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.fingerprint = hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+        self.fingerprint = config.fingerprint
         self._warned_state_graph = False  # the graph-carrying state warning is given once per model
         self._state_templates: dict[int, ModelState] = {}  # by batch size, on the meta device: check_state
         self.init_weights()
