@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from titans_lnn.cli import integer
 from titans_lnn.evals.niah_train import (
     NIAH_MODEL,
     NIAH_STEPS,
@@ -90,22 +91,6 @@ def _parse_depths(text: str) -> list[float]:
     return out
 
 
-def _integer(lo: int, hi: int | None = None, what: str = ""):
-    """An argparse type: a whole number in [lo, hi] (no upper bound when ``hi`` is None)."""
-    expected = f"a whole number >= {lo}" if hi is None else f"a whole number in [{lo}, {hi}]"
-    expected += f" ({what})" if what else ""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: expected {expected}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected {expected}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
 
 
 # Bounds of the evaluation seeds' layout (eval_seed): below 1000 samples and lengths, seeds up to MAX_SEED.
@@ -388,19 +373,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the needle task to train and evaluate (default passkey)")
     p.add_argument("--variant", default="mal", choices=("mac", "mag", "mal", "lmm"),
                    help="the hybrid's variant (default mal)")
-    p.add_argument("--steps", type=_integer(1), default=NIAH_STEPS,
+    p.add_argument("--steps", type=integer(1), default=NIAH_STEPS,
                    help=f"training steps per model (default {NIAH_STEPS})")
     p.add_argument("--lengths", type=_parse_lengths, default=_parse_lengths("1k,4k,16k,64k,256k,1m"),
                    help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default 1k,...,1m)")
-    p.add_argument("--samples", type=_integer(1, MAX_SAMPLES), default=10,
+    p.add_argument("--samples", type=integer(1, MAX_SAMPLES), default=10,
                    help="prompts per length, each its own key, depths spread over 5%%..95%% (default 10)")
     p.add_argument("--depths", type=_parse_depths, default=None,
                    help="comma-separated needle depths in [0, 1], one sample each (default: spread, see --samples)")
-    p.add_argument("--chunk-len", type=_integer(1), default=4096, help="tokens per streamed piece (default 4096)")
-    p.add_argument("--seed", type=_integer(0, MAX_SEED, "evaluation seeds stay below 2^31"), default=0,
+    p.add_argument("--chunk-len", type=integer(1), default=4096, help="tokens per streamed piece (default 4096)")
+    p.add_argument("--seed", type=integer(0, MAX_SEED, "evaluation seeds stay below 2^31"), default=0,
                    help=f"random seed of training and of the evaluation prompts, 0..{MAX_SEED} (default 0)")
-    p.add_argument("--workers", type=_integer(0), default=0, help="processes (default: min(2, CPU cores))")
-    p.add_argument("--threads", type=_integer(0), default=0,
+    p.add_argument("--workers", type=integer(0), default=0, help="processes (default: min(2, CPU cores))")
+    p.add_argument("--threads", type=integer(0), default=0,
                    help="torch threads per process (default: cores / workers)")
     p.add_argument("--out", default="niah-results", help="output folder (default niah-results)")
     p.add_argument("--reuse", action="store_true", help="load the models an earlier run saved in --out")

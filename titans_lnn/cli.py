@@ -33,9 +33,11 @@ _SUBCOMMANDS = {"train": "titans_lnn.training.cli", "eval": "titans_lnn.evals.cl
 MAX_DEMO_LENGTH = 1 << 20  # the demo also reads the whole sequence in one pass
 
 
-def integer(lo: int, hi: int | None = None):
-    """An argparse type: a whole number in [lo, hi] (no upper bound when ``hi`` is None)."""
+def integer(lo: int, hi: int | None = None, what: str = ""):
+    """An argparse type: a whole number in [lo, hi] (no upper bound when ``hi`` is None); ``what`` is said
+    after the range in the error."""
     expected = f"a whole number >= {lo}" if hi is None else f"a whole number in [{lo}, {hi}]"
+    expected += f" ({what})" if what else ""
 
     def parse(text: str) -> int:
         try:
