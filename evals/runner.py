@@ -113,11 +113,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_chunk_len(chunk_len: int) -> None:
-    if not isinstance(chunk_len, int) or chunk_len < 1:
-        raise ValueError(f"chunk_len={chunk_len!r} must be a positive integer")
-
-
 @torch.no_grad()
 def stream_prompt(model: TitansLNN, ids, chunk_len: int = 2048, state=None, progress: bool = False):
     """Read ``ids`` ((T,) or (B, T)) in pieces of ``chunk_len`` tokens, carrying the state.
@@ -125,7 +120,6 @@ def stream_prompt(model: TitansLNN, ids, chunk_len: int = 2048, state=None, prog
     Returns ``(last_logits, state)``: the logits (B, V) after the last token (they predict the next
     one) and the state after it. Only one chunk's logits exist at a time.
     """
-    _check_chunk_len(chunk_len)
     out = model.stream(_as_ids(ids, _device(model)), chunk_len=chunk_len, state=state, progress=progress)
     return out.logits, out.state
 
@@ -140,7 +134,6 @@ def stream_nll(model: TitansLNN, ids, chunk_len: int = 2048, state=None, prev_lo
     unless ``prev_logits`` (B, V) (the logits after a context streamed before) is given, so by default
     the first chunk starts at 1. The generator returns the final state (``StopIteration.value``).
     """
-    _check_chunk_len(chunk_len)
     ids = _as_ids(ids, _device(model))
     for s, logits, after in model.stream_pieces(ids, chunk_len=chunk_len, state=state, progress=progress):
         state = after

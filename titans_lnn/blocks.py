@@ -24,11 +24,11 @@ import torch.nn as nn
 
 from titans_lnn.attention import SlidingWindowAttention
 from titans_lnn.config import TitansLNNConfig
-from titans_lnn.layers import RMSNorm, SwiGLU, residual_output
+from titans_lnn.layers import Residual, RMSNorm, SwiGLU, residual_output
 from titans_lnn.liquid import LiquidCore
 from titans_lnn.memory import NeuralMemory
 from titans_lnn.mixers import Based, GatedDeltaNet, Lfm2, Mamba2
-from titans_lnn.state import BlockState, EmptyState, MACState, PairState, State
+from titans_lnn.state import BlockState, EmptyState, MACState, PairState
 
 
 class MemoryGate(nn.Module):
@@ -51,6 +51,13 @@ def _memory(dim: int, memory: NeuralMemory | None) -> NeuralMemory:
     if not isinstance(memory, NeuralMemory) or memory.dim != dim:
         raise ValueError(f"memory must be a NeuralMemory of width dim={dim}; got {memory!r:.80}")
     return memory
+
+
+def _attention_and_memory(cls, config: TitansLNNConfig):
+    """MAC or MAG (the same arguments) from a config: ``cls.from_config(config)``."""
+    c = config
+    return cls(c.d_model, window=c.window, heads=c.n_heads, kv_heads=c.n_kv_heads, n_persistent=c.n_persistent,
+               rope_theta=c.rope_theta, memory=NeuralMemory.from_config(c), eps=c.norm_eps)
 
 
 class MemoryAsContext(nn.Module):
@@ -79,9 +86,7 @@ class MemoryAsContext(nn.Module):
 
     @classmethod
     def from_config(cls, config: TitansLNNConfig) -> MemoryAsContext:
-        c = config
-        return cls(c.d_model, window=c.window, heads=c.n_heads, kv_heads=c.n_kv_heads, n_persistent=c.n_persistent,
-                   rope_theta=c.rope_theta, memory=NeuralMemory.from_config(c), eps=c.norm_eps)
+        return _attention_and_memory(cls, config)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> MACState:
         mem = self.mem.init_state(batch_size, device, dtype)
@@ -128,9 +133,7 @@ class MemoryAsGate(nn.Module):
 
     @classmethod
     def from_config(cls, config: TitansLNNConfig) -> MemoryAsGate:
-        c = config
-        return cls(c.d_model, window=c.window, heads=c.n_heads, kv_heads=c.n_kv_heads, n_persistent=c.n_persistent,
-                   rope_theta=c.rope_theta, memory=NeuralMemory.from_config(c), eps=c.norm_eps)
+        return _attention_and_memory(cls, config)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> PairState:
         return PairState(self.attn.init_state(batch_size, device, dtype),
@@ -145,23 +148,6 @@ class MemoryAsGate(nn.Module):
 
 
 # ----------------------------------------------------------------------------- mixers (residual level)
-
-
-class Residual(nn.Module):
-    """A stateful layer as a pre-norm residual step: x -> x + layer(norm(x)), carrying the layer's state.
-    forward(x, state, **kwargs) -> (x', state'); ``kwargs`` go to the layer (the liquid core's dt)."""
-
-    def __init__(self, layer: nn.Module, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.norm = RMSNorm(dim, eps)
-        self.layer = layer
-
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> State:
-        return self.layer.init_state(batch_size, device, dtype)
-
-    def forward(self, x: torch.Tensor, state: State | None = None, **kwargs):
-        y, state = self.layer(self.norm(x), state, **kwargs)
-        return x + y, state
 
 
 class MemoryAsLayer(nn.Module):

@@ -1,6 +1,7 @@
 """Small building blocks shared by the model's sub-layers: RMSNorm, RoPE, SwiGLU MLP, a depthwise
-causal convolution that carries its last inputs as streaming state, and the two markers the model's
-initialisation reads (``residual_output``, ``OwnInit``)."""
+causal convolution that carries its last inputs as streaming state, the pre-norm residual step of a
+stateful layer (``Residual``), and the two markers the model's initialisation reads (``residual_output``,
+``OwnInit``)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,20 @@ class CausalConv(OwnInit, nn.Module):
         xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
         y = self.conv(xx.transpose(1, 2)).transpose(1, 2)  # (B, T, D)
         return y, xx[:, xx.shape[1] - (self.kernel - 1):].clone()  # a copy: a view would pin the whole input
+
+
+class Residual(nn.Module):
+    """A stateful layer as a pre-norm residual step: x -> x + layer(norm(x)), carrying the layer's state.
+    forward(x, state, **kwargs) -> (x', state'); ``kwargs`` go to the layer (the liquid core's dt)."""
+
+    def __init__(self, layer: nn.Module, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.layer = layer
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32):
+        return self.layer.init_state(batch_size, device, dtype)
+
+    def forward(self, x: torch.Tensor, state=None, **kwargs):
+        y, state = self.layer(self.norm(x), state, **kwargs)
+        return x + y, state

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from titans_lnn.attention import SlidingWindowAttention
-from titans_lnn.layers import residual_output
+from titans_lnn.layers import Residual, residual_output
 from titans_lnn.mixers.common import check_impl, check_positive, pad_time
 from titans_lnn.mixers.short_conv import GatedShortConv, ShortConvState
 from titans_lnn.state import AttentionState, State
@@ -152,8 +152,6 @@ class Based(nn.Module):
     def __init__(self, dim: int, *, heads: int = 4, feature_dim: int = 16, conv_kernel: int = 3, window: int = 64,
                  kv_heads: int | None = None, n_persistent: int = 0, rope_theta: float = 10000.0, eps: float = 1e-5):
         super().__init__()
-        from titans_lnn.blocks import Residual  # here: titans_lnn.blocks imports this package to register it
-
         self.conv = Residual(GatedShortConv(dim, kernel=conv_kernel), dim, eps)
         self.linear = Residual(TaylorLinearAttention(dim, heads=heads, feature_dim=feature_dim), dim, eps)
         self.attn = Residual(SlidingWindowAttention(dim, heads=heads, kv_heads=kv_heads, window=window,

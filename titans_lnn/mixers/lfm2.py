@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from titans_lnn.attention import SlidingWindowAttention
+from titans_lnn.layers import Residual
 from titans_lnn.mixers.short_conv import GatedShortConv, ShortConvState
 from titans_lnn.state import AttentionState, State
 
@@ -40,8 +41,6 @@ class Lfm2(nn.Module):
     def __init__(self, dim: int, *, conv_kernel: int = 3, heads: int = 4, kv_heads: int | None = None,
                  window: int | None = 128, n_persistent: int = 0, rope_theta: float = 10000.0, eps: float = 1e-5):
         super().__init__()
-        from titans_lnn.blocks import Residual  # here: titans_lnn.blocks imports this package to register it
-
         self.conv = Residual(GatedShortConv(dim, kernel=conv_kernel), dim, eps)
         self.attn = Residual(SlidingWindowAttention(dim, heads=heads, kv_heads=kv_heads, window=window,
                                                     n_persistent=n_persistent, rope_theta=rope_theta), dim, eps)
