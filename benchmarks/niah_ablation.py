@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,7 @@ from titans_lnn.cli import plain
 from titans_lnn.evals.niah import _parse_lengths, eval_seed, needle_readout, spread_depths
 from titans_lnn.evals.niah_train import NIAH_MODEL, NIAH_TRAIN, memory_modules, train_passkey
 from titans_lnn.evals.runner import evaluate_samples
+from titans_lnn.evals.scoring import wilson_interval
 from titans_lnn.evals.tasks import make_sample
 from titans_lnn.tokenizers import ByteTokenizer
 
@@ -46,6 +49,22 @@ def _pair(text: str) -> tuple[str, object]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+
+
+def miss_kind(expected: str, got: str) -> str:
+    """How a greedy answer ``got`` misses the key ``expected``: "none" (it starts with the key), "one digit"
+    (the first len(key) characters are digits and differ from it in one place), "order" (the same digits, another order),
+    "other"."""
+    head = got.strip()[:len(expected)]
+    if head == expected:
+        return "none"
+    if not (len(head) == len(expected) and head.isdigit()):
+        return "other"
+    if sum(a != b for a, b in zip(head, expected)) == 1:
+        return "one digit"
+    if sorted(head) == sorted(expected):
+        return "order"
+    return "other"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="also read out with this memory layer (0-based) writing nothing on the filler (repeatable)")
     p.add_argument("--eval-threshold", type=float, default=None, metavar="X",
                    help="every memory's write threshold during the evaluation (fraction of max_lr, in [0, 1))")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write every evaluated sample (expected, got, miss kind) and the loss curve there")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="save the trained model there (for titans-lnn niah --reuse or evaluation-time ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.eval_threshold is not None and not 0 <= args.eval_threshold < 1:
         p.error(f"argument --eval-threshold: {args.eval_threshold} is outside [0, 1): expected a fraction of max_lr")
+    losses = []
     if args.load:
         model = TitansLNN.from_pretrained(args.load)
         print(f"loaded {args.load}")
@@ -95,15 +117,24 @@ def main(argv: list[str] | None = None) -> int:
         model(torch.tensor([list(filler)], dtype=torch.long))
     written = [f"{(m.last_theta > 1e-6).float().mean().item():.3f}" for m in memory_modules(model)]
     print(f"filler tokens written per memory layer: {written}")
+    report = {"losses": losses, "records": []}
     for j, n in enumerate(int(x) for x in args.lengths.split(",")):
         samples = [make_sample("passkey", n, d, eval_seed(0, j, i)) for i, d in enumerate(spread_depths(args.samples))]
         records = evaluate_samples(model, tok, samples)
-        print(f"{n} tokens: {sum(r['correct'] for r in records)}/{len(records)} correct")
+        for r in records:
+            r["miss"] = miss_kind(r["expected"], r["got"])
+        kinds = Counter(r["miss"] for r in records if not r["correct"])
+        lo, hi = wilson_interval(sum(r["correct"] for r in records), len(records))
+        print(f"{n} tokens: {sum(r['correct'] for r in records)}/{len(records)} correct [{lo:.2f}, {hi:.2f}]; "
+              f"misses: {dict(kinds) or 'none'}", flush=True)
+        report["records"].extend(records)
     silences = [()] + [(i,) for i in args.silence]  # as trained, then each layer silent on the filler
     for silence in silences if args.readout else []:
         d = needle_readout(model, args.readout, silence=silence)
         nats = ", ".join(f"{n}: {-x:.2f}" for n, x in zip(d["distances"], d["logp_key"]))
         print(f"-log p(key) after filler ({'as trained' if not silence else f'layer {silence[0]} silent'}): {nats}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

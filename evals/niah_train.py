@@ -128,11 +128,13 @@ def recorded_write_gates(model: TitansLNN) -> Iterator[dict]:
             handle.remove()
 
 
-def filler_gate_mean(gates: dict, filler: torch.Tensor) -> torch.Tensor:
-    """Mean write gate (``recorded_write_gates``) over the filler tokens (``filler``: (B, T) bool) and
-    heads, summed over the memories."""
+def filler_gate_mean(gates: dict, filler: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean write gate (``recorded_write_gates``) above ``margin``, relu(gate - margin), over the filler
+    tokens (``filler``: (B, T) bool) and heads, summed over the memories. With a margin the penalty
+    stops pushing a filler gate once it is that far down (and so stops pulling the needle's gates,
+    which share its weights, down with it)."""
     weight = filler.float() / filler.sum().clamp_min(1)  # (B, T)
-    return sum(((g.mean(1) * weight).sum() for g in gates.values()), torch.zeros(()))
+    return sum((((g - margin).clamp_min(0).mean(1) * weight).sum() for g in gates.values()), torch.zeros(()))
 
 
 def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Random):
@@ -143,7 +145,8 @@ def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Rando
 def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_size: int = 16, min_len: int = 260,
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
                   lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
-                  threshold_from: float = 0.5, penalize: str = "written", progress: bool = True,
+                  threshold_from: float = 0.5, penalize: str = "written", penalty_margin: float = 0.0,
+                  progress: bool = True,
                   on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
     steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
@@ -153,7 +156,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     ``penalty_from`` of the steps on: the memory learns to write nothing on filler, so that what it
     wrote survives any amount of it. ``penalize="written"`` penalises theta after the threshold (0 and
     no gradient where a write is skipped), ``"gate"`` the gate before it (``recorded_write_gates``:
-    the filler's gates keep going down below the threshold, a margin).
+    the filler's gates keep going down below the threshold, a margin), down to ``penalty_margin``
+    (a fraction of max_lr: gates below it are not penalised).
     A memory whose config skips small writes (``mem_write_threshold``) trains without the threshold
     until the fraction ``threshold_from`` of the steps, then with it raised linearly to the config's
     value by the last step: retrieval is learned first, then to keep the filler's writes below it.
@@ -162,6 +166,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train_passkey: steps={steps!r} is invalid: expected a whole number >= 1")
+    if not 0 <= penalty_margin < 1:
+        raise ValueError(f"train_passkey: penalty_margin={penalty_margin!r} is invalid: expected a fraction in [0, 1)")
     if penalize not in ("written", "gate"):
         raise ValueError(f"train_passkey: penalize={penalize!r} is invalid: expected 'written' or 'gate'")
     torch.manual_seed(seed)
@@ -188,7 +194,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
             loss = model(x, labels=y).loss
         total = loss
         if write_penalty and step >= penalty_from * steps:
-            rate = filler_write_rate(model, filler) if penalize == "written" else filler_gate_mean(gates, filler)
+            rate = (filler_write_rate(model, filler) if penalize == "written"
+                    else filler_gate_mean(gates, filler, penalty_margin))
             total = loss + write_penalty * rate
         opt.zero_grad(set_to_none=True)
         total.backward()

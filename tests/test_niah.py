@@ -259,3 +259,38 @@ def test_gate_penalty_reaches_the_writes_the_threshold_skips():
     assert len(gates) == 2 and not memory_modules(model)[0].w_gates._forward_hooks  # hooks removed on exit
     with pytest.raises(ValueError, match="penalize='all'"):
         train_passkey(model, 1, penalize="all", progress=False)
+
+
+def test_gate_penalty_margin_spares_gates_below_it():
+    """filler_gate_mean(margin=m) is the filler mean of relu(gate - m): a filler gate already below the
+    margin adds nothing and gets no gradient (the penalty stops pulling the shared gate weights down),
+    one above it is penalised by its excess; needle tokens (not filler) never count."""
+    from titans_lnn.evals.niah_train import filler_gate_mean
+
+    gate = torch.tensor([[[0.02, 0.30, 0.10, 0.90]]], requires_grad=True)  # (B=1, H=1, T=4)
+    filler = torch.tensor([[True, True, True, False]])  # the last token is a needle's
+    value = filler_gate_mean({"memory": gate}, filler, margin=0.05)
+    torch.testing.assert_close(value, torch.tensor((0.25 + 0.05) / 3))
+    (grad,) = torch.autograd.grad(value, gate)
+    torch.testing.assert_close(grad, torch.tensor([[[0.0, 1 / 3, 1 / 3, 0.0]]]))
+    torch.testing.assert_close(filler_gate_mean({"memory": gate}, filler), torch.tensor(0.42 / 3))  # no margin
+    with pytest.raises(ValueError, match="penalty_margin=1.5"):
+        train_passkey(TitansLNN(niah_config("mal")), 1, penalty_margin=1.5, progress=False)
+
+
+@pytest.mark.parametrize(("expected", "got", "kind"), [
+    ("83459", " 83459.", "none"),
+    ("83459", " 87459.", "one digit"),
+    ("16307", " 16370.", "order"),
+    ("16307", " 1630.", "other"),
+    ("16307", " 99999.", "other"),
+    ("55767", " 55776. ", "order"),
+])
+def test_ablation_tallies_misses_by_kind(monkeypatch, expected, got, kind):
+    """benchmarks/niah_ablation.py's miss kinds: one wrong digit, the right digits in another order, other."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import niah_ablation
+
+    assert niah_ablation.miss_kind(expected, got) == kind
