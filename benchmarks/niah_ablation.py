@@ -52,9 +52,9 @@ def _pair(text: str) -> tuple[str, object]:
 
 
 def miss_kind(expected: str, got: str) -> str:
-    """How a greedy answer ``got`` misses the key ``expected``: "none" (it starts with the key), "one digit"
-    (the first len(key) characters are digits and differ from it in one place), "order" (the same digits, another order),
-    "other"."""
+    """How a greedy answer ``got`` misses the key ``expected``: "none" (it starts with the key), "one
+    digit" (its first len(key) characters are digits and differ from the key in one place), "order" (the
+    key's digits in another order), "other"."""
     head = got.strip()[:len(expected)]
     if head == expected:
         return "none"
