@@ -12,16 +12,15 @@ beta_t W_0 x_t + (D_beta E)_t S_0 x_t - ((Cm * (X_hat X^T)) @ Delta)_t.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from titans_lnn.kernels.titans_memory.naive import (
-    anchor_forward,
     check_inputs,
     clip_scale,
-    curvature,
     join_anchor,
-    silu_grad,
     split_anchor,
     stable_steps,
 )
@@ -69,47 +68,96 @@ def _chunk_coefficients(eta, alpha):
     return log_b.exp(), E, dbe, d_beta @ d_e, d_e
 
 
-def _chunk(q, k, kh, v, theta, eta, coeffs, W0, S0, A, last, max_grad_norm, spent):
-    """One chunk of L tokens (row ``last`` is the last real token; later rows are padding); ``spent``:
-    the chunk's Q before its first row (``stable``), or None.
+class _Chunk(NamedTuple):
+    """One chunk's inputs (L rows). q, k: (B, H, L, Dk); v: (B, H, L, Dv); theta, eta: (B, H, L);
+    qk: q k^T, the first layer's read scores (its inputs are the keys, whatever the anchor): (B, H, L, L);
+    ``stable`` only (else None): kh the unit keys (B, H, L, Dk) and overlap = tril(cos^2(k_t, k_s), -1) (B, H, L, L)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    theta: torch.Tensor
+    eta: torch.Tensor
+    qk: torch.Tensor
+    kh: torch.Tensor | None
+    overlap: torch.Tensor | None
 
-    q, k: (B, H, L, Dk); v: (B, H, L, Dv); coeffs from ``_chunk_coefficients`` for this chunk.
-    Returns y (B, H, L, Dv), the weights and momentum after token ``last``, and Q after it.
-    """
+
+def _chunk_inputs(q, k, v, theta, eta, khat, stable):
+    """``_Chunk`` for one chunk or many at once (leading dims (B, H) or (B, H, N)); the anchor-free parts
+    (q k^T, the keys' overlaps) as one batched product each."""
+    kt = k.transpose(-1, -2)
+    overlap = (khat @ khat.transpose(-1, -2)).pow(2).tril(-1) if stable else None
+    return _Chunk(q, k, v, theta, eta, q @ kt, khat if stable else None, overlap)
+
+
+def _stable_theta(x: _Chunk, kappa, spent, want_spent):
+    """``stable_steps`` for one chunk with its overlaps precomputed; spent None is Q = 0 (a chunk that
+    starts here). Returns (theta', Q after the chunk, or None unless ``want_spent``)."""
+    u = x.theta * kappa / (1 - x.eta).clamp_min(torch.finfo(x.theta.dtype).tiny)
+    before = (x.overlap @ u[..., None])[..., 0]  # (B, H, L)
+    if spent is not None:
+        before = before + ((x.kh @ spent) * x.kh).sum(-1)
+    if want_spent:
+        spent = (0 if spent is None else spent) + x.kh.transpose(-1, -2) @ (u[..., None] * x.kh)
+    return x.theta / ((1 + before) * (1 + before + u)), spent if want_spent else None
+
+
+def _chunk(x: _Chunk, coeffs, W0, S0, A, last, max_grad_norm, spent, want_spent):
+    """One chunk of L tokens (row ``last`` is the last real token; later rows are padding); ``spent``: the
+    chunk's Q before its first row when ``stable`` and carried from an earlier call (None: Q = 0).
+    coeffs from ``_chunk_coefficients`` for this chunk. Returns y (B, H, L, Dv), the weights and momentum
+    after token ``last``, and Q after it (None unless ``want_spent``)."""
     beta, E, dbe, dd, d_e = coeffs
     n = len(A)
-    # Forward at the anchor on the keys; keep each layer's input x_l and pre-activation z_l.
-    out, xs, zs = anchor_forward(A, k)
-    if spent is not None:  # padded rows have theta = 0, so u = 0: Q after ``last`` is Q after the last row
-        theta, spent = stable_steps(theta, eta, curvature(A, xs, zs), kh, spent)
+    # Forward at the anchor on the keys; keep each layer's input x_l, and silu'(z_l) for the hidden layers.
+    xs, slopes = [], []
+    h = x.k
+    for i, a in enumerate(A):
+        xs.append(h)
+        z = h @ a.transpose(-1, -2)  # (B, H, L, out_l)
+        if i < n - 1:
+            s = torch.sigmoid(z)
+            h = z * s
+            slopes.append(s * (1 + z * (1 - s)))  # silu'(z)
+        else:
+            h = z
+    out = h if n == 1 else x.k + h
+    x_sq = [t.pow(2).sum(-1) for t in xs]  # ||x_l||^2: (B, H, L)
+    theta = x.theta
+    if x.overlap is not None:  # the curvature bound of ``naive.curvature``, from the same x_l and silu'(z_l)
+        reach, kappa = None, x_sq[-1]
+        for i in range(n - 2, -1, -1):
+            col = A[i + 1].pow(2).sum(-2)  # ||W_{l+1}[:, j]||^2: (B, H, in)
+            r = (slopes[i].pow(2) @ col[..., None])[..., 0]
+            reach = r if reach is None else reach * r
+            kappa = kappa + x_sq[i] * reach
+        theta, spent = _stable_theta(x._replace(theta=theta), 2 * kappa, spent, want_spent)
     # Backward in closed form: delta_l = dLoss/dz_l per token; the gradient of W_l is delta_l x_l^T.
-    delta = 2 * (out - v)
-    deltas = [None] * n
-    for i in range(n - 1, -1, -1):
-        deltas[i] = delta
-        if i:
-            delta = torch.einsum("bhoi,bhlo->bhli", A[i], delta) * silu_grad(zs[i - 1])
+    delta = 2 * (out - x.v)
+    deltas = [delta] * n
+    for i in range(n - 1, 0, -1):
+        delta = (delta @ A[i]) * slopes[i - 1]
+        deltas[i - 1] = delta
     # Clip each token's gradient: sum over layers of ||delta_l||^2 ||x_l||^2 is ||g||^2.
-    sq = sum(d.pow(2).sum(-1) * x.pow(2).sum(-1) for d, x in zip(deltas, xs))  # (B, H, L)
+    sq = sum(d.pow(2).sum(-1) * s for d, s in zip(deltas, x_sq))  # (B, H, L)
     theta = theta * clip_scale(sq, max_grad_norm)
-    cm = dd * theta[..., None, :]
+    cm = dd * theta[..., None, :]  # (B, H, L, L)
     # Read y_t = M_{W_t}(q_t) at the per-token weights.
-    h = q
+    h = x.q
     for i in range(n):
-        base = torch.einsum("bhoi,bhli->bhlo", W0[i], h) * beta[..., None] \
-            + torch.einsum("bhoi,bhli->bhlo", S0[i], h) * dbe[..., None]
-        scores = cm * torch.einsum("bhti,bhli->bhtl", h, xs[i])  # (B, H, L, L)
+        base = (h @ W0[i].transpose(-1, -2)) * beta[..., None] + (h @ S0[i].transpose(-1, -2)) * dbe[..., None]
+        scores = cm * (x.qk if i == 0 else h @ xs[i].transpose(-1, -2))  # (B, H, L, L)
         z = base - scores @ deltas[i]
         h = F.silu(z) if i < n - 1 else z
-    y = h if n == 1 else q + h
-    # State after token ``last``.
-    cm_last, de_last = cm[:, :, last], d_e[:, :, last] * theta  # (B, H, L)
+    y = h if n == 1 else x.q + h
+    # State after token ``last``: W = beta W0 + (D_beta E) S0 - sum_i Cm[last, i] delta_i x_i^T, and S alike.
+    cm_last, de_last = cm[:, :, last, :, None], (d_e[:, :, last] * theta)[..., None]  # (B, H, L, 1)
+    b_last, dbe_last, e_last = (t[:, :, last, None, None] for t in (beta, dbe, E))
     W, S = [], []
     for i in range(n):
-        upd = torch.einsum("bhl,bhlo,bhli->bhoi", cm_last, deltas[i], xs[i])
-        mom = torch.einsum("bhl,bhlo,bhli->bhoi", de_last, deltas[i], xs[i])
-        W.append(beta[:, :, last, None, None] * W0[i] + dbe[:, :, last, None, None] * S0[i] - upd)
-        S.append(E[:, :, last, None, None] * S0[i] - mom)
+        dt = deltas[i].transpose(-1, -2)  # (B, H, out_l, L)
+        W.append(b_last * W0[i] + dbe_last * S0[i] - dt @ (cm_last * xs[i]))
+        S.append(e_last * S0[i] - dt @ (de_last * xs[i]))
     return y, W, S, spent
 
 
@@ -125,12 +173,13 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
     ys = []
     start = 0
     khat = F.normalize(k, dim=-1) if stable else k  # once for the sequence, not once per chunk
-    if offset:  # finish the chunk that an earlier call started, with its anchor
+    if offset:  # finish the chunk that an earlier call started, with its anchor and its Q
         L = min(T, chunk_size - offset)
         sl = slice(0, L)
         coeffs = _chunk_coefficients(eta[:, :, sl], alpha[:, :, sl])
-        y, W, S, spent = _chunk(q[:, :, sl], k[:, :, sl], khat[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
-                                coeffs, W, S, A, L - 1, max_grad_norm, spent)
+        x = _chunk_inputs(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl], khat[:, :, sl],
+                          stable)
+        y, W, S, spent = _chunk(x, coeffs, W, S, A, L - 1, max_grad_norm, spent, stable)
         ys.append(y)
         start = L
     rest = T - start
@@ -145,17 +194,18 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
                 x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
             return x.reshape(B, H, N, C, *x.shape[3:])
 
+        # Everything that does not depend on a chunk's anchor, for all chunks at once (few large ops):
+        # the decay bookkeeping, q k^T and the keys' overlaps; padded tokens have theta = 0 and are never read.
         # unbind, not x[:, :, c]: indexing once per chunk makes autograd build a zero gradient of the
         # whole tensor for every chunk (a backward quadratic in T); unbind's backward is one stack.
-        qc, kc, vc, th, et = (chunks(x).unbind(2) for x in (q, k, v, theta, eta))
-        khc = chunks(khat).unbind(2) if stable else kc
-        # Decay bookkeeping for every chunk at once; padded tokens have theta = 0 and are never read.
-        coeffs = [x.unbind(2) for x in _chunk_coefficients(chunks(eta), chunks(alpha))]
+        inputs = _chunk_inputs(*(chunks(t) for t in (q, k, v, theta, eta, khat)), stable)
+        per_chunk = [None if t is None else t.unbind(2) for t in inputs]
+        coeffs = [t.unbind(2) for t in _chunk_coefficients(chunks(eta), chunks(alpha))]
         for c in range(N):
             last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
-            spent = None if spent is None else torch.zeros_like(spent)
-            y, W, S, spent = _chunk(qc[c], kc[c], khc[c], vc[c], th[c], et[c], tuple(x[c] for x in coeffs), W, S, A,
-                                    last, max_grad_norm, spent)
+            x = _Chunk(*(None if t is None else t[c] for t in per_chunk))
+            y, W, S, spent = _chunk(x, tuple(t[c] for t in coeffs), W, S, A, last, max_grad_norm, None,
+                                    stable and c == N - 1)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
     return torch.cat(ys, dim=2), tuple(W), tuple(S), join_anchor(A, spent)
