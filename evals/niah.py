@@ -3,6 +3,7 @@
     titans-lnn niah                                   # train both models, evaluate 1K..1M, report
     titans-lnn niah --lengths 1k,4k,16k --steps 100   # a quicker run
     titans-lnn niah --task niah_single_2 --lengths 4k,16k,64k   # RULER single needle in the KJV
+    titans-lnn niah --task babilong_qa1                         # BABILong qa1 (its recipe: evals/niah_tasks.py)
     titans-lnn niah --reuse                           # evaluate models an earlier run saved in --out
 
 It trains (or, with ``--reuse``, loads) two models of the same size on the task at short lengths,
@@ -13,7 +14,9 @@ processes at once; each model is evaluated as soon as it is trained. For every l
 prompts (each its own seed and key, never a training seed; needle depths spread evenly over
 5%..95%) are streamed together as one batch through the fixed-size state and answered greedily.
 For the hybrid, a diagnostic stream writes how much of the filler the memory wrote and how well the
-needle still reads out after 1K..1M tokens of filler.
+needle still reads out after 1K..1M tokens of filler. ``--steps``, ``--lengths`` and ``--samples``
+default to the task's recipe (``TASK_RECIPES`` in ``niah_tasks.py``; the pass key's: 1000 steps, 1K..1M,
+10 samples), which also sets its training lengths and answer budget.
 
 Outputs in ``--out`` (default ``niah-results/``): ``summary.md`` (accuracy per length with n and
 a 95% Wilson interval, diagnostics, wall time), ``summary.json``, and per model ``model/``,
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 from titans_lnn.cli import integer
+from titans_lnn.evals.niah_tasks import readout_figure, readout_job, readout_md, recipe_for
 from titans_lnn.evals.niah_train import (
     NIAH_MODEL,
     NIAH_STEPS,
@@ -46,7 +50,7 @@ from titans_lnn.evals.niah_train import (
     train_passkey,
 )
 from titans_lnn.evals.report import format_length, write_report
-from titans_lnn.evals.runner import evaluate_samples, max_new_tokens_for
+from titans_lnn.evals.runner import evaluate_samples
 from titans_lnn.evals.scoring import wilson_interval
 from titans_lnn.evals.tasks import TASKS, make_sample
 from titans_lnn.model import TitansLNN
@@ -125,7 +129,8 @@ def _train_job(name: str, variant: str, task: str, steps: int, seed: int, thread
     model = TitansLNN(niah_config(variant, match))
     t0 = time.perf_counter()
     report = (lambda step: progress.__setitem__(name, step)) if progress is not None else None
-    losses = train_passkey(model, steps, task=task, seed=seed, progress=False, on_step=report, **NIAH_TRAIN)
+    train = {**NIAH_TRAIN, **recipe_for(task).train}  # the task's lengths on top of the pass key's recipe
+    losses = train_passkey(model, steps, task=task, seed=seed, progress=False, on_step=report, **train)
     model.save_pretrained(model_dir)
     return {"variant": variant, "task": task, "parameters": model.num_parameters(), "steps": steps,
             "train_seconds": round(time.perf_counter() - t0, 1), "train_loss_first": losses[0],
@@ -140,7 +145,7 @@ def _eval_job(model_dir: str, task: str, length: int, length_index: int, depths:
     seeds = [eval_seed(seed, length_index, i) for i in indices]
     samples = [make_sample(task, length, depths[i], s) for i, s in zip(indices, seeds)]
     records = evaluate_samples(model, ByteTokenizer(), samples, chunk_len=chunk_len,
-                               max_new_tokens=max_new_tokens_for(task))
+                               max_new_tokens=recipe_for(task).max_new_tokens)
     for rec, i, s in zip(records, indices, seeds):
         rec.update(sample=i, seed=s, depth=depths[i])
     return records
@@ -273,6 +278,10 @@ def run(args: argparse.Namespace) -> int:
 
     workers = args.workers or min(2, os.cpu_count() or 1)
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    recipe = recipe_for(args.task)  # defaults of the flags left unset
+    args.steps = args.steps or recipe.steps
+    args.lengths = args.lengths or list(recipe.lengths)
+    args.samples = args.samples or recipe.samples
     depths = args.depths if args.depths else spread_depths(args.samples)
     if args.task.startswith("babilong_"):
         depths = [None] * len(depths)
@@ -306,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
             if name == "hybrid" and args.task == "passkey" and not args.no_diagnostics:
                 jobs[pool.submit(_readout_job, str(dirs[name]), sorted(args.lengths), args.seed, threads)] = (
                     "readout", name, 0)
+            elif name == "hybrid" and not args.no_diagnostics:
+                jobs[pool.submit(readout_job, str(dirs[name]), args.task, sorted(args.lengths), args.seed,
+                                 threads)] = ("readout", name, 0)
 
         training = []
         for name, variant in models.items():
@@ -350,13 +362,17 @@ def run(args: argparse.Namespace) -> int:
         results[f"{name} ({variant})"] = recs
     summary = summary_table(results, NIAH_MODEL["window"], args.task)
     if diagnostics is not None:
-        summary += _diagnostics_md(diagnostics)
+        passkey = args.task == "passkey"
+        summary += _diagnostics_md(diagnostics) if passkey else readout_md(diagnostics)
         (out / "hybrid" / "diagnostics.json").write_text(json.dumps(diagnostics, indent=1) + "\n")
-        _readout_figure(diagnostics, out / "hybrid" / "readout.png")
+        (_readout_figure if passkey else readout_figure)(diagnostics, out / "hybrid" / "readout.png")
     wall = time.perf_counter() - t0
     summary += (f"\nWall time {wall / 60:.1f} min ({workers} processes x {threads} threads, {os.cpu_count()} cores); "
-                f"{len(depths)} samples per length, depths {depths}, evaluation seeds "
+                f"{len(depths)} samples per length, "
+                f"{'facts at seeded random depths' if depths[0] is None else f'depths {depths}'}, evaluation seeds "
                 f"{args.seed} * 10^6 + 1000 * length index + sample (training seeds >= 2^31).\n")
+    if args.task != "passkey":
+        summary += f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}.\n"
     (out / "summary.md").write_text(summary)
     summary_path.write_text(json.dumps({"meta": meta, "wall_s": wall, "model": NIAH_MODEL, "task": args.task},
                                        indent=2))
@@ -373,12 +389,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the needle task to train and evaluate (default passkey)")
     p.add_argument("--variant", default="mal", choices=("mac", "mag", "mal", "lmm"),
                    help="the hybrid's variant (default mal)")
-    p.add_argument("--steps", type=integer(1), default=NIAH_STEPS,
-                   help=f"training steps per model (default {NIAH_STEPS})")
-    p.add_argument("--lengths", type=_parse_lengths, default=_parse_lengths("1k,4k,16k,64k,256k,1m"),
-                   help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default 1k,...,1m)")
-    p.add_argument("--samples", type=integer(1, MAX_SAMPLES), default=10,
-                   help="prompts per length, each its own key, depths spread over 5%%..95%% (default 10)")
+    p.add_argument("--steps", type=integer(1), default=None,
+                   help=f"training steps per model (default: the task's recipe; passkey {NIAH_STEPS})")
+    p.add_argument("--lengths", type=_parse_lengths, default=None,
+                   help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default: the "
+                        "task's recipe; passkey 1k,4k,16k,64k,256k,1m)")
+    p.add_argument("--samples", type=integer(1, MAX_SAMPLES), default=None,
+                   help="prompts per length, each its own key, depths spread over 5%%..95%% (default: the task's "
+                        "recipe, 10)")
     p.add_argument("--depths", type=_parse_depths, default=None,
                    help="comma-separated needle depths in [0, 1], one sample each (default: spread, see --samples)")
     p.add_argument("--chunk-len", type=integer(1), default=4096, help="tokens per streamed piece (default 4096)")

@@ -1,0 +1,214 @@
+"""Per-task recipes and diagnostics of the main job (``titans-lnn niah --task ...``) beyond the pass key.
+
+    titans-lnn niah --task niah_single_2 --out /tmp/niah-s2     # RULER S-NIAH-2: KJV haystack, 7-digit value
+    titans-lnn niah --task babilong_qa1 --out /tmp/niah-qa1     # BABILong qa1: where is a person, KJV haystack
+
+A task's prompt holds fixed text (header, needles or facts, question) that the pass key's training
+lengths (260-450 tokens) do not fit: RULER's S-NIAH needs 352 tokens before any haystack, a
+BABILong qa1 story 444. :class:`TaskRecipe` sets, per task, the training lengths (so that every
+batch has filler between the needle and the question), the steps, the evaluation lengths, samples per
+length and greedy bytes per answer; :func:`recipe_for` gives the pass key's own defaults unchanged
+(``NIAH_STEPS``, ``NIAH_TRAIN``) and, for a task without a measured recipe, lengths derived from its
+fixed text. :func:`task_readout` is :func:`titans_lnn.evals.niah.needle_readout` for any text task:
+the needle (or the story's facts), then the task's own haystack, then the question, scored teacher-forced.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from titans_lnn.evals.babilong import LOCATIONS
+from titans_lnn.evals.niah_train import NIAH_STEPS, answer_text, memory_modules
+from titans_lnn.evals.report import format_length
+from titans_lnn.evals.runner import max_new_tokens_for
+from titans_lnn.evals.tasks import TASKS, make_sample
+from titans_lnn.model import TitansLNN
+from titans_lnn.tokenizers import ByteTokenizer
+
+__all__ = ["TASK_RECIPES", "TaskRecipe", "chance_nats", "readout_figure", "readout_md", "recipe_for",
+           "task_overhead", "task_readout"]
+
+PASSKEY_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)  # the main job's default: 1K .. 1M
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """How ``titans-lnn niah`` trains and evaluates one task when its flags are left at their defaults.
+
+    ``train`` holds :func:`~titans_lnn.evals.niah_train.train_passkey` keywords that replace the
+    pass key's (``NIAH_TRAIN`` and the function's defaults: ``min_len``, ``max_len``, ``long_len``,
+    ``batch_size``, ...); ``note`` says how the recipe was chosen (printed in the summary).
+    """
+
+    steps: int  # training steps of each model
+    lengths: tuple[int, ...]  # evaluation prompt lengths (tokens)
+    samples: int  # prompts per length
+    max_new_tokens: int  # greedy tokens generated per answer
+    train: dict = field(default_factory=dict)
+    note: str = ""
+
+
+# Chosen by measurement (see each note); the pass key's recipe lives in niah_train.py.
+TASK_RECIPES: dict[str, TaskRecipe] = {
+    "niah_single_2": TaskRecipe(
+        steps=600, lengths=(1024, 4096, 16384, 65536), samples=10, max_new_tokens=10,
+        train=dict(min_len=400, max_len=700, long_len=(1024, 2048)),
+        note="352 tokens of header, needle and question: 50-350 tokens of KJV filler, 0.7-1.7K in the long phase",
+    ),
+    "babilong_qa1": TaskRecipe(
+        steps=600, lengths=(1024, 4096, 16384, 65536, 131072), samples=10, max_new_tokens=12,
+        train=dict(min_len=600, max_len=900, long_len=(1024, 2048)),
+        note="444 tokens of header, 8 facts and question: 150-450 tokens of KJV between and around the facts",
+    ),
+}
+
+
+def task_overhead(task: str) -> int:
+    """Tokens (bytes) of ``task``'s prompt that are not haystack: header, needles or facts, question."""
+    sample = make_sample(task, 4096, None, seed=0)
+    return sample.meta["n_tokens"] - sample.meta["haystack_chars"]
+
+
+def recipe_for(task: str) -> TaskRecipe:
+    """The recipe of ``task``: the measured one, the pass key's defaults, or lengths derived from the
+    task's fixed text (as much filler as the pass key's training prompts, ~200 tokens, on top of it)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if task in TASK_RECIPES:
+        return TASK_RECIPES[task]
+    if task == "passkey":
+        return TaskRecipe(steps=NIAH_STEPS, lengths=PASSKEY_LENGTHS, samples=10,
+                          max_new_tokens=max_new_tokens_for(task),
+                          note="the main job's pass-key recipe (NIAH_TRAIN in niah_train.py)")
+    fixed = task_overhead(task)
+    return TaskRecipe(steps=NIAH_STEPS, lengths=PASSKEY_LENGTHS[:4], samples=10,
+                      max_new_tokens=max_new_tokens_for(task),
+                      train=dict(min_len=fixed + 16, max_len=fixed + 200, long_len=(fixed + 1024, fixed + 2048)),
+                      note=f"not tuned: {fixed} tokens of fixed text, training lengths derived from it")
+
+
+# ----------------------------------------------------------------------------- read-out diagnostics
+
+
+def chance_nats(task: str) -> float | None:
+    """-log p of the answer under a uniform guess among the possible answers (None where no such count
+    is simple): 5 or 7 uniform digits for the number tasks, one of the 6 locations for BABILong qa1."""
+    if task == "passkey":
+        return 5 * math.log(10)
+    if task in ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multikey_2"):
+        return 7 * math.log(10)
+    if task == "babilong_qa1":
+        return math.log(len(LOCATIONS))
+    return None
+
+
+def _parts(task: str, seed: int) -> tuple[str, list[str], str, str]:
+    """(header with its newline, needles or facts, newline + question, answer) of one sample of ``task``."""
+    depth = None if task.startswith("babilong_") else 0.0
+    sample = make_sample(task, task_overhead(task) + 64, depth, seed=seed)
+    lo, hi = sample.meta["haystack_span"]
+    needles = sample.meta.get("facts") or sample.meta["needles"]
+    return sample.prompt[:lo], list(needles), sample.prompt[hi:], answer_text(sample)
+
+
+def _filler(task: str, n_chars: int, seed: int, needles: list[str]) -> str:
+    """``n_chars`` characters of ``task``'s own haystack (its needles taken out), from a longer sample."""
+    depth = None if task.startswith("babilong_") else 1.0
+    sample = make_sample(task, task_overhead(task) + n_chars + 4096, depth, seed=seed)
+    lo, hi = sample.meta["haystack_span"]
+    hay = sample.prompt[lo:hi]
+    for text in sample.meta.get("facts") or sample.meta["needles"]:
+        hay = hay.replace(text, "")
+    return " " + " ".join(hay.split())[:n_chars]
+
+
+@torch.no_grad()
+def task_readout(model: TitansLNN, task: str, distances: list[int], *, seed: int = 0,
+                 chunk_len: int = 4096) -> dict:
+    """The needle's (or story's) read-out strength against the haystack read after it, for any text task.
+
+    Streams the task's header and its needles (BABILong: the story's facts, one after another), then
+    ``max(distances)`` tokens of the task's own haystack (KJV verses or the noise filler); at each
+    distance a branch of the state is asked the question and scored: log p(answer | question) summed
+    over the answer's bytes (teacher-forced, nats), and whether every byte is the greedy choice. Also
+    counts, per memory layer, the fraction of haystack tokens written with theta > 1e-6.
+    Returns ``{"task", "answer", "distances", "logp_answer", "correct", "filler_written", "chance_nats"}``.
+    """
+    if not distances or min(distances) < 1:
+        raise ValueError(f"task_readout: distances={distances!r} is invalid: expected positive token counts")
+    rng_seed = random.Random(f"readout/{task}/{seed}").randrange(2**30)  # an evaluation-range seed
+    header, needles, question, answer = _parts(task, rng_seed)
+    filler = _filler(task, max(distances), rng_seed + 1, needles)
+    tok = ByteTokenizer()
+
+    def ids(text: str) -> torch.Tensor:
+        return torch.tensor([list(tok.encode(text))], dtype=torch.long)  # (1, T)
+
+    state = model(ids(header + " ".join(needles)), state=model.init_state(1)).state
+    memories = memory_modules(model)
+    written, seen = [0] * len(memories), 0
+    out = {"task": task, "answer": answer, "distances": [], "logp_answer": [], "correct": [], "filler_written": [],
+           "chance_nats": chance_nats(task)}
+    target_ids = ids(" " + answer)[0]  # (k,): the answer with its leading space, as in training
+    for target in sorted(distances):
+        while seen < target:
+            n = min(chunk_len, target - seen)
+            state = model(ids(filler[seen:seen + n]), state=state).state
+            for i, m in enumerate(memories):
+                written[i] += int((m.last_theta > 1e-6).sum()) // m.heads
+            seen += n
+        asked = torch.cat([ids(question)[0], target_ids])[None]  # (1, L)
+        logits = model(asked, state=state).logits[0]  # (L, V)
+        k = len(target_ids)
+        scores = torch.log_softmax(logits[-k - 1:-1].float(), -1)  # (k, V): the predictions of the answer's bytes
+        out["distances"].append(target)
+        out["logp_answer"].append(round(scores.gather(-1, target_ids[:, None]).sum().item(), 4))
+        out["correct"].append(bool((scores.argmax(-1) == target_ids).all()))
+        out["filler_written"].append([round(w / seen, 6) for w in written])
+    return out
+
+
+def readout_job(model_dir: str, task: str, distances: list[int], seed: int, threads: int) -> dict:
+    """:func:`task_readout` of a saved model in its own process."""
+    torch.set_num_threads(threads)
+    return task_readout(TitansLNN.from_pretrained(model_dir).eval(), task, distances, seed=seed)
+
+
+def readout_md(d: dict) -> str:
+    """The summary's diagnostics table of a :func:`task_readout` result."""
+    chance = f"; chance {d['chance_nats']:.1f}" if d["chance_nats"] is not None else ""
+    lines = ["", f"Hybrid diagnostics (the needle or facts, then the task's haystack; `task_readout`, "
+                 f"answer {d['answer']!r}):", "",
+             "| haystack after the needle | " + " | ".join(format_length(n) for n in d["distances"]) + " |",
+             "|---|" + "---|" * len(d["distances"]),
+             f"| -log p(answer) (nats{chance}) | " + " | ".join(f"{-x:.2f}" for x in d["logp_answer"]) + " |",
+             "| greedy answer correct | " + " | ".join("yes" if c else "no" for c in d["correct"]) + " |",
+             "| haystack tokens written (theta > 1e-6), per memory layer | "
+             + " | ".join("/".join(f"{x:.4f}" for x in w) for w in d["filler_written"]) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def readout_figure(d: dict, path: Path) -> None:
+    """-log p(answer) against the haystack read after the needle (log x), with the chance line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot(d["distances"], [-x for x in d["logp_answer"]], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("haystack tokens read after the needle")
+    ax.set_ylabel("-log p(answer | question) (nats)")
+    if d["chance_nats"] is not None:
+        ax.axhline(d["chance_nats"], color="grey", ls="--", lw=0.8)
+        ax.text(d["distances"][0], d["chance_nats"], " chance (uniform answer)", va="bottom", fontsize=8)
+    ax.set_title(f"{d['task']}: read-out vs distance (hybrid)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

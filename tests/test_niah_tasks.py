@@ -1,0 +1,122 @@
+"""The main job on the long-document tasks (``titans-lnn niah --task niah_single_2 | babilong_qa1``):
+their training batches, seeds, recipes, read-out diagnostics and the command at toy size."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from titans_lnn import TitansLNN
+from titans_lnn.cli import main
+from titans_lnn.evals import niah_train
+from titans_lnn.evals.niah import NIAH_STEPS, niah_config
+from titans_lnn.evals.niah_tasks import TASK_RECIPES, recipe_for, task_overhead, task_readout
+from titans_lnn.evals.niah_train import TRAIN_SEED_BASE, memory_modules, task_batch
+
+TASKS = ("niah_single_2", "babilong_qa1")
+
+
+def _spy(monkeypatch) -> list:
+    """Record every sample task_batch makes, with its seed: [(sample, seed)]."""
+    made = []
+    real = niah_train.make_sample
+
+    def spy(task, length, depth, seed):
+        made.append((real(task, length, depth, seed=seed), seed))
+        return made[-1][0]
+
+    monkeypatch.setattr(niah_train, "make_sample", spy)
+    return made
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_batch_labels_only_the_answer(monkeypatch, task):
+    """At the recipe's shortest training length: labels on " answer." alone (aligned: the label at t is
+    the input at t + 1), and filler between the needle(s) and the question in every row."""
+    made = _spy(monkeypatch)
+    train = recipe_for(task).train
+    x, y, filler = task_batch(task, 4, train["min_len"], train["min_len"], random.Random(1), with_filler=True)
+    assert x.shape == y.shape == filler.shape and x.shape[0] == 4
+    assert len(made) == 4
+    for row_x, row_y, row_f, (sample, _) in zip(x, y, filler, made):
+        mask = row_y >= 0
+        assert bytes(row_y[mask].tolist()).decode() == " " + sample.answer + "."
+        assert mask.nonzero()[0, 0] == len(row_y) - int(mask.sum())  # one run, at the end
+        idx = mask.nonzero()[:-1, 0]
+        assert torch.equal(row_y[idx], row_x[idx + 1])
+        assert int(row_f.sum()) >= 40  # a haystack, not only the task's fixed text
+        assert not torch.any(row_f & mask)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_recipe_training_lengths_fit_the_task(task):
+    """Each measured recipe's training prompts hold the task's fixed text plus filler (the pass key's
+    260-450 tokens do not: the prompt would be doubled at random), and its answer budget holds " answer."."""
+    recipe = TASK_RECIPES[task]
+    fixed = task_overhead(task)
+    assert fixed + 40 <= recipe.train["min_len"] <= recipe.train["max_len"] <= recipe.train["long_len"][0]
+    assert recipe.max_new_tokens >= 9  # " 1234567." or " bathroom."
+    assert min(recipe.lengths) >= 1024 and recipe.samples >= 10
+
+
+def test_passkey_recipe_is_the_main_jobs_default():
+    recipe = recipe_for("passkey")
+    assert recipe.steps == NIAH_STEPS and recipe.train == {} and recipe.samples == 10
+    assert recipe.lengths == (1024, 4096, 16384, 65536, 262144, 1048576)
+    untuned = recipe_for("vt")  # derived from its fixed text
+    assert untuned.train["min_len"] > task_overhead("vt")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        recipe_for("nope")
+
+
+def test_task_readout_scores_the_answer_after_the_haystack():
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal")).eval()
+    for m in memory_modules(model):
+        m.write_threshold = 0.0  # every haystack token written
+    d = task_readout(model, "niah_single_2", [300, 100], chunk_len=128)
+    assert d["distances"] == [100, 300] and len(d["logp_answer"]) == 2 and all(x < 0 for x in d["logp_answer"])
+    assert d["answer"].isdigit() and len(d["answer"]) == 7 and d["chance_nats"] == pytest.approx(7 * math.log(10))
+    assert all(len(w) == 2 and all(0 < x <= 1 for x in w) for w in d["filler_written"])
+    qa = task_readout(model, "babilong_qa1", [100], chunk_len=128)
+    assert qa["answer"].isalpha() and qa["chance_nats"] == pytest.approx(math.log(6))
+    with pytest.raises(ValueError, match="distances=\\[0\\]"):
+        task_readout(model, "babilong_qa1", [0])
+
+
+@pytest.mark.parametrize(("task", "lengths"), [("niah_single_2", "420,520"), ("babilong_qa1", "500,600")])
+def test_niah_command_runs_each_task(tmp_path, monkeypatch, task, lengths):
+    """End to end at toy size; the evaluated prompts' seeds are below TRAIN_SEED_BASE and none is a
+    seed training drew (the training draws replayed here with the run's --seed)."""
+    out = tmp_path / task
+    assert main(["niah", "--task", task, "--steps", "2", "--lengths", lengths, "--samples", "2", "--out", str(out),
+                 "--no-progress", "--chunk-len", "128", "--workers", "1", "--threads", "1"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert f"{task} accuracy" in summary and "Wilson" in summary and summary.count("n=2") == 4
+    assert f"Recipe of {task}" in summary and "haystack tokens written" in summary
+    assert (out / "hybrid" / "readout.png").stat().st_size > 0
+    eval_seeds = set()
+    for name in ("hybrid", "baseline"):
+        records = json.loads((out / name / "results.json").read_text())["records"]
+        assert len(records) == 4 and all(r["expected"] for r in records)
+        assert all((r["depth"] is None) == task.startswith("babilong_") for r in records)
+        eval_seeds |= {r["seed"] for r in records}
+    assert len(eval_seeds) == 4 and max(eval_seeds) < TRAIN_SEED_BASE
+    made = _spy(monkeypatch)
+    rng, train = random.Random(0), recipe_for(task).train
+    for _ in range(2):
+        task_batch(task, 16, train["min_len"], train["max_len"], rng)
+    train_seeds = {seed for _, seed in made}
+    assert len(train_seeds) == 32 and min(train_seeds) >= TRAIN_SEED_BASE and not eval_seeds & train_seeds
+
+
+def test_niah_command_rejects_an_unknown_task(tmp_path, capsys):
+    out = tmp_path / "niah"
+    with pytest.raises(SystemExit) as exc:
+        main(["niah", "--task", "babilong_qa9", "--out", str(out)])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--task" in error and "'babilong_qa9'" in error and "niah_single_2" in error, error
+    assert not out.exists()
