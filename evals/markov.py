@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["kmer_codes", "MarkovModel", "markov_table", "main"]
+__all__ = ["kmer_codes", "MarkovModel", "OnlineMixer", "count_selector", "mix_bits", "markov_table", "main"]
 
 
 def kmer_codes(ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +64,24 @@ class MarkovModel:
         hit = (self.codes[i] == codes) if len(self.codes) else np.zeros(len(codes), dtype=bool)
         return np.where(hit, self.counts[i] if len(self.codes) else 0, 0)
 
+    def logprobs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The prediction at every position of ids (L,): ``(logp, count)``, ``logp`` (L, 4) float32 natural-log
+        P(b | the k bases before position i) for b = A, C, G, T and ``count`` (L,) int64 n(c), the training
+        count of that context; where position i has no k A/C/G/T bases before it (i < k, or an N among them)
+        the row is uniform and the count -1. Position i's own base is not looked at (an N there gets a row)."""
+        ids = np.asarray(ids)
+        L = len(ids)
+        logp = np.full((L, 4), -math.log(4), dtype=np.float32)
+        count = np.full(L, -1, dtype=np.int64)
+        code, ok = kmer_codes(ids, self.k)  # window j = the context of position j + k
+        code, ok = code[:max(L - self.k, 0)], ok[:max(L - self.k, 0)]
+        where = np.flatnonzero(ok) + self.k  # (M,) positions with a full context
+        n = np.stack([self._count(code[ok] * 4 + b) for b in range(4)], axis=1)  # (M, 4) n(c, b)
+        total = n.sum(axis=1)  # (M,) n(c)
+        logp[where] = np.log((n + self.alpha) / (total[:, None] + 4 * self.alpha))
+        count[where] = total
+        return logp, count
+
     def bits(self, ids: np.ndarray) -> np.ndarray:
         """(M,) bits of each scored base of ids (L,): those with k A/C/G/T bases before them and A/C/G/T
         themselves, in order (the first scored base is position k)."""
@@ -73,6 +91,102 @@ class MarkovModel:
         total = sum(self._count(context + b) for b in range(4))  # (M,) n(c)
         p = (self._count(code) + self.alpha) / (total + 4 * self.alpha)
         return -np.log2(p)
+
+
+# ----------------------------------------------------------------------------- mixing predictors
+
+
+COUNT_EDGES = (0, 1, 2, 4, 8, 32)  # selector buckets of the top order's context count: none, 0, 1, 2-3, 4-7, 8-31, 32+
+
+
+def count_selector(count: np.ndarray) -> np.ndarray:
+    """(L,) context counts (-1: no context) -> (L,) int64 bucket in [0, len(COUNT_EDGES)] by :data:`COUNT_EDGES`."""
+    return np.searchsorted(np.asarray(COUNT_EDGES), np.asarray(count), side="right").astype(np.int64)
+
+
+class OnlineMixer:
+    """Logistic mixing of E predictors' next-base distributions, the weights learnt while reading.
+
+    p(b) is proportional to exp(sum_e w[s, e] log p_e(b)): a product of experts with learnt exponents, one
+    weight row per selector s (a bucket of how often the longest Markov context was seen in training, so that
+    a long context seen once can be trusted differently from one seen a thousand times). This is how DNA
+    compressors (XM, GeCo3, cmix) combine their models. It is causal: each block of ``block`` bases is
+    predicted with the weights fitted on the blocks before it, then the weights take one gradient step
+    (``lr`` times the block's summed gradient of the loss in nats), so no base is predicted by weights that
+    have seen it. The weights start at ``1 / E`` (the geometric mean of the experts).
+    """
+
+    def __init__(self, n_experts: int, n_selectors: int = 1, *, lr: float = 0.002, block: int = 256):
+        if not isinstance(n_experts, int) or n_experts < 1:
+            raise ValueError(f"n_experts={n_experts!r} is invalid: expected a whole number >= 1")
+        if not isinstance(n_selectors, int) or n_selectors < 1:
+            raise ValueError(f"n_selectors={n_selectors!r} is invalid: expected a whole number >= 1")
+        if not lr >= 0:
+            raise ValueError(f"lr={lr!r} is invalid: expected a learning rate >= 0")
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"block={block!r} is invalid: expected a whole number of bases >= 1")
+        self.lr, self.block = lr, block
+        self.weights = np.full((n_selectors, n_experts), 1.0 / n_experts)  # (S, E)
+
+    def __call__(self, logp: np.ndarray, target: np.ndarray, selector: np.ndarray | None = None) -> np.ndarray:
+        """Mix ``logp`` (N, E, 4) (each expert's natural-log probabilities of A, C, G, T) for the targets
+        (N,) (0..3; any other value is predicted but neither scored nor learnt from), reading in order and
+        updating the weights. Returns (N,) nats of each target (NaN where the target is not A/C/G/T)."""
+        N, E = logp.shape[:2]
+        S = self.weights.shape[0]
+        if logp.shape != (N, E, 4) or E != self.weights.shape[1]:
+            raise ValueError(f"logp has shape {logp.shape}: expected (N, {self.weights.shape[1]}, 4)")
+        selector = np.zeros(N, dtype=np.int64) if selector is None else np.asarray(selector, dtype=np.int64)
+        if selector.shape != (N,) or (N and (selector.min() < 0 or selector.max() >= S)):
+            raise ValueError(f"selector must be (N,) = ({N},) ids in [0, {S}), got shape {selector.shape}")
+        target = np.asarray(target)
+        nll = np.full(N, np.nan)
+        for a in range(0, N, self.block):
+            lp, y, s = logp[a:a + self.block].astype(np.float64), target[a:a + self.block], selector[a:a + self.block]
+            z = np.einsum("ne,neb->nb", self.weights[s], lp)  # (n, 4) mixed logits
+            z -= z.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)  # (n, 4)
+            ok = y < 4
+            yy = np.where(ok, y, 0).astype(np.int64)
+            nll[a:a + self.block] = np.where(ok, -np.log(p[np.arange(len(yy)), yy]), np.nan)
+            p[np.arange(len(yy)), yy] -= 1.0  # d nll / d z = p - onehot(y)
+            grad = np.einsum("nb,neb->ne", p * ok[:, None], lp)  # (n, E)
+            np.add.at(self.weights, s, -self.lr * grad)
+        return nll
+
+
+def mixed_logprobs(models: Sequence[MarkovModel], ids: np.ndarray, a: int, b: int,
+                   extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The experts of positions a..b-1 of ids (L,): ``(logp, selector)``, logp (b - a, E, 4) the Markov models'
+    rows (in order) then ``extra``'s experts ((L, X, 4), e.g. a network's log-probabilities), selector the
+    bucket of the last model's context count (:func:`count_selector`)."""
+    lo = max(a - max(m.k for m in models), 0)  # the context of position a starts up to k bases before it
+    parts, count = [], None
+    for m in models:
+        logp, count = m.logprobs(ids[lo:b])
+        parts.append(logp[a - lo:])
+    logp = np.stack(parts, axis=1)  # (b - a, K, 4)
+    if extra is not None:
+        logp = np.concatenate([logp, extra[a:b].astype(np.float32)], axis=1)  # (b - a, K + X, 4)
+    return logp, count_selector(count[a - lo:])
+
+
+def mix_bits(models: Sequence[MarkovModel], ids: np.ndarray, extra: np.ndarray | None = None, *,
+             lr: float = 0.002, block: int = 256, slab: int = 1 << 18) -> np.ndarray:
+    """(L,) bits of each base of ids (L,) under the :class:`OnlineMixer` of the Markov ``models`` (and the
+    experts of ``extra`` (L, X, 4)), read once from the start (NaN where the base is not A/C/G/T). The
+    experts are built ``slab`` positions at a time, so memory stays bounded on a whole genome."""
+    ids = np.asarray(ids)
+    if extra is not None and (extra.ndim != 3 or extra.shape[0] != len(ids) or extra.shape[2] != 4):
+        raise ValueError(f"extra has shape {extra.shape}: expected ({len(ids)}, X, 4)")
+    n_experts = len(models) + (0 if extra is None else extra.shape[1])
+    mixer = OnlineMixer(n_experts, len(COUNT_EDGES) + 1, lr=lr, block=block)
+    out = np.full(len(ids), np.nan)
+    for a in range(0, len(ids), slab):
+        logp, selector = mixed_logprobs(models, ids, a, min(a + slab, len(ids)), extra)
+        out[a:a + len(logp)] = mixer(logp, ids[a:a + slab], selector) / math.log(2)
+    return out
 
 
 def markov_table(train: Sequence[np.ndarray], tests: dict[str, Sequence[np.ndarray]], ks: Sequence[int], *,
