@@ -3,7 +3,9 @@
     ids = generate(model, prompt, max_new_tokens=32, temperature=0.8, top_k=50)
     ids = model.generate(prompt, 32)   # the same, as a method
 
-The prompt is read once; each new token is then one forward step of length 1 carrying the state.
+The prompt is read once (``model.stream``, in pieces); each new token is then one decode step
+(``titans_lnn.decode.decode_step``: every layer's one-token form, not the chunked forward) carrying the
+fixed-size state, so the time per token does not depend on how much has been read.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+
+from titans_lnn.decode import decode_step
 
 if TYPE_CHECKING:
     from titans_lnn.model import TitansLNN
@@ -44,11 +48,8 @@ def generate(model: TitansLNN, input_ids: torch.Tensor, max_new_tokens: int, tem
         tokens.append(nxt)
         # the model sampled nxt itself: no input checks (their vocabulary check would read the ids back
         # to the host, a synchronisation per token on a GPU)
-        if i + 1 < max_new_tokens:
-            out = model._forward(nxt, state=state)
-            logits, state = out.logits[:, -1], out.state
-        else:
-            state = model._forward(nxt, state=state).state if return_state else state
+        if i + 1 < max_new_tokens or return_state:
+            logits, state = decode_step(model, nxt, state)
     ids = torch.cat(tokens, dim=1)  # (B, T + max_new_tokens)
     return (ids, state) if return_state else ids
 
