@@ -5,7 +5,8 @@
 Kinds: ``liquid`` (a liquid core, forward), ``memory`` (a neural memory, forward and forward+backward),
 ``model`` (a whole model: ``infer``, where ours streams in pieces and a competitor reads in one call;
 ``prefill``, one call; ``train``, optimizer steps), ``stream`` (the tiny MAC reads a corpus in one
-streamed pass, time and memory read after every piece). Each measurement is warm (a warm-up call
+streamed pass, time and memory read after every piece), ``decode`` (ms per generated token after a
+streamed prompt, batch 1 and 8). Each measurement is warm (a warm-up call
 first), the median of up to ``repeats`` calls within ``budget_s``, with the peak RSS of this process
 (and ``torch.cuda.max_memory_allocated`` on CUDA). A size whose predicted time passes ``max_run_s``
 is skipped. Every measurement is printed as soon as it is taken, as one line ``RESULT {json}``, so a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -235,7 +237,57 @@ def job_stream(spec, device):
     emit({"pass": "stream", **rec})
 
 
-JOBS = {"liquid": job_liquid, "memory": job_memory, "model": job_model, "stream": job_stream}
+def job_decode(spec, device):
+    """The tiny MAC reads a prompt of each length in ``Ts`` with ``model.stream`` (the whole prompt, streamed),
+    then generates greedily one token at a time from that state, at each batch size of ``batches``: ms per
+    new token by the decode step (``titans_lnn.decode``) and by a forward call of length 1 (``_forward``).
+    A batch of B rows continues B copies of the one prompt's state (reading B prompts of 1M tokens would
+    take B times longer and decode the same way: the state has the same size and position)."""
+    import dataclasses
+
+    from titans_lnn.decode import decode_step
+
+    m = bench_models.model("ours-mac", device).eval()
+    emit({"params": bench_models.num_parameters(m)})
+    sync, n_new = _sync(device), spec["new_tokens"]
+    paths = {"decode step": lambda ids, st: decode_step(m, ids, st),
+             "forward (T = 1)": lambda ids, st: (lambda o: (o.logits[:, -1], o.state))(m._forward(ids, state=st))}
+    for T in spec["Ts"]:
+        ids = torch.randint(0, m.config.vocab_size, (1, T), device=device)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = m.stream(ids, chunk_len=spec["piece"])
+            sync()
+            prompt_s = time.perf_counter() - t0
+        for B in spec["batches"]:
+            with torch.inference_mode():
+                state = dataclasses.replace(out.state.map(lambda t, B=B: t.repeat(B, *[1] * (t.dim() - 1))),
+                                            batch_size=B)
+                first = out.logits.argmax(-1, keepdim=True).repeat(B, 1)  # (B, 1)
+            for label, step in paths.items():
+                def generate(n, state=state, step=step, first=first):
+                    nxt, st = first, state
+                    for _ in range(n):
+                        logits, st = step(nxt, st)
+                        nxt = logits.argmax(-1, keepdim=True)
+
+                with torch.inference_mode():
+                    generate(4)  # warm-up
+                    times = median_time(lambda: generate(n_new), repeats=spec["repeats"], budget_s=spec["budget_s"],
+                                        sync=sync)
+                t = median(times)
+                rec = {"T": T, "pass": f"{label}, B={B}", "B": B, "status": "ok", "ms_per_token": 1e3 * t / n_new,
+                       "tokens_per_s": B * n_new / t, "time_s": t, "reps": len(times), "new_tokens": n_new,
+                       "prompt_s": prompt_s, "pos": state.pos, "state_bytes": state.nbytes(),
+                       "state_bytes_per_row": state.nbytes() // B, "peak_rss_mib": peak_rss_mib(),
+                       "load_avg_1min": os.getloadavg()[0]}
+                if spec["profile"] and label == "decode step":
+                    with torch.inference_mode():
+                        rec["profile"] = profile_table(lambda: generate(n_new), device)
+                emit(rec)
+
+
+JOBS = {"liquid": job_liquid, "memory": job_memory, "model": job_model, "stream": job_stream, "decode": job_decode}
 
 
 def main(argv: list[str] | None = None) -> None:

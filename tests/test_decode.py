@@ -1,6 +1,9 @@
 """The decode step (titans_lnn.decode) equals the chunked forward: per-token logits and states == one
 pass, in float64, for every variant and the memory's options; generation goes through it."""
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -109,3 +112,24 @@ def test_generate_uses_decode_steps(variant, monkeypatch):
     assert all(shape[1] > 1 for shape in calls), calls  # only the prompt goes through forward
     logits = model(ids).logits
     assert torch.equal(ids[:, 7:], logits[:, 6:-1].argmax(-1))
+
+
+def test_decode_benchmark_section_at_tiny_sizes(monkeypatch, tmp_path):
+    """Section 6 of benchmarks/run.py end to end (its job in a fresh process) at tiny sizes: every row
+    measured, the state's size the same after both prompts, the report written."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    runner, decode, report = (importlib.import_module(n) for n in ("bench_runner", "bench_decode", "bench_report"))
+    monkeypatch.setitem(decode.DECODE_SIZES, ("cpu", True), dict(prompts=[64, 300], new_tokens=2, batches=[1, 3],
+                                                                   piece=128))
+    ctx = runner.Ctx(suite="cpu", quick=True, threads=1, repeats=1, mem_budget=8 * 2**30, out=tmp_path,
+                     sizes=dict(max_run_s=20.0, budget_s=0.5), log=lambda msg: None, profile=False)
+    sec = decode.decode_section(ctx)
+    records = sec["data"]["records"]
+    assert len(records) == 8 and all(r["status"] == "ok" for r in records), records
+    assert {r["pos"] for r in records} == {64, 300}
+    assert len({r["state_bytes_per_row"] for r in records}) == 1  # fixed-size state
+    assert sec["status"] in ("MET", "NOT MET") and "B = 3" in sec["measured"]
+    report.write(tmp_path, dict(command="test", header={}, repeats=1, mem_budget_gib=8.0, quick=True, wall_s=1.0),
+                 [sec])
+    assert "| 300 | decode step, B=3 |" in (tmp_path / "RESULTS.md").read_text()
