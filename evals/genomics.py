@@ -208,7 +208,10 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
                       edges: Sequence[int] | None = None, progress: bool = True) -> dict:
     """Order-k Markov models k = 1..kmax fitted on ``train`` (nucleotide ids, one array per record), the network
     of ``reading``, and their online mixtures (module docstring), all scored on the same bases of the genome.
-    Returns ``{"rows": [{"name", "bits", "bins"}], "tokens", "edges", "best_markov", "kmax", "lr"}``."""
+
+    Returns ``{"rows", "tokens", "edges", "best_markov", "kmax", "lr", "seen"}``: ``rows`` one dict per predictor
+    (``name``, ``bits``, ``bins`` by position, ``seen``: bits per :data:`SEEN_GROUPS` group), ``seen`` the share of
+    the scored bases in each group (how often their kmax-base context occurs in ``train``)."""
     from titans_lnn.evals.markov import MarkovModel, kmer_codes, mix_bits
 
     if not isinstance(kmax, int) or not 1 <= kmax <= 15:
@@ -219,29 +222,47 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
     _, ok = kmer_codes(bases, kmax + 1)  # windows of kmax context bases and the predicted base, all A/C/G/T
     common = np.zeros(n, dtype=bool)
     common[kmax:] = ok
-    rows, models = [], []
-    for k in range(1, kmax + 1):
-        t0 = time.perf_counter()
-        models.append(MarkovModel(k).fit(train))
-        logp, _ = models[-1].logprobs(bases)
-        rows.append({"name": f"Markov k = {k}", "k": k, **_masked(scored_bits(reading, logp), common, edges)})
+    models = [MarkovModel(k).fit(train) for k in range(1, kmax + 1)]
+    logps = {}
+    logps[kmax], count = models[-1].logprobs(bases)
+    seen = np.searchsorted(np.asarray(SEEN_EDGES), count, side="right") - 1  # (N,) SEEN_GROUPS index (-1: none)
+
+    def row(name: str, bits: np.ndarray, **extra) -> dict:
+        bits = np.where(common, bits, np.nan)
+        by_group = [np.nanmean(bits[seen == i]) if (common & (seen == i)).any() else None
+                    for i in range(len(SEEN_GROUPS))]
+        out = {"name": name, **extra, **_summary(bits, edges), "seen": [None if g is None else float(g)
+                                                                         for g in by_group]}
         if progress:
-            print(f"  Markov k = {k}: {rows[-1]['bits']:.4f} bits/base ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr)
+            print(f"  {name}: {out['bits']:.4f} bits/base ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        return out
+
+    rows = []
+    for m in models:
+        t0 = time.perf_counter()
+        logp = logps.pop(m.k) if m.k in logps else m.logprobs(bases)[0]
+        rows.append(row(f"Markov k = {m.k}", scored_bits(reading, logp), k=m.k))
     best = min(rows, key=lambda r: r["bits"])
-    rows.append({"name": "network alone (ours)", **_masked(scored_bits(reading), common, edges)})
+    t0 = time.perf_counter()
+    rows.append(row("network alone (ours)", scored_bits(reading)))
     for name, extra in ((f"Markov orders 1-{kmax} mixed online (no network)", None),
                         (f"network + Markov 1-{kmax}, mixed online", reading.logp[:, None])):
         t0 = time.perf_counter()
-        rows.append({"name": name, **_masked(mix_bits(models, bases, extra, lr=lr), common, edges)})
-        if progress:
-            print(f"  {name}: {rows[-1]['bits']:.4f} bits/base ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        rows.append(row(name, mix_bits(models, bases, extra, lr=lr)))
+    total = max(int(common.sum()), 1)
+    shares = [float((common & (seen == i)).sum() / total) for i in range(len(SEEN_GROUPS))]
     return {"rows": rows, "tokens": int(common.sum()), "edges": edges, "best_markov": best["name"], "kmax": kmax,
-            "lr": lr}
+            "lr": lr, "seen": [{"group": g, "share": sh} for g, sh in zip(SEEN_GROUPS, shares)]}
 
 
-def _masked(bits: np.ndarray, keep: np.ndarray, edges: Sequence[int]) -> dict:
-    out = summarise(np.where(keep, bits, np.nan), edges)
+# How often a scored base's kmax-base context occurs in the training genome (never, once, 2-9, 10+ times):
+# where two strains share long stretches, a kmax table fitted on one is a lookup of the other.
+SEEN_EDGES = (0, 1, 2, 10)
+SEEN_GROUPS = ("never", "once", "2-9 times", "10+ times")
+
+
+def _summary(bits: np.ndarray, edges: Sequence[int]) -> dict:
+    out = summarise(bits, edges)
     return {"bits": out["bits"], "bins": out["bins"]}
 
 
@@ -261,6 +282,13 @@ def comparison_markdown(comparison: dict, title: str) -> str:
         cells = ["" if r["bins"][i]["bits"] is None else f"{r['bins'][i]['bits']:.4f}" for r in main_rows]
         lines.append(f"| {format_length(b['start'])} - {format_length(b['end'])} | {b['tokens']:,} | "
                      + " | ".join(cells) + " |")
+    kmax = comparison["kmax"]
+    lines += ["", f"By how often the {kmax} bases before the predicted one occur in the training genome:", "",
+              "| context seen in training | share of bases | " + " | ".join(r["name"] for r in main_rows) + " |",
+              "|---|---:|" + "---:|" * len(main_rows)]
+    for i, g in enumerate(comparison["seen"]):
+        cells = ["" if r["seen"][i] is None else f"{r['seen'][i]:.4f}" for r in main_rows]
+        lines.append(f"| {g['group']} | {g['share']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

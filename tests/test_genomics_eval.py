@@ -217,6 +217,9 @@ def test_markov_comparison_scores_every_row_on_the_same_bases():
     assert rows["network alone (ours)"] == pytest.approx(2.0)
     assert rows["network + Markov 1-4, mixed online"] < rows["network alone (ours)"]
     assert cmp["best_markov"] == min((r for r in cmp["rows"] if "k" in r), key=lambda r: r["bits"])["name"]
+    assert [g["group"] for g in cmp["seen"]] == ["never", "once", "2-9 times", "10+ times"]
+    assert sum(g["share"] for g in cmp["seen"]) == pytest.approx(1) and cmp["seen"][3]["share"] > 0.9
+    assert cmp["rows"][4]["seen"][3] == pytest.approx(2.0)  # the uniform network, on the often-seen contexts
 
 
 def test_genomics_command_table_plot_and_cache(tmp_path, capsys):
@@ -233,6 +236,7 @@ def test_genomics_command_table_plot_and_cache(tmp_path, capsys):
     assert genomics_main(argv) == 0
     first = (tmp_path / "out" / "results.md").read_text()
     assert "| Markov k = 6 |" in first and "| network + Markov 1-6, mixed online |" in first
+    assert "| context seen in training | share of bases |" in first
     assert (tmp_path / "plots" / "dna.png").read_bytes()[:4] == b"\x89PNG"
     assert np.load(tmp_path / "logp.npy").shape == (1201, 4)
     assert genomics_main(argv) == 0  # from the cache: the same table
