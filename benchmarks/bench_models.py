@@ -84,7 +84,7 @@ def liquid(impl: str, device) -> torch.nn.Module:
     from titans_lnn import LiquidCore, TitansLNNConfig
 
     n_state = {"ours-state128": 1, "ours-tiny": 8}[impl]
-    return LiquidCore(TitansLNNConfig.from_preset("tiny", liquid_state=n_state)).to(device).eval()
+    return LiquidCore.from_config(TitansLNNConfig.from_preset("tiny", liquid_state=n_state)).to(device).eval()
 
 
 def memory(impl: str, device) -> torch.nn.Module:
