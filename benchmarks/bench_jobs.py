@@ -234,6 +234,7 @@ def job_stream(spec, device):
                records=records)
     if device.type == "cuda":
         rec["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / MIB
+    rec.update(bench_models.compute_bound(m, ids[:, :piece], device))  # after the pass: its RSS is untouched
     emit({"pass": "stream", **rec})
 
 

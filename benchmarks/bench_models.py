@@ -8,6 +8,7 @@ differ, is written out in ``DIFFERENCES`` (copied into RESULTS.md).
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import torch
 
@@ -133,3 +134,54 @@ def _materialize(module: torch.nn.Module) -> torch.nn.Module:
 
 def num_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the compute bound (section 5)
+
+
+def flops_per_token(module: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Matmul and convolution FLOPs (2 per multiply-add, torch.utils.flop_counter's formulas) of one forward
+    call of ``module`` on ``ids`` (B, T), per token. Elementwise ops are not counted: this is the work a
+    matmul unit must do, the numerator of the compute bound. (A dispatch mode of our own, not
+    ``FlopCounterMode``, whose module tracker fails on our persistent tokens under no_grad.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Count.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with torch.no_grad(), Count():  # (under inference_mode the mode sees matmul, not its mm/bmm)
+        module(ids)
+    return Count.total / ids.numel()
+
+
+def matmul_flops_per_s(device, n: int = 1024, repeats: int = 5) -> float:
+    """The machine's measured fp32 matmul rate: the best of ``repeats`` (n x n) @ (n x n) products, in FLOP/s,
+    with this process's torch threads."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def compute_bound(module: torch.nn.Module, ids: torch.Tensor, device) -> dict:
+    """FLOPs per token of ``module`` on ``ids``, the matmul rate, and their ratio: the tokens/s at which the
+    counted work would keep the matmul unit busy all the time (the compute bound)."""
+    flops = flops_per_token(module, ids)
+    rate = matmul_flops_per_s(device)
+    return dict(flops_per_token=flops, matmul_flops_per_s=rate, bound_tokens_per_s=rate / flops)
