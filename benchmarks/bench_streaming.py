@@ -11,6 +11,21 @@ from bench_runner import Ctx, launch
 from bench_sections import GB, PROFILE_T, new_section, profile_note, verdict
 
 
+def _bound_cells(s: dict) -> list[str]:
+    """MFLOP/token, matmul GFLOP/s, bound tokens/s, fraction of the bound (blank for results without them)."""
+    if "flops_per_token" not in s:
+        return ["", "", "", ""]
+    return [f"{s['flops_per_token'] / 1e6:.2f}", f"{s['matmul_flops_per_s'] / 1e9:.1f}",
+            fmt_rate(s["bound_tokens_per_s"]), f"{s['tokens_per_s'] / s['bound_tokens_per_s']:.0%}"]
+
+
+def _bound_note(s: dict) -> str:
+    if "flops_per_token" not in s:
+        return ""
+    share = s["tokens_per_s"] / s["bound_tokens_per_s"]
+    return f" ({share:.0%} of the compute bound {fmt_rate(s['bound_tokens_per_s'])})"
+
+
 def stream_specs(ctx: Ctx, genome_bases: int | None) -> list[dict]:
     piece = ctx.sizes["stream_piece"]
     bases = ctx.sizes["genome_bases"] if genome_bases is None else genome_bases
@@ -38,11 +53,12 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
     rows, checks, fit = [], [], None
     for s in streams:
         if s.get("status") != "ok":
-            rows.append([s["corpus"], k(s["tokens"]) if s.get("tokens") else "all", s.get("status"), "", "", "", ""])
+            rows.append([s["corpus"], k(s["tokens"]) if s.get("tokens") else "all", s.get("status"), *[""] * 8])
             checks.append(False)
             continue
         rows.append([s["corpus"], f"{s['tokens']:,}", f"{s['time_s']:.1f}", fmt_rate(s["tokens_per_s"]),
-                     f"{s['rss_start_mib']:,.0f}", f"{s['peak_rss_mib']:,.0f}", f"{s['state_mib']:.2f}"])
+                     f"{s['rss_start_mib']:,.0f}", f"{s['peak_rss_mib']:,.0f}", f"{s['state_mib']:.2f}",
+                     *_bound_cells(s)])
         checks.append(s["peak_rss_mib"] * 2**20 < 2 * GB)
     kjv = next((s for s in streams if s["corpus"] == "kjv" and s.get("status") == "ok"), None)
     if kjv:
@@ -62,12 +78,13 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
         checks.append(genome["tokens"] >= genome["corpus_tokens"])  # the whole genome was read
     sec["status"] = verdict(checks)
     parts = [f"{s['corpus']}: {s['tokens']:,} tokens, peak RSS {s['peak_rss_mib']:,.0f} MiB, "
-             f"{fmt_rate(s['tokens_per_s'])} tokens/s" for s in streams if s.get("status") == "ok"]
+             f"{fmt_rate(s['tokens_per_s'])} tokens/s{_bound_note(s)}" for s in streams if s.get("status") == "ok"]
     if fit:
         parts.append(f"exponent {fit['exponent']:.3f} ({k(fit['Ts'][0])}-{k(fit['Ts'][-1])})")
     sec["measured"] = "; ".join(parts)
     sec["tables"].append(dict(caption="", header=["corpus", "tokens", "wall (s)", "tokens/s", "RSS at start (MiB)",
-                                                  "peak RSS (MiB)", "state (MiB)"], rows=rows))
+                                                  "peak RSS (MiB)", "state (MiB)", "MFLOP/token",
+                                                  "matmul GFLOP/s", "bound (tokens/s)", "of bound"], rows=rows))
     if genome and genome.get("status") == "ok" and genome["tokens"] < genome["corpus_tokens"]:
         sec["notes"].append(f"Only {genome['tokens']:,} of the genome's {genome['corpus_tokens']:,} bases were read "
                             "(`--genome-bases`, or `--quick`).")
@@ -76,6 +93,13 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
         f"{k(ctx.sizes['stream_piece'])} tokens, state carried; RSS is read after every piece. The exponent is a "
         "least-squares fit of log cumulative time on log tokens read, at T = "
         f"{k(fit_min)}, 2x, 4x, ... along the KJV pass (1M bytes of the Bible; repeated if shorter).")
+    sec["notes"].append(
+        "Compute bound: `MFLOP/token` counts the matmul and convolution work of one forward call of the tiny MAC on "
+        "the first piece (2 FLOPs per multiply-add, torch.utils.flop_counter's formulas; elementwise ops not "
+        "counted), `matmul GFLOP/s` is the best of 5 fp32 1024 x 1024 matmuls in the same process with the same "
+        "threads, `bound` their ratio (tokens/s if every counted FLOP ran at the matmul rate), `of bound` the "
+        "measured tokens/s as a fraction of it. The matmul rate is measured once, at the end of the pass, on a "
+        "machine other jobs may share: read it next to the load.")
     if concurrent:
         sec["notes"].append("The genome pass ran on the second core while the other sections (then the KJV pass) ran "
                             "on the first, every job single-threaded: that is what fits the suite in its time "

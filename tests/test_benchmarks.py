@@ -120,6 +120,26 @@ def test_peak_rss_is_the_processs_own(bench):
 # sections
 
 
+def test_flops_per_token_counts_matmuls_exactly(bench):
+    """An embedding (no FLOPs) then Linear(8, 16) and a batched matmul: 2 * 8 * 16 + 2 * 16 * 16 per token."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16)
+
+        def forward(self, ids):
+            h = self.lin(self.emb(ids))  # (B, T, 16)
+            return h @ torch.ones(16, 16)
+
+    ids = torch.randint(0, 10, (2, 5))
+    assert bench["models"].flops_per_token(Net(), ids) == 2 * 8 * 16 + 2 * 16 * 16
+    bound = bench["models"].compute_bound(Net(), ids, "cpu")
+    assert bound["matmul_flops_per_s"] > 1e8  # any machine this runs on does 0.1 GFLOP/s
+    assert bound["bound_tokens_per_s"] == pytest.approx(bound["matmul_flops_per_s"] / (2 * 8 * 16 + 2 * 16 * 16))
+
+
 def test_scaling_section_at_tiny_sizes(bench, tmp_path):
     ctx = tiny_ctx(bench, tmp_path)
     sec = bench["sections"].scaling_section(ctx)
@@ -190,6 +210,8 @@ def test_run_quick_end_to_end(tmp_path):
     streams = payload["sections"]["5-streaming"]["data"]["streams"]
     assert [s["tokens"] for s in streams] == [4096, 4096] and all(s["status"] == "ok" for s in streams)
     assert all(s["peak_rss_mib"] < 2000 for s in streams)
+    assert all(s["flops_per_token"] > 1e6 and s["bound_tokens_per_s"] > 0 for s in streams)
+    assert "of bound" in text and "of the compute bound" in text
     assert (out / "plots" / "liquid_vs_ncps.png").stat().st_size > 0
     assert (out / "plots" / "streaming.png").stat().st_size > 0
 
