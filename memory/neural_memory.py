@@ -193,9 +193,21 @@ class NeuralMemory(OwnInit, nn.Module):
     def read(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_state: torch.Tensor):
         """Read without writing: out_t = W_O(norm(M_weights(q_t)) * gate), q from x through the query
         convolution with its state ``conv_state``. Returns (out, the new ``conv_state``)."""
-        q, _, _ = self.wqkv(self.norm_in(x)).chunk(3, dim=-1)
-        q, conv_r = self.convs[0](q, conv_state)
-        q = F.normalize(self._split(F.silu(q)), dim=-1)
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        q, gate, conv_r = self.read_queries(x, conv_state)
+        return self.read_out(q, gate, weights), conv_r
+
+    def read_queries(self, x: torch.Tensor, conv_state: torch.Tensor):
+        """What ``read`` takes from x alone, whatever the weights: the unit queries (B, H, T, d), the output
+        gate sigmoid(x W_G) (B, T, dim), and the query convolution's new state (MAC computes these for a
+        whole piece at once, then reads segment by segment with ``read_out`` on slices of them)."""
+        w_q = self.wqkv.weight[:self.dim]  # the query rows of the q/k/v projection: k and v are not read
+        q, conv_r = self.convs[0](F.linear(self.norm_in(x), w_q), conv_state)
+        return F.normalize(self._split(F.silu(q)), dim=-1), torch.sigmoid(self.w_gate_out(x)), conv_r
+
+    def read_out(self, q: torch.Tensor, gate: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``read``'s output from ``read_queries``' q and gate, at ``weights``: (B, T, dim)."""
+        dtype = torch.promote_types(q.dtype, torch.float32)
         y = mlp_forward(tuple(w.to(dtype) for w in weights), q.to(dtype))
-        return self._output(y.to(x.dtype), x), conv_r
+        B, H, T, d = y.shape
+        y = self.norm(y.to(gate.dtype)).transpose(1, 2).reshape(B, T, H * d)
+        return self.wo(y * gate)

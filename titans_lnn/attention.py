@@ -97,15 +97,27 @@ class SlidingWindowAttention(nn.Module):
         pad = keys.new_zeros(*keys.shape[:2], self.cache_size - keep, keys.shape[3])
         return torch.cat([pad, tail], dim=2)
 
+    def project(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries (B, H, T, D), keys and values (B, G, T, D) of x, rotated for positions pos, pos + 1, ...
+        (MAC projects a whole piece at once, then attends segment by segment on slices of them)."""
+        B, T, _ = x.shape
+        q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), pos, self.rope_theta)
+        k, v = self._kv(x, pos)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, state: AttentionState | None = None, *, extra: torch.Tensor | None = None):
         """x: (B, T, dim) continuing ``state`` (a fresh one at position 0 when None); ``extra`` (B, T, dim):
         the aligned second stream (MAC). Returns (B, T, dim) and the new state."""
-        B, T, _ = x.shape
         if state is None:
-            state = self.init_state(B, x.device, torch.promote_types(x.dtype, torch.float32))
+            state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
+        return self.attend(*self.project(x, state.pos), state, extra=extra)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttentionState, *,
+               extra: torch.Tensor | None = None):
+        """``forward`` from ``project``'s q, k, v of the T tokens at ``state.pos`` onwards. Returns
+        (B, T, dim) and the new state."""
+        B, _, T, _ = q.shape
         pos = state.pos
-        q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), pos, self.rope_theta)
-        k, v = self._kv(x, pos)
         k, v = self._extend(state.k, k, pos), self._extend(state.v, v, pos)  # (B, G, P+T, D)
         P = k.shape[2] - T
         k2 = v2 = None
@@ -116,7 +128,7 @@ class SlidingWindowAttention(nn.Module):
             k2, v2 = self._extend(state.k2, k2, pos), self._extend(state.v2, v2, pos)
         sink_k = sink_v = None
         if self.persistent is not None:
-            sink_k, sink_v = self._kv(self.persistent(1).to(x.dtype), None)  # (1, G, N_p, D)
+            sink_k, sink_v = self._kv(self.persistent(1).to(q.dtype), None)  # (1, G, N_p, D)
         o = sliding_window_attention(q, k, v, window=self.window, sink_k=sink_k, sink_v=sink_v, k2=k2, v2=v2,
                                      segment=self.segment, pos0=pos - P)
         end = pos + T

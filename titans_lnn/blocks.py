@@ -102,17 +102,26 @@ class MemoryAsContext(nn.Module):
         while s < T:
             lengths.append(min(T - s, self.segment - (pos + s) % self.segment))
             s += lengths[-1]
-        # split once, not x[:, s:s + L] per segment: autograd's backward of each slice builds a zero
-        # gradient the size of the whole x (a backward quadratic in T); split's backward is one cat.
-        outs = []
-        for xs in x.split(lengths, dim=1):
+        # What depends on x alone (the read's queries and gate, the attention's q, k, v) for the whole piece
+        # in a few large ops; the loop keeps only what the memory's state feeds. Split once, not
+        # x[:, s:s + L] per segment: autograd's backward of each slice builds a zero gradient the size
+        # of the whole x (a backward quadratic in T); split's backward is one cat.
+        q_read, gate_read, conv_read = self.mem.read_queries(x, conv_read)  # (B, Hm, T, d), (B, T, dim)
+        qkv = self.attn.project(x, attn_state.pos)  # (B, H, T, D), (B, G, T, D) x 2
+        pieces = zip(q_read.split(lengths, dim=2), gate_read.split(lengths, dim=1),
+                     *(t.split(lengths, dim=2) for t in qkv))
+        ys, ms = [], []
+        for q_r, g_r, q, k, v in pieces:
             if mem_state.pos % self.segment == 0:  # a new segment: snapshot the memory it reads from
                 snapshot = self.mem.current_weights(mem_state)
-            h, conv_read = self.mem.read(xs, snapshot, conv_read)
-            y, attn_state = self.attn(xs, attn_state, extra=h)
+            h = self.mem.read_out(q_r, g_r, snapshot)
+            y, attn_state = self.attn.attend(q, k, v, attn_state, extra=h)
             m, mem_state = self.mem(y, mem_state)
-            outs.append(self.gate(y, m))
-        return torch.cat(outs, dim=1), MACState(attn_state, mem_state, snapshot, conv_read)
+            ys.append(y)
+            ms.append(m)
+        # the gate feeds nothing back: one call for the piece
+        out = self.gate(torch.cat(ys, dim=1), torch.cat(ms, dim=1))
+        return out, MACState(attn_state, mem_state, snapshot, conv_read)
 
 
 class MemoryAsGate(nn.Module):
