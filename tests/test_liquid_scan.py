@@ -26,12 +26,23 @@ def _grads(fn, log_a, b, h0, seed=1):
     return (h, last, *torch.autograd.grad(loss, (log_a, b, h0)))
 
 
-@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 500, 4099], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 256, 500, 4099], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("D", [1, 7], ids=lambda d: f"D{d}")
 def test_chunked_matches_reference(T, D, close):
     inputs = _inputs(2, T, D)
     ref = _grads(liquid_scan_ref, *inputs)
     got = _grads(liquid_scan_chunked, *inputs)
+    for name, r, o in zip(("h", "h_last", "d_log_a", "db", "dh0"), ref, got):
+        close(r, o, 1e-10, name)
+
+
+def test_strided_inputs(close):
+    """Inputs that are views (time-major storage, a slice) give the reference's values and gradients."""
+    log_a, b, h0 = _inputs(3, 300, 5)
+    log_a_t = log_a.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (B, T, D), T-major
+    b_s = torch.cat([b.detach(), b.detach()], dim=2)[..., ::2].requires_grad_(False)  # every other channel
+    ref = _grads(liquid_scan_ref, log_a_t, b_s.requires_grad_(), h0)
+    got = _grads(liquid_scan_chunked, log_a_t, b_s, h0)
     for name, r, o in zip(("h", "h_last", "d_log_a", "db", "dh0"), ref, got):
         close(r, o, 1e-10, name)
 

@@ -358,11 +358,10 @@ def _liquid(m: LiquidCore, x, state: LiquidState, dt: torch.Tensor | None = None
     dtype = torch.promote_types(x.dtype, torch.float32)
     u, f, z, Bt, Ct = m.w_in(x).to(dtype).split([D, D, D, N, N], dim=-1)  # (B, D) x 3, (B, N) x 2
     f = F.softplus(f)
-    lam = torch.exp(-m.log_tau.to(dtype)) + f[..., None]  # (B, D, N)
-    log_a = -lam if dt is None else -dt.to(dtype)[:, None, None] * lam
-    g = f[..., None] * u[..., None] * Bt[:, None, :] / lam
-    b = -torch.expm1(log_a) * g  # (1 - a) g
-    h = torch.exp(log_a) * state.h.to(dtype).view(B, D, N) + b  # (B, D, N)
-    y = (h * Ct[:, None, :]).sum(-1) + m.skip * u  # (B, D)
+    neg_lam = -torch.exp(-m.log_tau.to(dtype)) - f[..., None]  # -lambda: (B, D, N)
+    log_a = neg_lam if dt is None else dt.to(dtype)[:, None, None] * neg_lam
+    b = torch.expm1(log_a) * ((f * u)[..., None] * Bt[:, None, :] / neg_lam)  # (1 - a) g
+    h = torch.addcmul(b, torch.exp(log_a), state.h.to(dtype).view(B, D, N))  # (B, D, N)
+    y = torch.addcmul((h * Ct[:, None, :]).sum(-1), m.skip, u)  # (B, D)
     out = m.w_out((y * F.silu(z)).to(x.dtype))
     return out, LiquidState(h.reshape(B, D * N).to(state.h.dtype))

@@ -85,12 +85,13 @@ class LiquidCore(OwnInit, nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         u, f, z, Bt, Ct = self.w_in(x).to(dtype).split([D, D, D, N, N], dim=-1)
         f = F.softplus(f)  # (B, T, D)
-        lam = torch.exp(-self.log_tau.to(dtype)) + f[..., None]  # (B, T, D, N)
-        step = torch.ones(B, T, device=x.device, dtype=dtype) if dt is None else dt.to(dtype)
-        log_a = -step[..., None, None] * lam
-        g = f[..., None] * u[..., None] * Bt[:, :, None, :] / lam  # (B, T, D, N)
-        b = -torch.expm1(log_a) * g  # (1 - a) g, accurate when a is close to 1
+        # Five passes over (B, T, D, N), the widest tensors here, with the signs folded in (the same values,
+        # bit for bit, as lam = 1/tau + f, log_a = -dt lam, b = (1 - a) g with 1 - a = -expm1(log_a)):
+        neg_lam = -torch.exp(-self.log_tau.to(dtype)) - f[..., None]  # -lambda: (B, T, D, N)
+        log_a = neg_lam if dt is None else dt.to(dtype)[..., None, None] * neg_lam
+        neg_g = (f * u)[..., None] * Bt[:, :, None, :] / neg_lam  # -g = -f u B / lambda
+        b = torch.expm1(log_a) * neg_g  # (1 - a) g, accurate when a is close to 1
         h, h_last = liquid_scan(log_a.reshape(B, T, D * N), b.reshape(B, T, D * N), state.h.to(dtype), impl=impl)
-        y = (h.view(B, T, D, N) * Ct[:, :, None, :]).sum(-1) + self.skip * u  # (B, T, D)
+        y = torch.addcmul((h.view(B, T, D, N) * Ct[:, :, None, :]).sum(-1), self.skip, u)  # (B, T, D)
         out = self.w_out((y * F.silu(z)).to(x.dtype))
         return out, LiquidState(h_last.to(state.h.dtype, copy=True))  # a copy: a view of h would pin all of h

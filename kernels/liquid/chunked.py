@@ -1,11 +1,15 @@
 """The liquid scan ``h_t = exp(log_a_t) * h_{t-1} + b_t`` in plain PyTorch, parallel over time.
 
 Same contract as ``liquid_scan_ref`` (``naive.py``, the specification): a short loop inside chunks
-of length L, run for all chunks at once, then the carried state between chunks (itself a scan,
-solved the same way), then one fix-up. It multiplies decays (all <= 1) and never divides by a
-cumulative product, so it cannot overflow the way the closed form ``cumprod``/``cumsum`` does by
-T ~ 4K. Its backward is the reverse scan, by the same code (a custom autograd function), so the
-activations it keeps are O(T D), not O(T D) per loop step.
+of length L, run for all chunks at once (each chunk's summary), the carried state between chunks
+(itself a scan, solved the same way), then the chunks rerun from their true incoming states, writing
+the output in place (``_scan_forward``; the Triton kernel's two-pass layout). Every op works on
+strided views of the inputs: no (B, T, D) temporaries besides the output, which at T = 16K, D = 1024
+(64 MB each) were the cost (the first form, with permuted copies and a fix-up pass, ran at half the
+loop's speed there). It multiplies decays (all <= 1) and never divides by a cumulative product, so
+it cannot overflow the way the closed form ``cumprod``/``cumsum`` does by T ~ 4K. Its backward is
+the reverse scan, by the same code (a custom autograd function), so the activations it keeps are
+O(T D), not O(T D) per loop step.
 """
 
 from __future__ import annotations
@@ -16,58 +20,69 @@ import torch
 
 from titans_lnn.kernels.liquid.naive import check_inputs
 
+SHORT = 64  # up to this many steps, one loop over time (T small ops) beats the two passes
 
-def _scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t h_{t-1} + b_t with decays a in [0, 1]. a, b: (B, T, D); h0: (B, D) -> h: (B, T, D)."""
+
+def chunk_len(T: int) -> int:
+    """The chunk length L for T steps: each pass runs L ops over (B, T/L, D), the carry scan over T/L
+    chunks; L ~ sqrt(T) balances the two, and at least 16 keeps each op large for short T."""
+    return max(16, math.isqrt(T))
+
+
+def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_t = exp(log_a_t) h_{t-1} + b_t. log_a, b: (B, T, D) contiguous; h0: (B, D) -> h: (B, T, D).
+
+    Two passes over chunks of L steps, all chunks at once, on strided views of the inputs (no copies
+    of (B, T, D) tensors besides the output):
+      1. each chunk's effect on the state, h_out = P h_in + E, from a zero state: E by L fused
+         multiply-adds over (B, N, D), P = exp(sum of the chunk's log-decays) (one reduction);
+      2. the state entering each chunk: the same scan over the N chunks (recursively), from h0;
+      3. each chunk rerun from its incoming state, writing h in place.
+    The decays exp(log_a) are taken step by step inside the passes, on (B, N, D) slices that stay in
+    cache, rather than as one more (B, T, D) tensor. The steps past the last whole chunk (fewer than
+    L) are a short loop. Only decays are multiplied (never divided by), so nothing overflows however
+    long T is.
+    """
     B, T, D = b.shape
-    if T <= 64:
-        out = torch.empty_like(b)
+    out = torch.empty_like(b)
+    if T <= SHORT:
         h = h0
         for t in range(T):
-            h = a[:, t] * h + b[:, t]
-            out[:, t] = h
+            h = torch.addcmul(b[:, t], log_a[:, t].exp(), h, out=out[:, t])
         return out
-    L = max(16, int(math.isqrt(T)))  # chunk length: L loop steps here, T/L in the carry scan
-    N = -(-T // L)
-    pad = N * L - T
-    if pad:  # padding with a = 1, b = 0 leaves the state unchanged
-        a = torch.cat([a, a.new_ones(B, pad, D)], dim=1)
-        b = torch.cat([b, b.new_zeros(B, pad, D)], dim=1)
-    # Time-major inside chunks, (L, B, N, D) contiguous: every loop step and the cumulative product
-    # then run over contiguous memory (a strided cumprod over dim 2 was a third of the model's time).
-    a = a.view(B, N, L, D).permute(2, 0, 1, 3).contiguous()
-    b = b.view(B, N, L, D).permute(2, 0, 1, 3).contiguous()
-    # Local scans, every chunk at once, from a zero state.
-    # decay: the product of decays since the chunk start. Written in place step by step (out=), which
-    # beats torch.cumprod (slow on CPU) and a copy per step.
-    local, decay = torch.empty_like(b), torch.empty_like(a)  # (L, B, N, D)
-    local[0], decay[0] = b[0], a[0]
+    L = chunk_len(T)
+    N = T // L
+    la_c, b_c = log_a[:, :N * L].view(B, N, L, D), b[:, :N * L].view(B, N, L, D)  # chunk views, no copies
+    end = b_c[:, :, 0].clone()  # (B, N, D): E of each chunk, built step by step
     for j in range(1, L):
-        torch.addcmul(b[j], a[j], local[j - 1], out=local[j])
-        torch.mul(a[j], decay[j - 1], out=decay[j])
-    # The state entering each chunk: a scan over chunks with the chunk's total decay.
-    ends = _scan_forward(decay[-1], local[-1], h0)  # (B, N, D)
-    carry = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D)
-    out = torch.addcmul(local, decay, carry[None])  # (L, B, N, D)
-    out = out.permute(1, 2, 0, 3)  # (B, N, L, D)
-    return out.reshape(B, N * L, D)[:, :T]
+        end = torch.addcmul(b_c[:, :, j], la_c[:, :, j].exp(), end)
+    ends = _scan_forward(la_c.sum(dim=2), end, h0)  # (B, N, D): the state after each chunk
+    h = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D): the state entering each chunk
+    o_c = out[:, :N * L].view(B, N, L, D)
+    for j in range(L):
+        h = torch.addcmul(b_c[:, :, j], la_c[:, :, j].exp(), h, out=o_c[:, :, j])
+    h = ends[:, -1]
+    for t in range(N * L, T):
+        h = torch.addcmul(b[:, t], log_a[:, t].exp(), h, out=out[:, t])
+    return out
 
 
 class _LiquidScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_a, b, h0):
-        a = torch.exp(log_a)
-        h = _scan_forward(a, b, h0)
-        ctx.save_for_backward(a, h, h0)
+        log_a = log_a.contiguous()
+        h = _scan_forward(log_a, b.contiguous(), h0)
+        ctx.save_for_backward(log_a, h, h0)
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        a, h, h0 = ctx.saved_tensors
+        log_a, h, h0 = ctx.saved_tensors
         B, T, D = h.shape
         # g_t = dL/dh_t in total: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan.
-        a_next = torch.cat([a[:, 1:], a.new_ones(B, 1, D)], dim=1)
-        g = _scan_forward(a_next.flip(1), dh.flip(1), torch.zeros_like(h0)).flip(1)
+        log_a_next = torch.cat([log_a[:, 1:], log_a.new_zeros(B, 1, D)], dim=1)
+        g = _scan_forward(log_a_next.flip(1), dh.flip(1), torch.zeros_like(h0)).flip(1)
+        a = torch.exp(log_a)
         h_prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
         d_log_a = g * a * h_prev
         dh0 = a[:, 0] * g[:, 0]
