@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from titans_lnn.kernels import liquid_scan
-from titans_lnn.kernels.liquid import liquid_scan_chunked, liquid_scan_ref
+from titans_lnn.kernels.liquid import chunked, liquid_scan_chunked, liquid_scan_ref
 
 
 def _inputs(B, T, D, seed=0, dtype=torch.float64, strong_decay=False):
@@ -33,6 +33,16 @@ def test_chunked_matches_reference(T, D, close):
     ref = _grads(liquid_scan_ref, *inputs)
     got = _grads(liquid_scan_chunked, *inputs)
     for name, r, o in zip(("h", "h_last", "d_log_a", "db", "dh0"), ref, got):
+        close(r, o, 1e-10, name)
+
+
+@pytest.mark.parametrize("T", [65, 500, 4099], ids=lambda t: f"T{t}")
+def test_decays_taken_per_step_match_reference(T, close, monkeypatch):
+    """Inputs past ``IN_CACHE`` elements take exp(log_a) step by step inside the passes: the same values."""
+    monkeypatch.setattr(chunked, "IN_CACHE", 0)
+    inputs = _inputs(2, T, 3)
+    for name, r, o in zip(("h", "h_last", "d_log_a", "db", "dh0"), _grads(liquid_scan_ref, *inputs),
+                          _grads(liquid_scan_chunked, *inputs)):
         close(r, o, 1e-10, name)
 
 

@@ -21,6 +21,7 @@ import torch
 from titans_lnn.kernels.liquid.naive import check_inputs
 
 SHORT = 64  # up to this many steps, one loop over time (T small ops) beats the two passes
+IN_CACHE = 1 << 23  # elements of b up to which exp(log_a) is taken once (32 MB in fp32; measured), else per step
 
 
 def chunk_len(T: int) -> int:
@@ -38,10 +39,10 @@ def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> tor
          multiply-adds over (B, N, D), P = exp(sum of the chunk's log-decays) (one reduction);
       2. the state entering each chunk: the same scan over the N chunks (recursively), from h0;
       3. each chunk rerun from its incoming state, writing h in place.
-    The decays exp(log_a) are taken step by step inside the passes, on (B, N, D) slices that stay in
-    cache, rather than as one more (B, T, D) tensor. The steps past the last whole chunk (fewer than
-    L) are a short loop. Only decays are multiplied (never divided by), so nothing overflows however
-    long T is.
+    Past ``IN_CACHE`` elements the decays exp(log_a) are taken step by step inside the passes, on
+    (B, N, D) slices that stay in cache, rather than as one more (B, T, D) tensor. The steps past the
+    last whole chunk (fewer than L) are a short loop. Only decays are multiplied (never divided by), so
+    nothing overflows however long T is.
     """
     B, T, D = b.shape
     out = torch.empty_like(b)
@@ -53,14 +54,22 @@ def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> tor
     L = chunk_len(T)
     N = T // L
     la_c, b_c = log_a[:, :N * L].view(B, N, L, D), b[:, :N * L].view(B, N, L, D)  # chunk views, no copies
+    if b.numel() <= IN_CACHE:  # small enough to stay in cache: one exp, read by both passes
+        a_c = la_c.exp()
+
+        def decay(j):
+            return a_c[:, :, j]
+    else:  # one more (B, T, D) tensor would be written and read twice from memory: exp per step instead
+        def decay(j):
+            return la_c[:, :, j].exp()
     end = b_c[:, :, 0].clone()  # (B, N, D): E of each chunk, built step by step
     for j in range(1, L):
-        end = torch.addcmul(b_c[:, :, j], la_c[:, :, j].exp(), end)
+        end = torch.addcmul(b_c[:, :, j], decay(j), end)
     ends = _scan_forward(la_c.sum(dim=2), end, h0)  # (B, N, D): the state after each chunk
     h = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D): the state entering each chunk
     o_c = out[:, :N * L].view(B, N, L, D)
     for j in range(L):
-        h = torch.addcmul(b_c[:, :, j], la_c[:, :, j].exp(), h, out=o_c[:, :, j])
+        h = torch.addcmul(b_c[:, :, j], decay(j), h, out=o_c[:, :, j])
     h = ends[:, -1]
     for t in range(N * L, T):
         h = torch.addcmul(b[:, t], log_a[:, t].exp(), h, out=out[:, t])
