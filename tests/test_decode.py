@@ -93,6 +93,20 @@ def test_step_forms_cover_the_titans_variants():
         assert not missing, (variant, missing)
 
 
+def test_weights_changed_in_place_are_seen():
+    """Values the steps derive from parameters (fused convolution taps, persistent keys) are rebuilt when a
+    parameter changes in place, as an optimizer step changes it."""
+    model = _model("mac")
+    ids = torch.randint(0, 256, (1, 6))
+    state = model.init_state(1, dtype=torch.float64)
+    _decode(model, ids, state)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    stepped, _ = _decode(model, ids, state)
+    torch.testing.assert_close(stepped, model(ids).logits, rtol=1e-9, atol=1e-9)
+
+
 def test_decode_step_rejects_several_tokens():
     model = _model("swa")
     with pytest.raises(ValueError, match=r"one token per row, input_ids \(B, 1\); got shape \(1, 2\)"):

@@ -159,9 +159,9 @@ def _attention(m: SlidingWindowAttention, x, state: AttentionState, extra: torch
         k2, v2 = m._extend(state.k2, k2, pos), m._extend(state.v2, v2, pos)
         keys.append(k2)
         values.append(v2)
-    if m.persistent is not None:
-        sink_k, sink_v = m._kv(m.persistent(1).to(x.dtype), None)  # (1, G, N_p, D)
-        keys.insert(0, sink_k.expand(B, -1, -1, -1))
+    if m.persistent is not None:  # their keys and values depend on the parameters only: kept between steps
+        sink_k, sink_v = _prepared(m, f"sinks {x.dtype}", lambda: m._kv(m.persistent(1).to(x.dtype), None))
+        keys.insert(0, sink_k.expand(B, -1, -1, -1))  # (B, G, N_p, D)
         values.insert(0, sink_v.expand(B, -1, -1, -1))
     dtype = torch.promote_types(x.dtype, torch.float32)
     kk, vv = torch.cat(keys, dim=2).to(dtype), torch.cat(values, dim=2).to(dtype)  # (B, G, S, D)
