@@ -223,6 +223,30 @@ def test_stable_split_anywhere_equals_one_call(depth):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # two compilations: a minute or two on 2 cores
+@pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
+def test_compiled_chunks_match_reference(stable, close, monkeypatch):
+    """$TITANS_LNN_COMPILE=1 (whole chunks through torch.compile) == the per-token reference, forward and
+    backward, with a call that starts inside a chunk and ends in a padded one."""
+    from titans_lnn.kernels.titans_memory import chunked
+
+    monkeypatch.setenv(chunked.COMPILE_ENV, "1")
+    tensors, n = _inputs(T=23, depth=2, grad=True)
+    ref = _call(memory_update_ref, tensors, n, 5, 2, max_grad_norm=0.5, stable=stable)
+    got = _call(memory_update_chunked, tensors, n, 5, 2, max_grad_norm=0.5, stable=stable)
+    assert chunked._compiled_chunk is not None  # the compiled path ran
+    _assert_same(ref, got, tensors, close)
+
+
+def test_compile_flag_is_checked(monkeypatch):
+    from titans_lnn.kernels.titans_memory import chunked
+
+    monkeypatch.setenv(chunked.COMPILE_ENV, "yes")
+    tensors, n = _inputs(T=9)
+    with pytest.raises(ValueError, match="TITANS_LNN_COMPILE='yes' is invalid"):
+        _call(memory_update_chunked, tensors, n, 4, 0)
+
+
 def _chunk_eigenvalue(theta, eta, k, C):
     """Largest eigenvalue, over the chunks, of sum_t u'_t k^_t k^_t^T (u' = the step in curvature units)."""
     from titans_lnn.kernels.titans_memory import stable_steps_sequence

@@ -8,10 +8,18 @@ with beta_t, E_t the products of (1 - alpha) and eta since the chunk start, D_be
 and D_E[s, i] = E_s / E_i for i <= s <= t (formed from log-decays, so they never overflow) and
 Cm = (D_beta @ D_E) * theta (theta after clipping). Reading W_t x for every t is then attention-like:
 beta_t W_0 x_t + (D_beta E)_t S_0 x_t - ((Cm * (X_hat X^T)) @ Delta)_t.
+
+The chunks follow each other (a chunk's gradients are taken at the weights the previous one left), so
+the loop stays; what does not depend on a chunk's anchor is done for all chunks at once before it. The
+cost of a chunk is then the overhead of its ~60 small ops: with ``TITANS_LNN_COMPILE=1`` every whole
+chunk runs through ``torch.compile`` (inductor; on the CPU, C++ kernels that fuse the elementwise
+ops), about 3x faster per chunk forward and 2x forward + backward on the tiny model's memory, after a
+compilation of a minute or two per process. Off by default: eager needs no compiler and no warm-up.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -24,6 +32,26 @@ from titans_lnn.kernels.titans_memory.naive import (
     split_anchor,
     stable_steps,
 )
+
+COMPILE_ENV = "TITANS_LNN_COMPILE"  # "1": whole chunks through torch.compile; unset or "0": eager (default)
+_compiled_chunk = None
+
+
+def _chunk_fn():
+    """``_chunk`` for whole chunks (fixed shapes; a call's first chunk, finishing an earlier call's, stays
+    eager): compiled when $TITANS_LNN_COMPILE is "1", else eager. Read at each call, like $TITANS_LNN_IMPL."""
+    flag = os.environ.get(COMPILE_ENV, "0") or "0"
+    if flag not in ("0", "1"):
+        raise ValueError(f"${COMPILE_ENV}={flag!r} is invalid: expected '0' (eager) or '1' (torch.compile)")
+    if flag == "0":
+        return _chunk
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        # One graph per (grad mode, requires_grad pattern of the state, last row, Q wanted): more than
+        # dynamo's default of 8 recompilations, all of them bounded by the chunk size.
+        compiled = torch.compile(_chunk, dynamic=False)
+        _compiled_chunk = torch._dynamo.config.patch(recompile_limit=64)(compiled)
+    return _compiled_chunk
 
 
 def stable_steps_sequence(theta, eta, kappa, k, spent, *, chunk_size, offset=0):
@@ -201,11 +229,12 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
         inputs = _chunk_inputs(*(chunks(t) for t in (q, k, v, theta, eta, khat)), stable)
         per_chunk = [None if t is None else t.unbind(2) for t in inputs]
         coeffs = [t.unbind(2) for t in _chunk_coefficients(chunks(eta), chunks(alpha))]
+        chunk = _chunk_fn()
         for c in range(N):
             last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
             x = _Chunk(*(None if t is None else t[c] for t in per_chunk))
-            y, W, S, spent = _chunk(x, tuple(t[c] for t in coeffs), W, S, A, last, max_grad_norm, None,
-                                    stable and c == N - 1)
+            y, W, S, spent = chunk(x, tuple(t[c] for t in coeffs), W, S, A, last, max_grad_norm, None,
+                                   stable and c == N - 1)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
     return torch.cat(ys, dim=2), tuple(W), tuple(S), join_anchor(A, spent)
