@@ -48,7 +48,9 @@ def decode_section(ctx: Ctx) -> dict:
                      f"{r['load_avg_1min']:.1f}"])
     sec["tables"].append(dict(
         caption=(f"Greedy generation of {sizes['new_tokens']} tokens per timed call after the prompt (streamed in "
-                 f"pieces of {k(sizes['piece'])}); B rows continue B copies of the prompt's state."),
+                 f"pieces of {k(sizes['piece'])}); B rows continue B copies of the prompt's state. Both prompts are "
+                 "read first, then the timed calls after each alternate (median of the repeats), so that a change in "
+                 "the machine's load does not fall between the two prompt lengths."),
         header=["prompt", "path, batch", "ms/token", "tokens/s (all rows)", "state per row (MiB)",
                 "prompt read (s)", "peak RSS (MiB)", "load avg (1 min)"], rows=rows))
     ratios, speedups = {}, {}

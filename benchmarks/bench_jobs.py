@@ -242,8 +242,10 @@ def job_decode(spec, device):
     """The tiny MAC reads a prompt of each length in ``Ts`` with ``model.stream`` (the whole prompt, streamed),
     then generates greedily one token at a time from that state, at each batch size of ``batches``: ms per
     new token by the decode step (``titans_lnn.decode``) and by a forward call of length 1 (``_forward``).
-    A batch of B rows continues B copies of the one prompt's state (reading B prompts of 1M tokens would
-    take B times longer and decode the same way: the state has the same size and position)."""
+    The prompts are read first and the timed calls after every prompt alternate, so that the ratio between
+    prompt lengths is not skewed by a change in the machine's load between them. A batch of B rows continues
+    B copies of the one prompt's state (reading B prompts of 1M tokens would take B times longer and decode
+    the same way: the state has the same size and position)."""
     import dataclasses
 
     from titans_lnn.decode import decode_step
@@ -253,40 +255,45 @@ def job_decode(spec, device):
     sync, n_new = _sync(device), spec["new_tokens"]
     paths = {"decode step": lambda ids, st: decode_step(m, ids, st),
              "forward (T = 1)": lambda ids, st: (lambda o: (o.logits[:, -1], o.state))(m._forward(ids, state=st))}
+    prompts = {}
     for T in spec["Ts"]:
         ids = torch.randint(0, m.config.vocab_size, (1, T), device=device)
         with torch.inference_mode():
             t0 = time.perf_counter()
             out = m.stream(ids, chunk_len=spec["piece"])
             sync()
-            prompt_s = time.perf_counter() - t0
-        for B in spec["batches"]:
-            with torch.inference_mode():
-                state = dataclasses.replace(out.state.map(lambda t, B=B: t.repeat(B, *[1] * (t.dim() - 1))),
-                                            batch_size=B)
-                first = out.logits.argmax(-1, keepdim=True).repeat(B, 1)  # (B, 1)
-            for label, step in paths.items():
-                def generate(n, state=state, step=step, first=first):
-                    nxt, st = first, state
-                    for _ in range(n):
-                        logits, st = step(nxt, st)
-                        nxt = logits.argmax(-1, keepdim=True)
-
+            prompts[T] = (out, time.perf_counter() - t0)
+    for B in spec["batches"]:
+        for label, step in paths.items():
+            runs = {}
+            for T, (out, _) in prompts.items():
                 with torch.inference_mode():
-                    generate(4)  # warm-up
-                    times = median_time(lambda: generate(n_new), repeats=spec["repeats"], budget_s=spec["budget_s"],
-                                        sync=sync)
+                    state = dataclasses.replace(out.state.map(lambda t, B=B: t.repeat(B, *[1] * (t.dim() - 1))),
+                                                batch_size=B)
+                    first = out.logits.argmax(-1, keepdim=True).repeat(B, 1)  # (B, 1)
+
+                def generate(n, state=state, step=step, first=first):
+                    with torch.inference_mode():
+                        nxt, st = first, state
+                        for _ in range(n):
+                            logits, st = step(nxt, st)
+                            nxt = logits.argmax(-1, keepdim=True)
+
+                generate(4)  # warm-up
+                runs[T] = (generate, state, [])
+            for _ in range(spec["repeats"]):
+                for generate, _, times in runs.values():
+                    times += median_time(lambda g=generate: g(n_new), repeats=1, sync=sync)
+            for T, (generate, state, times) in runs.items():
                 t = median(times)
                 rec = {"T": T, "pass": f"{label}, B={B}", "B": B, "status": "ok", "ms_per_token": 1e3 * t / n_new,
-                       "tokens_per_s": B * n_new / t, "time_s": t, "reps": len(times), "new_tokens": n_new,
-                       "prompt_s": prompt_s, "pos": state.pos, "state_bytes": state.nbytes(),
-                       "state_bytes_per_row": state.nbytes() // B, "peak_rss_mib": peak_rss_mib(),
-                       "load_avg_1min": os.getloadavg()[0]}
+                       "tokens_per_s": B * n_new / t, "time_s": t, "times": times, "reps": len(times),
+                       "new_tokens": n_new, "prompt_s": prompts[T][1], "pos": state.pos,
+                       "state_bytes": state.nbytes(), "state_bytes_per_row": state.nbytes() // B,
+                       "peak_rss_mib": peak_rss_mib(), "load_avg_1min": os.getloadavg()[0]}
                 if spec["profile"] and label == "decode step":
-                    with torch.inference_mode():
-                        rec["profile"] = profile_table(lambda: generate(n_new), device)
+                    rec["profile"] = profile_table(lambda g=generate: g(n_new), device)
                 emit(rec)
-
 
 JOBS = {"liquid": job_liquid, "memory": job_memory, "model": job_model, "stream": job_stream, "decode": job_decode}
 
