@@ -36,7 +36,8 @@ except ImportError as err:  # pragma: no cover - the hf extra is part of dev
     raise ImportError("titans_lnn.hf needs Hugging Face transformers: pip install 'titans-lnn[hf]'") from err
 
 from titans_lnn.config import TitansLNNConfig
-from titans_lnn.model import TitansLNN
+from titans_lnn.decode import decode_step
+from titans_lnn.model import ModelOutput, TitansLNN
 from titans_lnn.pretrained import MODEL_TYPE, WEIGHTS_NAME
 from titans_lnn.state import ModelState
 
@@ -192,7 +193,14 @@ class TitansLNNForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("TitansLNNForCausalLM returns neither attention weights nor hidden states "
                              "(output_attentions / output_hidden_states must be False)")
         _check_attention_mask(attention_mask, input_ids, 0 if cache is None else cache.state.pos)
-        out = self.model(input_ids, state=None if cache is None else cache.state, dt=dt)
+        if cache is not None and input_ids.shape[1] == 1 and labels is None and not torch.is_grad_enabled():
+            # generate()'s decode steps: one token after a cache, no autograd: every layer's one-token form
+            # (titans_lnn.decode), equal to the forward of length 1 and without its chunk machinery.
+            self.model._check_inputs(input_ids, None, cache.state, dt)
+            logits, state = decode_step(self.model, input_ids, cache.state, dt)
+            out = ModelOutput(logits[:, None], None, state)
+        else:
+            out = self.model(input_ids, state=None if cache is None else cache.state, dt=dt)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
