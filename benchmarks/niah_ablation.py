@@ -5,13 +5,16 @@
     python benchmarks/niah_ablation.py --train penalize=written --train write_penalty=0.3 --save /tmp/old
     python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 16k,256k,1m --silence 0 --silence 1
     python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 4k,256k --eval-threshold 0.2
+    python benchmarks/niah_ablation.py --train penalty_margin=0.05 --lengths 1024,4096 --samples 30 --json /tmp/m.json
 
 It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL`` with the ``--set`` overrides) for
 ``--steps`` steps with ``train_passkey`` (``NIAH_TRAIN`` with the ``--train`` overrides), on one
 thread (or loads a saved one with ``--load``), then prints the training loss, the fraction of filler
 tokens each memory layer writes (theta > 1e-6, over 3,000 tokens of the noise filler), and the
 passkey accuracy of ``--samples`` fresh prompts per length (depths 5%..95%, evaluation seeds of the
-main job). ``--readout`` adds the needle's -log p(key) after that much filler (``needle_readout``),
+main job: every run scores the same prompts) with a 95% Wilson interval and its misses by kind (one
+wrong digit, the key's digits in another order, other; ``--json`` keeps every answer). ``--readout``
+adds the needle's -log p(key) after that much filler (``needle_readout``),
 once as trained and once per ``--silence`` layer (that memory writes nothing on the filler: the
 layer whose silence keeps the key is the one that stores it). ``--eval-threshold`` raises every
 memory's write threshold for the evaluation only. The closing notes of the capability issue list
