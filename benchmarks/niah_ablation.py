@@ -16,9 +16,9 @@ main job: every run scores the same prompts) with a 95% Wilson interval and its 
 wrong digit, the key's digits in another order, other; ``--json`` keeps every answer). ``--readout``
 adds the needle's -log p(key) after that much filler (``needle_readout``),
 once as trained and once per ``--silence`` layer (that memory writes nothing on the filler: the
-layer whose silence keeps the key is the one that stores it). ``--eval-threshold`` raises every
-memory's write threshold for the evaluation only. The closing notes of the capability issue list
-the runs made with it.
+layer whose silence keeps the key is the one that stores it). ``--eval-threshold`` sets every
+memory's write threshold for the evaluation only (above or below the trained one). The closing
+notes of the capability issue list the runs made with it.
 """
 
 from __future__ import annotations
