@@ -11,7 +11,10 @@
     (S, W) <- the momentum/forgetting update of ||M_W(k_t) - v_t||^2, each token's gradient clipped
               to max_grad_norm, chunked (kernels.memory_update); with stable_step (the default) theta_t
               is first bounded by the curvature so that the inner descent never amplifies a
-              perturbation of its weights (issue 17; the rule is in kernels/memory_update.py)
+              perturbation of its weights (issue 17; the rule is in kernels/titans_memory/naive.py).
+              For depth >= 2 the bound counts the Hessian's indefinite residual term too (the
+              r^T grad^2 M saddle, large where values are unpredictable: on random bytes the tiny
+              MAC's perturbation grew 57x in 16K tokens with the Gauss-Newton part alone)
     out_t = W_O (norm(M_{W_t}(q_t)) * sigmoid(x_t W_G))
 
 Why a gate that reaches 0: every write moves the weights, so a needle written once fades with every

@@ -36,7 +36,9 @@ from titans_lnn.kernels.titans_memory.naive import (
     anchor_forward,
     clip_scale,
     mlp_forward,
+    residual_curvature,
     silu_grad,
+    silu_grad2,
 )
 from titans_lnn.layers import CausalConv, Residual, rope
 from titans_lnn.liquid import LiquidCore
@@ -304,7 +306,9 @@ def memory_token(q, k, v, theta, eta, alpha, weights, momentum, anchor, spent, *
     out, xs, zs = anchor_forward(anchor, k)
     slopes = [silu_grad(z) for z in zs[:-1]]  # silu'(z_l), l < L: (B, H, 1, out_l)
     if spent is not None:
-        theta, spent = _stable_step(theta, eta, _curvature(anchor, xs, slopes), F.normalize(k, dim=-1), spent)
+        bends = [silu_grad2(z) for z in zs[:-1]]  # silu''(z_l): the residual part of the curvature
+        kappa = _curvature(anchor, xs, slopes) + residual_curvature(anchor, xs, slopes, bends, out - v)
+        theta, spent = _stable_step(theta, eta, kappa, F.normalize(k, dim=-1), spent)
     # The gradient of ||M_A(k) - v||^2 w.r.t. layer l is delta_l x_l^T (backpropagation by hand).
     delta = 2 * (out - v)  # (B, H, 1, Dv)
     deltas = [delta] * n

@@ -29,6 +29,7 @@ from titans_lnn.kernels.titans_memory.naive import (
     check_inputs,
     clip_scale,
     join_anchor,
+    residual_curvature,
     split_anchor,
     stable_steps,
 )
@@ -138,7 +139,7 @@ def _chunk(x: _Chunk, coeffs, W0, S0, A, last, max_grad_norm, spent, want_spent)
     beta, E, dbe, dd, d_e = coeffs
     n = len(A)
     # Forward at the anchor on the keys; keep each layer's input x_l, and silu'(z_l) for the hidden layers.
-    xs, slopes = [], []
+    xs, slopes, bends = [], [], []
     h = x.k
     for i, a in enumerate(A):
         xs.append(h)
@@ -147,19 +148,22 @@ def _chunk(x: _Chunk, coeffs, W0, S0, A, last, max_grad_norm, spent, want_spent)
             s = torch.sigmoid(z)
             h = z * s
             slopes.append(s * (1 + z * (1 - s)))  # silu'(z)
+            if x.overlap is not None:
+                bends.append(s * (1 - s) * (2 + z * (1 - 2 * s)))  # silu''(z)
         else:
             h = z
     out = h if n == 1 else x.k + h
     x_sq = [t.pow(2).sum(-1) for t in xs]  # ||x_l||^2: (B, H, L)
     theta = x.theta
-    if x.overlap is not None:  # the curvature bound of ``naive.curvature``, from the same x_l and silu'(z_l)
+    if x.overlap is not None:  # ``naive.curvature`` + ``naive.residual_curvature``, from the same x_l and z_l
         reach, kappa = None, x_sq[-1]
         for i in range(n - 2, -1, -1):
             col = A[i + 1].pow(2).sum(-2)  # ||W_{l+1}[:, j]||^2: (B, H, in)
             r = (slopes[i].pow(2) @ col[..., None])[..., 0]
             reach = r if reach is None else reach * r
             kappa = kappa + x_sq[i] * reach
-        theta, spent = _stable_theta(x._replace(theta=theta), 2 * kappa, spent, want_spent)
+        kappa = 2 * kappa + residual_curvature(A, xs, slopes, bends, out - x.v)
+        theta, spent = _stable_theta(x._replace(theta=theta), kappa, spent, want_spent)
     # Backward in closed form: delta_l = dLoss/dz_l per token; the gradient of W_l is delta_l x_l^T.
     delta = 2 * (out - x.v)
     deltas = [delta] * n

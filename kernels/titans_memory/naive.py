@@ -22,6 +22,12 @@ inner descent with momentum amplifies perturbations ~10x per 100 tokens). With k
 bound on the largest eigenvalue of the Gauss-Newton curvature of the token's loss at the anchor,
     kappa_t = 2 sum_l ||x_l||^2 ||P_l||^2,   P_l = d M / d z_l  (||P_L|| = 1; for l < L the Frobenius
               norm of W_{l+1} diag(silu'(z_l)) times ||P_{l+1}||, a bound on the spectral norm),
+For a deep memory (L >= 2) that is not the whole Hessian: ||M(k) - v||^2 has also the residual term
+2 sum_i r_i grad^2 M_i (r = M_A(k) - v), indefinite (the bilinear W_L s(W_{L-1} ...) saddle) and large
+where values are unpredictable (random bytes, DNA), and heavy-ball momentum amplifies motion along
+its negative curvature. So kappa_t also counts mu_t, a bound on that term's spectral norm
+(``residual_curvature``; 0 at L = 1): kappa_t bounds the whole Hessian's spectral norm. (With the
+Gauss-Newton part alone, the tiny MAC amplified a 1e-8 perturbation 57x over 16K random bytes.)
 u_t = theta_t kappa_t / (1 - eta_t) is the token's momentum-amplified step in units of the curvature.
 Every gradient of a chunk is taken at the same anchor, so the chunk's steps add up where their keys
 overlap: 16 steps along one key from one anchor overshoot 16 times. So each token's step is cut by
@@ -111,6 +117,51 @@ def curvature(weights, xs, zs) -> torch.Tensor:
     return 2 * kappa
 
 
+def silu_grad2(z):
+    """d^2 silu(z) / dz^2, elementwise."""
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _sqrt(x):
+    """sqrt(x) for x >= 0 with a finite gradient at 0 (padded tokens have x = 0; sqrt's own gradient
+    there is inf, and inf * 0 would poison the backward with NaN)."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def residual_curvature(weights, xs, slopes, bends, r) -> torch.Tensor:
+    """mu: an upper bound on the spectral norm of the residual part 2 sum_i r_i grad^2 M_i(x) of the
+    Hessian of ||M(x) - v||^2 w.r.t. all weights (r = M(x) - v), per token: (B, H, N); 0 for a linear
+    memory. The Gauss-Newton part (``curvature``) is the whole Hessian only at depth 1; deeper, this
+    part is indefinite (the bilinear W_L s(W_{L-1} ...) saddle) and large where values are
+    unpredictable, and momentum amplifies steps along its negative curvature.
+    From ``anchor_forward``'s layer inputs xs (B, H, N, in_l), slopes silu'(z_l) and bends silu''(z_l)
+    of the hidden layers (B, H, N, out_l), and r (B, H, N, Dv). For a weight direction of unit norm,
+    with Frobenius norms for the weights and Cauchy-Schwarz over the layers' shares of the direction:
+        C_l = ||x_l||^2 + ||W_l||^2 A_{l-1}     (a bound on |dz_l|^2)
+        A_l = max|silu'(z_l)|^2 C_l             (on |dh_l|^2; A_0 = 0)
+        B_l = max|silu''(z_l)| C_l + max|silu'(z_l)| (A_{l-1}^1/2 + ||W_l|| B_{l-1})   (on |d^2 h_l|; B_0 = 0)
+    and with g = W_L^T r, l = L - 1:
+        mu / 2 = |r| A_l^1/2 + max|g silu''(z_l)| C_l + |g silu'(z_l)| (A_{l-1}^1/2 + ||W_l|| B_{l-1}).
+    For depth 2 (M = x + W_2 s(W_1 x)): mu = 2 (|r| max|s'| |x| + max_j |(W_2^T r)_j s''(z_j)| |x|^2)."""
+    n = len(weights)
+    if n == 1:
+        return torch.zeros_like(r[..., 0])
+    a = c = b = torch.zeros_like(r[..., 0])  # A_0, (C_0 unused), B_0
+    w_sq = [w.pow(2).sum((-2, -1))[..., None] for w in weights]  # ||W_l||_F^2: (B, H, 1)
+    for i in range(n - 1):  # hidden layers; keep A_{l-1}, B_{l-1} of the last for the final step
+        a_prev, b_prev = a, b
+        c = xs[i].pow(2).sum(-1) + w_sq[i] * a_prev
+        a = slopes[i].abs().amax(-1).pow(2) * c
+        b = bends[i].abs().amax(-1) * c + slopes[i].abs().amax(-1) * (_sqrt(a_prev) + _sqrt(w_sq[i]) * b_prev)
+    g = r @ weights[-1]  # W_L^T r: (B, H, N, out_{L-1})
+    inner = _sqrt(a_prev) + _sqrt(w_sq[n - 2]) * b_prev
+    mu = (_sqrt(r.pow(2).sum(-1) * a) + (g * bends[-1]).abs().amax(-1) * c
+          + _sqrt((g * slopes[-1]).pow(2).sum(-1)) * inner)
+    return 2 * mu
+
+
 def stable_steps(theta, eta, kappa, kh, spent):
     """``stable=True``'s rescaled theta for the tokens of one chunk, in order. theta, eta, kappa:
     (..., N); kh: the unit keys (..., N, Dk); spent: (..., Dk, Dk), the chunk's Q before its first
@@ -170,9 +221,11 @@ def memory_update_ref(q, k, v, theta, eta, alpha, weights, momentum, anchor, *, 
             grads = torch.autograd.grad(loss, A_, create_graph=torch.is_grad_enabled())
         th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         if stable:
-            _, xs, zs = anchor_forward(A, k[:, :, t:t + 1])
+            out, xs, zs = anchor_forward(A, k[:, :, t:t + 1])
             kh = F.normalize(k[:, :, t:t + 1], dim=-1)
-            th, spent = stable_steps(th[..., 0], et[..., 0], curvature(A, xs, zs), kh, spent)
+            kappa = curvature(A, xs, zs) + residual_curvature(
+                A, xs, [silu_grad(z) for z in zs[:-1]], [silu_grad2(z) for z in zs[:-1]], out - v[:, :, t:t + 1])
+            th, spent = stable_steps(th[..., 0], et[..., 0], kappa, kh, spent)
             th = th[..., None]
         sq = sum(g.pow(2).sum((-2, -1)) for g in grads)  # (B, H)
         grads = [g * clip_scale(sq, max_grad_norm)[..., None, None] for g in grads]
