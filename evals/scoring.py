@@ -23,6 +23,7 @@ import torch
 from titans_lnn.evals.haystack import Sample
 
 _FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
+_WORD = re.compile(r"[^\s.,;:!?]+")  # a word ends at whitespace or sentence punctuation
 
 
 def normalize(text: str) -> str:
@@ -34,10 +35,10 @@ def exact_match(prediction: str, answer: str | Sequence[str], *, first_word: boo
     """1.0 if the normalised prediction equals the (or any listed) normalised answer, else 0.0.
 
     ``first_word``: compare only the prediction's first word, for a generation that runs on past a
-    one-word answer (``"kitchen. Mary went"``).
+    one-word answer (``"kitchen. Mary went"``, ``"kitchen.rd"``: punctuation ends the word too).
     """
     if first_word:
-        words = prediction.split()
+        words = _WORD.findall(prediction)
         prediction = words[0] if words else ""
     answers = [answer] if isinstance(answer, str) else list(answer)
     return float(normalize(prediction) in {normalize(a) for a in answers})

@@ -120,3 +120,13 @@ def test_niah_command_rejects_an_unknown_task(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--task" in error and "'babilong_qa9'" in error and "niah_single_2" in error, error
     assert not out.exists()
+
+
+def test_one_word_answers_end_at_punctuation():
+    """A model trained on " kitchen." runs on after the full stop without a space (" bathroom.rd" in the
+    first qa1 run, then scored 0 for a right answer)."""
+    from titans_lnn.evals.scoring import exact_match
+
+    assert exact_match(" bathroom.rd", "bathroom", first_word=True) == 1.0
+    assert exact_match(" bathroomrd.", "bathroom", first_word=True) == 0.0
+    assert exact_match(" be", "bedroom", first_word=True) == 0.0
