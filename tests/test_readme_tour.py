@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from titans_lnn import ModelState, TitansLNN, TitansLNNConfig
+from titans_lnn import ModelState, TitansLNN, TitansLNNConfig, generation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Only the length changes (4096 tokens take ~8 s on two shared cores): still three streamed pieces,
@@ -45,7 +45,7 @@ def test_quick_tour_runs_and_streams_in_constant_memory(tmp_path, monkeypatch):
     piece (2.4 -> 8.5 GB RSS from 4K to 16K tokens of the tiny model)."""
     monkeypatch.chdir(tmp_path)  # the tour writes doc.state and ckpt/
     sizes = []
-    forward = TitansLNN._forward  # every call goes through it (forward checks inputs first, decode steps do not)
+    forward = TitansLNN._forward  # every piece goes through it (forward checks inputs first)
 
     def recording_forward(self, input_ids, labels=None, state=None, dt=None):
         out = forward(self, input_ids, labels, state, dt)
@@ -54,6 +54,14 @@ def test_quick_tour_runs_and_streams_in_constant_memory(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(TitansLNN, "_forward", recording_forward)
+    step = generation.decode_step  # generation's new tokens: one-token steps (titans_lnn.decode)
+
+    def recording_step(model, input_ids, state, dt=None):
+        logits, new = step(model, input_ids, state, dt)
+        sizes.append(graph_size(new))
+        return logits, new
+
+    monkeypatch.setattr(generation, "decode_step", recording_step)
     torch.manual_seed(0)
     ns = {}
     with warnings.catch_warnings():

@@ -227,6 +227,6 @@ PRESETS: dict[str, dict] = {
     # The main job's model (`titans-lnn niah`, ~177K parameters, window 64; variant given by the caller):
     # why each setting, in titans_lnn/evals/niah_train.py (NIAH_MODEL is this dict).
     "niah": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
-                 mem_heads=2, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
+                 mem_heads=1, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
                  conv_kernel=8, init_std=0.1, tie_embeddings=False, mem_write_threshold=0.15, mem_gate_context=True),
 }
