@@ -224,7 +224,7 @@ PRESETS: dict[str, dict] = {
     # GPU runs (about 100M parameters).
     "small": dict(d_model=640, n_layers=12, n_heads=10, n_kv_heads=2, window=512, n_persistent=16,
                   liquid_state=16, mem_heads=10, mem_depth=2, mem_chunk=64, vocab_size=256),
-    # The main job's model (`titans-lnn niah`, ~177K parameters, window 64; variant given by the caller):
+    # The main job's model (`titans-lnn niah`, ~180K parameters, window 64, one memory head; variant by the caller):
     # why each setting, in titans_lnn/evals/niah_train.py (NIAH_MODEL is this dict).
     "niah": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
                  mem_heads=1, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
