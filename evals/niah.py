@@ -208,22 +208,10 @@ def _readout_job(model_dir: str, distances: list[int], seed: int, threads: int) 
 
 
 def _readout_figure(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(result["distances"], [-x for x in result["logp_key"]], marker="o")
-    ax.set_xscale("log")
-    ax.set_xlabel("filler tokens read after the needle")
-    ax.set_ylabel("-log p(key | question) (nats)")
-    ax.axhline(5 * 2.302585, color="grey", ls="--", lw=0.8)
-    ax.text(result["distances"][0], 5 * 2.302585, " chance (uniform digits)", va="bottom", fontsize=8)
-    ax.set_title("Needle read-out vs distance (hybrid)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """The pass key's read-out plot (``needle_readout``'s result): -log p(key) against the filler read."""
+    readout_figure({"distances": result["distances"], "logp_answer": result["logp_key"],
+                    "chance_nats": 5 * math.log(10)}, path, answer="key", haystack="filler",
+                   chance_label="uniform digits", title="Needle read-out vs distance (hybrid)")
 
 
 # ----------------------------------------------------------------------------- report

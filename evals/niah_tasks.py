@@ -198,8 +198,11 @@ def readout_md(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readout_figure(d: dict, path: Path) -> None:
-    """-log p(answer) against the haystack read after the needle (log x), with the chance line."""
+def readout_figure(d: dict, path: Path, *, answer: str = "answer", haystack: str = "haystack",
+                   chance_label: str = "uniform answer", title: str | None = None) -> None:
+    """-log p(answer) against the haystack read after the needle (log x), with the chance line.
+    ``d``: ``distances``, ``logp_answer`` (natural log), ``chance_nats`` (None: no line), and ``task``
+    (the default title); the keywords name the axes' things (the pass key's plot says key and filler)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -208,12 +211,12 @@ def readout_figure(d: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.plot(d["distances"], [-x for x in d["logp_answer"]], marker="o")
     ax.set_xscale("log")
-    ax.set_xlabel("haystack tokens read after the needle")
-    ax.set_ylabel("-log p(answer | question) (nats)")
+    ax.set_xlabel(f"{haystack} tokens read after the needle")
+    ax.set_ylabel(f"-log p({answer} | question) (nats)")
     if d["chance_nats"] is not None:
         ax.axhline(d["chance_nats"], color="grey", ls="--", lw=0.8)
-        ax.text(d["distances"][0], d["chance_nats"], " chance (uniform answer)", va="bottom", fontsize=8)
-    ax.set_title(f"{d['task']}: read-out vs distance (hybrid)", fontsize=10)
+        ax.text(d["distances"][0], d["chance_nats"], f" chance ({chance_label})", va="bottom", fontsize=8)
+    ax.set_title(title or f"{d['task']}: read-out vs distance (hybrid)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
