@@ -52,7 +52,7 @@ def test_hybrid_retrieves_far_beyond_its_training_length():
     on prompts of at most 2K tokens, answers passkeys hidden in 16K-token prompts (8x its longest
     training prompt, 256x its attention window; chance for a 5-digit key: 1e-5), 10 fresh keys at
     depths 5%..95%, streaming the prompts through its fixed-size state. One thread, as the main job's
-    workers: the same model and prompts as its 16K cell (0.80 there; the window-only baseline 0.00)."""
+    workers: the same model and prompts as its 16K cell (1.00 there; the window-only baseline 0.00)."""
     from titans_lnn.evals.niah import eval_seed, spread_depths
     from titans_lnn.evals.niah_train import NIAH_STEPS, NIAH_TRAIN
     from titans_lnn.evals.runner import evaluate_samples
