@@ -35,10 +35,12 @@ from titans_lnn.blocks import Block, MemoryAsContext, MemoryAsGate, MemoryAsLaye
 from titans_lnn.kernels.titans_memory.naive import (
     anchor_forward,
     clip_scale,
+    curvature_from,
     mlp_forward,
     residual_curvature,
     silu_grad,
     silu_grad2,
+    stable_steps,
 )
 from titans_lnn.layers import CausalConv, Residual, rope
 from titans_lnn.liquid import LiquidCore
@@ -305,17 +307,19 @@ def memory_token(q, k, v, theta, eta, alpha, weights, momentum, anchor, spent, *
     n = len(weights)
     out, xs, zs = anchor_forward(anchor, k)
     slopes = [silu_grad(z) for z in zs[:-1]]  # silu'(z_l), l < L: (B, H, 1, out_l)
+    x_sq = [x.pow(2).sum(-1) for x in xs]  # ||x_l||^2: (B, H, 1)
     if spent is not None:
         bends = [silu_grad2(z) for z in zs[:-1]]  # silu''(z_l): the residual part of the curvature
-        kappa = _curvature(anchor, xs, slopes) + residual_curvature(anchor, xs, slopes, bends, out - v)
-        theta, spent = _stable_step(theta, eta, kappa, F.normalize(k, dim=-1), spent)
+        kappa = curvature_from(anchor, x_sq, slopes) + residual_curvature(anchor, xs, slopes, bends, out - v)
+        theta, spent = stable_steps(theta[..., None], eta[..., None], kappa, F.normalize(k, dim=-1), spent)
+        theta = theta[..., 0]
     # The gradient of ||M_A(k) - v||^2 w.r.t. layer l is delta_l x_l^T (backpropagation by hand).
     delta = 2 * (out - v)  # (B, H, 1, Dv)
     deltas = [delta] * n
     for i in range(n - 1, 0, -1):
         delta = (delta @ anchor[i]) * slopes[i - 1]  # (B, H, 1, in_i)
         deltas[i - 1] = delta
-    sq = sum(d.pow(2).sum(-1) * x.pow(2).sum(-1) for d, x in zip(deltas, xs))[..., 0]  # (B, H): ||g||^2
+    sq = sum(d.pow(2).sum(-1) * x for d, x in zip(deltas, x_sq))[..., 0]  # (B, H): ||g||^2
     theta = theta * clip_scale(sq, max_grad_norm)
     th, et, keep = theta[..., None, None], eta[..., None, None], (1 - alpha)[..., None, None]
     # S = eta S - theta delta x^T, W = (1 - alpha) W + S: theta scales the small delta, not the outer product,
@@ -328,27 +332,6 @@ def memory_token(q, k, v, theta, eta, alpha, weights, momentum, anchor, spent, *
         S.append(s)
         W.append(torch.addcmul(s, keep, w))
     return mlp_forward(W, q), tuple(W), tuple(S), spent
-
-
-def _curvature(weights, xs, slopes) -> torch.Tensor:
-    """``naive.curvature`` for one token, from the slopes silu'(z_l) already computed: (B, H, 1)."""
-    reach = None  # ||P_l||^2 bound, from the last layer back (1 at the last layer)
-    kappa = xs[-1].pow(2).sum(-1)
-    for i in range(len(weights) - 2, -1, -1):
-        col = weights[i + 1].pow(2).sum(-2)  # ||W_{l+1}[:, j]||^2: (B, H, in)
-        r = slopes[i].pow(2) @ col[..., None]  # (B, H, 1, 1)
-        reach = r[..., 0] if reach is None else reach * r[..., 0]
-        kappa = kappa + xs[i].pow(2).sum(-1) * reach
-    return 2 * kappa
-
-
-def _stable_step(theta, eta, kappa, kh, spent):
-    """``naive.stable_steps`` for one token (no earlier token of the chunk in the same call): theta, eta
-    (B, H); kappa (B, H, 1); kh the unit key (B, H, 1, Dk); spent Q (B, H, Dk, Dk). Returns (theta', Q)."""
-    u = theta * kappa[..., 0] / (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)  # (B, H)
-    before = (kh @ spent @ kh.transpose(-1, -2))[..., 0, 0]  # k^T Q k: (B, H)
-    spent = spent + u[..., None, None] * (kh.transpose(-1, -2) @ kh)
-    return theta / ((1 + before) * (1 + before + u)), spent
 
 
 # ----------------------------------------------------------------------------- liquid core

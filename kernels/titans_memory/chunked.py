@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from titans_lnn.kernels.titans_memory.naive import (
     check_inputs,
     clip_scale,
+    curvature_from,
     join_anchor,
     residual_curvature,
     split_anchor,
@@ -156,13 +157,7 @@ def _chunk(x: _Chunk, coeffs, W0, S0, A, last, max_grad_norm, spent, want_spent)
     x_sq = [t.pow(2).sum(-1) for t in xs]  # ||x_l||^2: (B, H, L)
     theta = x.theta
     if x.overlap is not None:  # ``naive.curvature`` + ``naive.residual_curvature``, from the same x_l and z_l
-        reach, kappa = None, x_sq[-1]
-        for i in range(n - 2, -1, -1):
-            col = A[i + 1].pow(2).sum(-2)  # ||W_{l+1}[:, j]||^2: (B, H, in)
-            r = (slopes[i].pow(2) @ col[..., None])[..., 0]
-            reach = r if reach is None else reach * r
-            kappa = kappa + x_sq[i] * reach
-        kappa = 2 * kappa + residual_curvature(A, xs, slopes, bends, out - x.v)
+        kappa = curvature_from(A, x_sq, slopes) + residual_curvature(A, xs, slopes, bends, out - x.v)
         theta, spent = _stable_theta(x._replace(theta=theta), kappa, spent, want_spent)
     # Backward in closed form: delta_l = dLoss/dz_l per token; the gradient of W_l is delta_l x_l^T.
     delta = 2 * (out - x.v)

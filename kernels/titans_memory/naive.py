@@ -108,13 +108,19 @@ def anchor_forward(weights, x):
 def curvature(weights, xs, zs) -> torch.Tensor:
     """kappa: an upper bound on the largest eigenvalue of the Gauss-Newton curvature of
     ||M(x) - v||^2 w.r.t. all weights, per token, from ``anchor_forward``'s xs, zs: (B, H, N)."""
-    n = len(weights)
-    reach = torch.ones_like(xs[0][..., 0])  # ||P_l||^2 bound, from the last layer back: (B, H, N)
-    kappa = xs[-1].pow(2).sum(-1)
-    for i in range(n - 2, -1, -1):
+    return curvature_from(weights, [x.pow(2).sum(-1) for x in xs], [silu_grad(z) for z in zs[:-1]])
+
+
+def curvature_from(weights, x_sq, slopes) -> torch.Tensor:
+    """``curvature`` from the layers' squared input norms ||x_l||^2 (B, H, N) and the hidden layers'
+    slopes silu'(z_l) (B, H, N, out_l): for the forms that have both already (chunked, the decode step)."""
+    reach = None  # ||P_l||^2 bound, from the last layer back (1 at the last layer)
+    kappa = x_sq[-1]
+    for i in range(len(weights) - 2, -1, -1):
         col = weights[i + 1].pow(2).sum(-2)  # ||W_{l+1}[:, j]||^2: (B, H, in)
-        reach = reach * torch.einsum("bhlj,bhj->bhl", silu_grad(zs[i]).pow(2), col)
-        kappa = kappa + xs[i].pow(2).sum(-1) * reach
+        r = (slopes[i].pow(2) @ col[..., None])[..., 0]  # (B, H, N)
+        reach = r if reach is None else reach * r
+        kappa = kappa + x_sq[i] * reach
     return 2 * kappa
 
 
