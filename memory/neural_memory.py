@@ -156,6 +156,25 @@ class NeuralMemory(OwnInit, nn.Module):
         y = self.norm(y).transpose(1, 2).reshape(B, T, H * d)
         return self.wo(y * torch.sigmoid(self.w_gate_out(x)))
 
+    def gate_values(self, s_theta: torch.Tensor, s_eta: torch.Tensor, s_alpha: torch.Tensor):
+        """The gates from their logits (any one shape): (theta, theta as written, eta, alpha). The relu
+        gate's theta passes the gradient straight through below 0 (a skipped token still learns whether it
+        should have been written); "as written" (``last_theta``) is theta without that path, whose gradient
+        is 0 where a token is skipped (through it an L1 penalty would push closed gates down forever).
+        Writes below the threshold are skipped (0), the gradient passing straight through. Shared by
+        ``forward`` and the one-token decode step (``titans_lnn.decode``)."""
+        if self.write_gate == "sigmoid":
+            theta = written = self.max_lr * torch.sigmoid(s_theta)
+        else:
+            s = s_theta
+            theta = self.max_lr * (s.clamp(0, 1) + torch.where(s < 0, s - s.detach(), torch.zeros_like(s)))
+            written = self.max_lr * s.clamp(0, 1)
+        if self.write_threshold:
+            keep = theta >= self.write_threshold * self.max_lr
+            theta = theta + (torch.where(keep, theta, torch.zeros_like(theta)) - theta).detach()
+            written = torch.where(keep, written, torch.zeros_like(theta))
+        return theta, written, torch.sigmoid(s_eta), self.max_forget * torch.sigmoid(s_alpha)
+
     def forward(self, x: torch.Tensor, state: MemoryState | None = None, *, impl: str | None = None):
         """Write x into the memory token by token and read each token's query after its write.
         Returns (out (B, T, dim), new state)."""
@@ -166,19 +185,7 @@ class NeuralMemory(OwnInit, nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         gate_in = self._k_context if self.gate_context else x
         gates = self.w_gates(gate_in).to(dtype).view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
-        if self.write_gate == "sigmoid":
-            theta = self.max_lr * torch.sigmoid(gates[0])
-        else:  # straight-through below 0: a skipped token still learns whether it should have been written
-            s = gates[0]
-            theta = self.max_lr * (s.clamp(0, 1) + torch.where(s < 0, s - s.detach(), torch.zeros_like(s)))
-        # For a sparsity penalty: theta without the straight-through path, whose gradient is 0 where
-        # a token is skipped (through that path an L1 penalty would push closed gates down forever).
-        self.last_theta = theta if self.write_gate == "sigmoid" else self.max_lr * s.clamp(0, 1)
-        if self.write_threshold:  # writes below the threshold are skipped; the gradient passes straight through
-            keep = theta >= self.write_threshold * self.max_lr
-            theta = theta + (torch.where(keep, theta, torch.zeros_like(theta)) - theta).detach()
-            self.last_theta = torch.where(keep, self.last_theta, torch.zeros_like(theta))
-        eta, alpha = torch.sigmoid(gates[1]), self.max_forget * torch.sigmoid(gates[2])
+        theta, self.last_theta, eta, alpha = self.gate_values(*gates)
         anchor = self._as_learned(state, state.anchor) + ((state.spent,) if self.stable_step else ())
         y, W, S, A = memory_update(q.to(dtype), k.to(dtype), v.to(dtype), theta, eta, alpha,
                                    self.current_weights(state), state.momentum, anchor,

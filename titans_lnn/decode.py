@@ -278,15 +278,8 @@ def _memory(m: NeuralMemory, x, state: MemoryState):
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     dtype = torch.promote_types(x.dtype, torch.float32)
     gates = m.w_gates(outs[1] if m.gate_context else x).to(dtype).view(B, 3, m.heads)  # (B, 3, H)
-    s = gates[:, 0]
-    theta = m.max_lr * (torch.sigmoid(s) if m.write_gate == "sigmoid" else s.clamp(0, 1))  # (B, H)
-    last_theta = theta
-    if m.write_threshold:  # writes below the threshold are skipped (as in forward; no gradient here)
-        keep = theta >= m.write_threshold * m.max_lr
-        theta = torch.where(keep, theta, torch.zeros_like(theta))
-        last_theta = theta
-    m.last_theta = last_theta[..., None]  # (B, H, 1), as forward leaves it
-    eta, alpha = torch.sigmoid(gates[:, 1]), m.max_forget * torch.sigmoid(gates[:, 2])
+    theta, written, eta, alpha = m.gate_values(gates[:, 0], gates[:, 1], gates[:, 2])  # (B, H) each
+    m.last_theta = written[..., None]  # (B, H, 1), as forward leaves it
     weights = _current_weights(m, state)
     if pos % m.chunk_size == 0:  # a new chunk: its gradients are taken at the current weights
         anchor, spent = weights, None if state.spent is None else torch.zeros_like(state.spent)
