@@ -151,10 +151,11 @@ class NeuralMemory(OwnInit, nn.Module):
         self._k_context = k.transpose(1, 2).flatten(2)  # (B, T, dim): silu(conv(x W_K)), before normalising
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, convs
 
-    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """W_O(norm(y) * gate): y (B, H, T, d) what the memory returned, gate sigmoid(x W_G) (B, T, dim)."""
         B, H, T, d = y.shape
-        y = self.norm(y).transpose(1, 2).reshape(B, T, H * d)
-        return self.wo(y * torch.sigmoid(self.w_gate_out(x)))
+        y = self.norm(y.to(gate.dtype)).transpose(1, 2).reshape(B, T, H * d)
+        return self.wo(y * gate)
 
     def gate_values(self, s_theta: torch.Tensor, s_eta: torch.Tensor, s_alpha: torch.Tensor):
         """The gates from their logits (any one shape): (theta, theta as written, eta, alpha). The relu
@@ -194,7 +195,7 @@ class NeuralMemory(OwnInit, nn.Module):
         new = MemoryState(weights=tuple(W), momentum=tuple(S), anchor=tuple(A[:self.depth]),
                           spent=A[self.depth] if self.stable_step else None, conv_q=convs[0], conv_k=convs[1],
                           conv_v=convs[2], fresh=torch.zeros_like(state.fresh), pos=pos + x.shape[1])
-        return self._output(y.to(x.dtype), x), new
+        return self._output(y, torch.sigmoid(self.w_gate_out(x))), new
 
     def init_read_state(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """The state of ``read``'s own query convolution (a reader that is not the writer, as MAC's)."""
@@ -217,7 +218,4 @@ class NeuralMemory(OwnInit, nn.Module):
     def read_out(self, q: torch.Tensor, gate: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``read``'s output from ``read_queries``' q and gate, at ``weights``: (B, T, dim)."""
         dtype = torch.promote_types(q.dtype, torch.float32)
-        y = mlp_forward(tuple(w.to(dtype) for w in weights), q.to(dtype))
-        B, H, T, d = y.shape
-        y = self.norm(y.to(gate.dtype)).transpose(1, 2).reshape(B, T, H * d)
-        return self.wo(y * gate)
+        return self._output(mlp_forward(tuple(w.to(dtype) for w in weights), q.to(dtype)), gate)

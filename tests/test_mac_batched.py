@@ -18,7 +18,7 @@ def _read(mem: NeuralMemory, x, weights, conv_state):
     q, _, _ = mem.wqkv(mem.norm_in(x)).chunk(3, dim=-1)
     q, conv_state = mem.convs[0](q, conv_state)
     q = torch.nn.functional.normalize(mem._split(torch.nn.functional.silu(q)), dim=-1)
-    return mem._output(mlp_forward(weights, q), x), conv_state
+    return mem._output(mlp_forward(weights, q), torch.sigmoid(mem.w_gate_out(x))), conv_state
 
 
 def _segment_loop(mac: MemoryAsContext, x: torch.Tensor, state: MACState):

@@ -250,21 +250,13 @@ def _heads(m: NeuralMemory, t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], m.heads, 1, -1)  # (B, dim) -> (B, H, 1, d)
 
 
-def _memory_output(m: NeuralMemory, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """out = W_O(norm(y) * sigmoid(x W_G)); y (B, H, 1, d), x (B, dim) -> (B, dim)."""
-    y = m.norm(y).reshape(x.shape[0], -1)  # (B, H * d)
-    return m.wo(y * torch.sigmoid(m.w_gate_out(x)))
-
-
 def _memory_read(m: NeuralMemory, x, weights, conv_state):
     """``NeuralMemory.read`` for one token: the query only (no k, v), through the read's convolution."""
     dim = m.dim
     q = F.linear(m.norm_in(x), m.wqkv.weight[:dim])  # (B, dim): the query third of W_qkv
     q, conv_state = _conv_step(m.convs[0], q, conv_state)
     q = F.normalize(_heads(m, F.silu(q)), dim=-1)
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    y = mlp_forward(tuple(w.to(dtype) for w in weights), q.to(dtype))
-    return _memory_output(m, y.to(x.dtype), x), conv_state
+    return m.read_out(q, torch.sigmoid(m.w_gate_out(x))[:, None], weights)[:, 0], conv_state
 
 
 @_step_of(NeuralMemory)
@@ -289,7 +281,7 @@ def _memory(m: NeuralMemory, x, state: MemoryState):
                                   anchor, spent, max_grad_norm=m.max_grad_norm)
     new = MemoryState(weights=W, momentum=S, anchor=tuple(anchor), spent=spent, conv_q=convs[0], conv_k=convs[1],
                       conv_v=convs[2], fresh=torch.zeros_like(state.fresh), pos=pos + 1)
-    return _memory_output(m, y.to(x.dtype), x), new
+    return m._output(y, torch.sigmoid(m.w_gate_out(x))[:, None])[:, 0], new  # (B, dim)
 
 
 def memory_token(q, k, v, theta, eta, alpha, weights, momentum, anchor, spent, *, max_grad_norm=None):
