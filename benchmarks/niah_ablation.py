@@ -6,15 +6,18 @@
     python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 16k,256k,1m --silence 0 --silence 1
     python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 4k,256k --eval-threshold 0.2
     python benchmarks/niah_ablation.py --train penalty_margin=0.05 --lengths 1024,4096 --samples 30 --json /tmp/m.json
+    python benchmarks/niah_ablation.py --task niah_single_2 --init /tmp/niah-h1/hybrid/model --steps 400
 
 It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL`` with the ``--set`` overrides) for
-``--steps`` steps with ``train_passkey`` (``NIAH_TRAIN`` with the ``--train`` overrides), on one
-thread (or loads a saved one with ``--load``), then prints the training loss, the fraction of filler
-tokens each memory layer writes (theta > 1e-6, over 3,000 tokens of the noise filler), and the
-passkey accuracy of ``--samples`` fresh prompts per length (depths 5%..95%, evaluation seeds of the
-main job: every run scores the same prompts) with a 95% Wilson interval and its misses by kind (one
-wrong digit, the key's digits in another order, other; ``--json`` keeps every answer). ``--readout``
-adds the needle's -log p(key) after that much filler (``needle_readout``),
+``--steps`` steps on ``--task`` with ``train_passkey`` (``NIAH_TRAIN``, then the task's recipe
+``TASK_RECIPES``, then the ``--train`` overrides), on one thread, from scratch or from the weights
+of ``--init`` (a warm start), or loads a saved one with ``--load``; then prints the training loss,
+the fraction of haystack tokens each memory layer writes (theta > 1e-6, over 3,000 tokens of the
+task's haystack), and the task's accuracy on ``--samples`` fresh prompts per length (depths 5%..95%,
+evaluation seeds of the main job: every run scores the same prompts) with a 95% Wilson interval and
+its misses by kind (one wrong digit, the key's digits in another order, other; ``--json`` keeps every
+answer). ``--readout`` adds the needle's -log p(answer) after that much haystack (``needle_readout``
+for the pass key, ``task_readout`` for the others),
 once as trained and once per ``--silence`` layer (that memory writes nothing on the filler: the
 layer whose silence keeps the key is the one that stores it). ``--eval-threshold`` sets every
 memory's write threshold for the evaluation only (above or below the trained one). The closing
@@ -34,10 +37,11 @@ import torch
 from titans_lnn import TitansLNN, TitansLNNConfig
 from titans_lnn.cli import plain
 from titans_lnn.evals.niah import _parse_lengths, eval_seed, needle_readout, spread_depths
+from titans_lnn.evals.niah_tasks import TASK_RECIPES, recipe_for, task_readout
 from titans_lnn.evals.niah_train import NIAH_MODEL, NIAH_TRAIN, memory_modules, train_passkey
 from titans_lnn.evals.runner import evaluate_samples
 from titans_lnn.evals.scoring import wilson_interval
-from titans_lnn.evals.tasks import make_sample
+from titans_lnn.evals.tasks import TASKS, make_sample
 from titans_lnn.tokenizers import ByteTokenizer
 
 
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a field of the main job's model config (repeatable)")
     p.add_argument("--train", type=_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="override a keyword of train_passkey, e.g. write_penalty=0.1 (repeatable)")
+    p.add_argument("--task", default="passkey", choices=sorted(TASKS), help="the task trained and scored (default "
+                   "passkey; the others train with their recipe's lengths, TASK_RECIPES in evals/niah_tasks.py)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start training from this saved model's weights (a warm start; --set is then ignored)")
     p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated prompt lengths (default 4K,16K,64K)")
     p.add_argument("--samples", type=int, default=8, help="prompts per length (default 8)")
@@ -100,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         model = TitansLNN.from_pretrained(args.load)
         print(f"loaded {args.load}")
     else:
-        config = TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **dict(args.set)})
         torch.manual_seed(args.seed)
-        model = TitansLNN(config)
+        if args.init:
+            model = TitansLNN.from_pretrained(args.init)
+            print(f"warm start from {args.init}")
+        else:
+            model = TitansLNN(TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **dict(args.set)}))
         t0 = time.perf_counter()
-        train = {**NIAH_TRAIN, **dict(args.train)}
-        losses = train_passkey(model, args.steps, seed=args.seed, progress=False, **train)
+        recipe = TASK_RECIPES[args.task].train if args.task in TASK_RECIPES else {}
+        train = {**NIAH_TRAIN, **recipe, **dict(args.train)}
+        losses = train_passkey(model, args.steps, task=args.task, seed=args.seed, progress=False, **train)
         print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.2f} -> "
               f"{sum(losses[-20:]) / 20:.3f} (mean of the last 20)")
         if args.save:
@@ -115,15 +127,20 @@ def main(argv: list[str] | None = None) -> int:
             m.write_threshold = args.eval_threshold
     model.eval()
     tok = ByteTokenizer()
-    filler = make_sample("passkey", 4096, 0.99, seed=1).prompt.encode()[:3000]
+    sample = make_sample(args.task, 8192, None if args.task.startswith("babilong_") else 0.99, seed=1)
+    filler = sample.prompt.encode()[slice(*sample.meta["haystack_span"])][:3000]
     with torch.no_grad():
         model(torch.tensor([list(filler)], dtype=torch.long))
     written = [f"{(m.last_theta > 1e-6).float().mean().item():.3f}" for m in memory_modules(model)]
-    print(f"filler tokens written per memory layer: {written}")
+    print(f"haystack tokens written per memory layer: {written}")
+    budget = recipe_for(args.task).max_new_tokens
     report = {"losses": losses, "records": []}
     for j, n in enumerate(int(x) for x in args.lengths.split(",")):
-        samples = [make_sample("passkey", n, d, eval_seed(0, j, i)) for i, d in enumerate(spread_depths(args.samples))]
-        records = evaluate_samples(model, tok, samples)
+        depths = spread_depths(args.samples)
+        if args.task.startswith("babilong_"):
+            depths = [None] * len(depths)
+        samples = [make_sample(args.task, n, d, eval_seed(0, j, i)) for i, d in enumerate(depths)]
+        records = evaluate_samples(model, tok, samples, max_new_tokens=budget)
         for r in records:
             r["miss"] = miss_kind(r["expected"], r["got"])
         kinds = Counter(r["miss"] for r in records if not r["correct"])
@@ -132,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
               f"misses: {dict(kinds) or 'none'}", flush=True)
         report["records"].extend(records)
     silences = [()] + [(i,) for i in args.silence]  # as trained, then each layer silent on the filler
+    if args.readout and args.task != "passkey":
+        d = task_readout(model, args.task, args.readout)
+        nats = ", ".join(f"{n}: {-x:.2f}" for n, x in zip(d["distances"], d["logp_answer"]))
+        print(f"-log p(answer) after haystack (chance {d['chance_nats']}): {nats}; written {d['filler_written']}")
+        silences = []
     for silence in silences if args.readout else []:
         d = needle_readout(model, args.readout, silence=silence)
         nats = ", ".join(f"{n}: {-x:.2f}" for n, x in zip(d["distances"], d["logp_key"]))

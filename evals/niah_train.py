@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from titans_lnn.config import PRESETS, TitansLNNConfig
+from titans_lnn.evals.babilong import make_babilong
 from titans_lnn.evals.tasks import make_sample
 from titans_lnn.model import TitansLNN
 
@@ -61,11 +62,21 @@ def filler_mask(sample, n_chars: int) -> torch.Tensor:
     return mask
 
 
+def _make(task: str, length: int, depth: float | None, seed: int, num_facts: int | None):
+    """``make_sample``, or for a BABILong task with ``num_facts`` a story of that many facts."""
+    if num_facts is None:
+        return make_sample(task, length, depth, seed=seed)
+    return make_babilong(task.removeprefix("babilong_"), length, depth, seed, num_facts=num_facts)
+
+
 def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: random.Random, *,
-               with_filler: bool = False):
+               with_filler: bool = False, num_facts: int | None = None):
     """Prompts of ``task`` followed by their answer, as byte ids; labels only on the answer (B, T);
     with ``with_filler`` also the filler mask (B, T) of :func:`filler_mask`. Seeds are drawn from
-    [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt."""
+    [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt. ``num_facts``: a BABILong
+    task's stories get that many facts instead of the task's own number (a curriculum's easier stories)."""
+    if num_facts is not None and not task.startswith("babilong_"):
+        raise ValueError(f"task_batch: num_facts={num_facts!r} given for task {task!r}: expected a babilong_ task")
     length = rng.randint(min_len, max_len)
     draws = []  # (depth, seed) per row, drawn in the same order as ever
     for _ in range(batch_size):
@@ -73,7 +84,7 @@ def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: rand
         draws.append((depth, TRAIN_SEED_BASE + rng.randrange(TRAIN_SEED_BASE)))
     while True:  # a task whose fixed text (header, needles, question) needs more gets a longer batch
         try:
-            samples = [make_sample(task, length, depth, seed=seed) for depth, seed in draws]
+            samples = [_make(task, length, depth, seed, num_facts) for depth, seed in draws]
             break
         except ValueError:
             if length > 64 * max_len:
@@ -151,7 +162,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
                   lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
                   threshold_from: float = 0.5, penalize: str = "written", penalty_margin: float = 0.0,
-                  progress: bool = True,
+                  mix_task: str | None = None, mix_frac: tuple[float, float] = (0.0, 0.0),
+                  mix_len: tuple[int, int] = (260, 450), num_facts: tuple[int, int] | None = None,
+                  facts_until: float = 0.5, progress: bool = True,
                   on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
     steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
@@ -166,6 +179,11 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     A memory whose config skips small writes (``mem_write_threshold``) trains without the threshold
     until the fraction ``threshold_from`` of the steps, then with it raised linearly to the config's
     value by the last step: retrieval is learned first, then to keep the filler's writes below it.
+    A task mixture: with ``mix_task``, a step trains on that task instead (prompts of ``mix_len``
+    tokens, ``long_len`` in the long phase) with a probability going linearly from ``mix_frac[0]`` at
+    the first step to ``mix_frac[1]`` at the last ((1, 0): the pass key first, the task by the end).
+    A curriculum on BABILong stories: with ``num_facts=(a, b)`` the stories have ``a`` facts at the
+    first step, ``b`` from the fraction ``facts_until`` of the steps on (linear in between).
     ``on_step(step)`` is called after each step (progress across processes)."""
     from tqdm import tqdm
 
@@ -175,8 +193,16 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
         raise ValueError(f"train_passkey: penalty_margin={penalty_margin!r} is invalid: expected a fraction in [0, 1)")
     if penalize not in ("written", "gate"):
         raise ValueError(f"train_passkey: penalize={penalize!r} is invalid: expected 'written' or 'gate'")
+    if mix_task is not None and not all(0 <= f <= 1 for f in mix_frac):
+        raise ValueError(f"train_passkey: mix_frac={mix_frac!r} is invalid: expected two probabilities in [0, 1]")
+    if num_facts is not None and not (1 <= num_facts[0] and 1 <= num_facts[1] and 0 <= facts_until <= 1):
+        raise ValueError(f"train_passkey: num_facts={num_facts!r}, facts_until={facts_until!r} are invalid: "
+                         "expected two fact counts >= 1 and a fraction of the steps in [0, 1]")
+    if num_facts is not None and not task.startswith("babilong_"):
+        raise ValueError(f"train_passkey: num_facts={num_facts!r} given for task {task!r}: expected a babilong_ task")
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    mix_rng = random.Random(f"mix/{seed}")  # its own stream: the task's batches stay those of a run without it
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(20, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -191,10 +217,19 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
         for m in memories:
             ramp = (step - threshold_from * steps) / max(1.0, (1 - threshold_from) * steps - 1)
             m.write_threshold = model.config.mem_write_threshold * min(1.0, max(0.0, ramp))
-        if step < long_from:
-            x, y, filler = task_batch(task, batch_size, min_len, max_len, rng, with_filler=True)
+        at = step / max(1, steps - 1)  # 0 at the first step, 1 at the last
+        mixed = mix_task is not None and mix_rng.random() < mix_frac[0] + (mix_frac[1] - mix_frac[0]) * at
+        facts = None
+        if num_facts is not None and not mixed:
+            ramp = min(1.0, step / (facts_until * steps)) if facts_until > 0 else 1.0
+            facts = round(num_facts[0] + (num_facts[1] - num_facts[0]) * ramp)
+        if mixed:
+            x, y, filler = task_batch(mix_task, *((batch_size, *mix_len) if step < long_from
+                                                  else (long_batch, *long_len)), mix_rng, with_filler=True)
+        elif step < long_from:
+            x, y, filler = task_batch(task, batch_size, min_len, max_len, rng, with_filler=True, num_facts=facts)
         else:
-            x, y, filler = task_batch(task, long_batch, *long_len, rng, with_filler=True)
+            x, y, filler = task_batch(task, long_batch, *long_len, rng, with_filler=True, num_facts=facts)
         with recorded_write_gates(model) as gates:
             loss = model(x, labels=y).loss
         total = loss

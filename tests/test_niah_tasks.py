@@ -130,3 +130,64 @@ def test_one_word_answers_end_at_punctuation():
     assert exact_match(" bathroom.rd", "bathroom", first_word=True) == 1.0
     assert exact_match(" bathroomrd.", "bathroom", first_word=True) == 0.0
     assert exact_match(" be", "bedroom", first_word=True) == 0.0
+
+
+def test_task_batch_num_facts_sets_the_story_length(monkeypatch):
+    """A curriculum's easier BABILong stories: ``num_facts`` facts in every row (the task's own 8 without it),
+    each fact in the prompt and labels still only on the answer; rejected for a task without stories."""
+    made = []
+    real = niah_train.make_babilong
+
+    def spy(qa, length, depth, seed, **kw):
+        made.append(real(qa, length, depth, seed, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(niah_train, "make_babilong", spy)
+    x, y = task_batch("babilong_qa1", 3, 400, 400, random.Random(0), num_facts=2)
+    assert [len(s.meta["facts"]) for s in made] == [2, 2, 2]
+    for row_x, row_y, sample in zip(x, y, made):
+        text = bytes(row_x.tolist()).decode()
+        assert all(fact in text for fact in sample.meta["facts"])
+        assert bytes(row_y[row_y >= 0].tolist()).decode() == " " + sample.answer + "."
+    made.clear()
+    task_batch("babilong_qa1", 2, 700, 700, random.Random(0))
+    assert made == []  # the task's own stories come through make_sample
+    with pytest.raises(ValueError, match="num_facts=2 given for task 'passkey'"):
+        task_batch("passkey", 2, 300, 300, random.Random(0), num_facts=2)
+
+
+def _tasks_trained(monkeypatch, steps: int, **kw) -> list[tuple[str, int]]:
+    """(task, facts per story) of every row train_passkey drew, on a toy model for ``steps`` steps."""
+    drawn = []
+    real = niah_train._make
+
+    def spy(task, length, depth, seed, num_facts):
+        drawn.append((task, num_facts))
+        return real(task, length, depth, seed, num_facts)
+
+    monkeypatch.setattr(niah_train, "_make", spy)
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal"))
+    niah_train.train_passkey(model, steps, batch_size=1, long_frac=0.0, progress=False, **kw)
+    return drawn
+
+
+def test_train_passkey_mixes_in_a_second_task(monkeypatch):
+    """mix_frac (1, 1): every step on the mixed-in task; (0, 0): none; (1, 0) over 3 steps: the first
+    step on the mixed-in task (p = 1), the last on the task (p = 0)."""
+    s2 = dict(task="niah_single_2", min_len=400, max_len=420, mix_task="passkey", mix_len=(300, 320))
+    assert {t for t, _ in _tasks_trained(monkeypatch, 2, mix_frac=(1.0, 1.0), **s2)} == {"passkey"}
+    assert {t for t, _ in _tasks_trained(monkeypatch, 2, mix_frac=(0.0, 0.0), **s2)} == {"niah_single_2"}
+    ramp = _tasks_trained(monkeypatch, 3, mix_frac=(1.0, 0.0), **s2)
+    assert ramp[0][0] == "passkey" and ramp[-1][0] == "niah_single_2"
+    with pytest.raises(ValueError, match="mix_frac=\\(1.5, 0.0\\)"):
+        _tasks_trained(monkeypatch, 1, mix_frac=(1.5, 0.0), **s2)
+
+
+def test_train_passkey_ramps_the_facts_per_story(monkeypatch):
+    """num_facts (1, 7) with facts_until 0.5 over 4 steps: 1 fact at step 0, 4 at step 1, 7 from step 2 on."""
+    drawn = _tasks_trained(monkeypatch, 4, task="babilong_qa1", min_len=500, max_len=520, num_facts=(1, 7),
+                           facts_until=0.5)
+    assert drawn == [("babilong_qa1", 1), ("babilong_qa1", 4), ("babilong_qa1", 7), ("babilong_qa1", 7)]
+    with pytest.raises(ValueError, match="num_facts=\\(2, 4\\) given for task 'passkey'"):
+        _tasks_trained(monkeypatch, 1, num_facts=(2, 4))
