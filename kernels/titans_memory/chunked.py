@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from titans_lnn.kernels.titans_memory.chunk_loop import run_chunks
 from titans_lnn.kernels.titans_memory.naive import (
     check_inputs,
     clip_scale,
@@ -36,7 +37,18 @@ from titans_lnn.kernels.titans_memory.naive import (
 )
 
 COMPILE_ENV = "TITANS_LNN_COMPILE"  # "1": whole chunks through torch.compile; unset or "0": eager (default)
+# "hand" (default): depth 1 and 2 run the whole chunks through chunk_loop.py (hand-written backward);
+# "autograd": every depth runs ``_chunk`` under autograd (the form chunk_loop.py is tested against).
+BACKWARD_ENV = "TITANS_LNN_MEMORY_BACKWARD"
 _compiled_chunk = None
+
+
+def _hand_backward() -> bool:
+    """Whether $TITANS_LNN_MEMORY_BACKWARD picks chunk_loop.py's hand-written backward (read at each call)."""
+    flag = os.environ.get(BACKWARD_ENV, "hand") or "hand"
+    if flag not in ("hand", "autograd"):
+        raise ValueError(f"${BACKWARD_ENV}={flag!r} is invalid: expected 'hand' (chunk_loop.py) or 'autograd'")
+    return flag == "hand"
 
 
 def _chunk_fn():
@@ -226,14 +238,40 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
         # unbind, not x[:, :, c]: indexing once per chunk makes autograd build a zero gradient of the
         # whole tensor for every chunk (a backward quadratic in T); unbind's backward is one stack.
         inputs = _chunk_inputs(*(chunks(t) for t in (q, k, v, theta, eta, khat)), stable)
+        coeffs = _chunk_coefficients(chunks(eta), chunks(alpha))
+        last = (rest - 1) % C
+        if len(W) <= 2 and _hand_backward() and _chunk_fn() is _chunk:  # chunk_loop.py's loop
+            y, W, S, A, spent = _run_loop(inputs, coeffs, W, S, last, max_grad_norm, stable)
+            ys.append(y[:, :, :rest])
+            return torch.cat(ys, dim=2), tuple(W), tuple(S), join_anchor(A, spent)
         per_chunk = [None if t is None else t.unbind(2) for t in inputs]
-        coeffs = [t.unbind(2) for t in _chunk_coefficients(chunks(eta), chunks(alpha))]
+        coeffs = [t.unbind(2) for t in coeffs]
         chunk = _chunk_fn()
         for c in range(N):
-            last = C - 1 if c < N - 1 else (rest - 1) % C
             A = W
             x = _Chunk(*(None if t is None else t[c] for t in per_chunk))
-            y, W, S, spent = chunk(x, tuple(t[c] for t in coeffs), W, S, A, last, max_grad_norm, None,
-                                   stable and c == N - 1)
+            y, W, S, spent = chunk(x, tuple(t[c] for t in coeffs), W, S, A, C - 1 if c < N - 1 else last,
+                                   max_grad_norm, None, stable and c == N - 1)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
     return torch.cat(ys, dim=2), tuple(W), tuple(S), join_anchor(A, spent)
+
+
+def _run_loop(inputs: _Chunk, coeffs, W, S, last, max_grad_norm, stable):
+    """The whole chunks through ``chunk_loop.run_chunks`` (depth 1 or 2): inputs and coeffs for all N chunks,
+    (B, H, N, C, ...); W, S lists of (B, H, out_l, in_l). Returns y (B, H, N * C, Dv), W, S after row
+    ``last`` of the final chunk, the final chunk's anchor, and its Q (None unless stable)."""
+    B, H, N, C = inputs.theta.shape
+
+    def to_loop(t):  # (B, H, N, C, ...) -> (N, B * H, C, ...), each chunk contiguous
+        return None if t is None else t.movedim(2, 0).reshape(N, B * H, *t.shape[3:])
+
+    beta, E, dbe, dd, d_e = coeffs
+    fields = dict(q=inputs.q, k=inputs.k, v=inputs.v, theta=inputs.theta, eta=inputs.eta, qk=inputs.qk,
+                  overlap=inputs.overlap, kh=inputs.kh, beta=beta, E=E, dbe=dbe, dd=dd, d_e=d_e)
+    fields = {key: to_loop(t) for key, t in fields.items()}
+    flat = [w.reshape(B * H, *w.shape[2:]) for w in (*W, *S)]
+    n = len(W)
+    y, W, S, A, Q = run_chunks(fields, flat[:n], flat[n:], last=last, max_grad_norm=max_grad_norm, stable=stable)
+    y = y.reshape(N, B, H, C, -1).permute(1, 2, 0, 3, 4).reshape(B, H, N * C, -1)  # (B, H, N * C, Dv)
+    back = [w.reshape(B, H, *w.shape[1:]) for w in (*W, *S, *A)]
+    return y, back[:n], back[n:2 * n], back[2 * n:], None if Q is None else Q.reshape(B, H, *Q.shape[1:])
