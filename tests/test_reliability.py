@@ -29,7 +29,8 @@ from titans_lnn.training.checkpoint import (
     verify_checkpoint,
 )
 from titans_lnn.training.data import load_corpus, read_fasta
-from titans_lnn.training.trainer import TrainConfig, _MetricsLog, train
+from titans_lnn.training.metrics import MetricsLog
+from titans_lnn.training.trainer import TrainConfig, train
 
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into deep green woods".split()
 
@@ -123,7 +124,7 @@ def test_1_prune_counts_only_checkpoints_that_verify(tmp_path):
 
 def test_1_new_run_moves_an_earlier_metrics_log_aside(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(13)))
-    log = _MetricsLog(tmp_path, 0, enabled=True, tensorboard=False)
+    log = MetricsLog(tmp_path, 0, enabled=True, tensorboard=False)
     log.close()
     aside = list(tmp_path.glob("metrics.before-*.jsonl"))
     assert len(aside) == 1 and len(aside[0].read_text().splitlines()) == 13

@@ -65,6 +65,7 @@ from titans_lnn.training.config import (  # noqa: F401  (re-exported: titans_lnn
     saved_train_config,
 )
 from titans_lnn.training.data import StreamSampler, load_corpus, with_reverse_complement
+from titans_lnn.training.metrics import MetricsLog, progress_bar
 
 # What ``Trainer.save`` stores in a checkpoint's meta (and ``_load`` needs), with its JSON type.
 CHECKPOINT_META = {"state": dict, "scheduler": dict, "sampler": dict, "train_config": dict, "model_config": dict,
@@ -434,11 +435,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train from ``self.step`` to ``cfg.steps`` (or a stop). Returns what happened."""
         cfg = self.cfg
-        log = _MetricsLog(self.out, self.step, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
+        log = MetricsLog(self.out, self.step, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
         if self.rank == 0:
             atomic_write_bytes(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         losses, evals, ckpt, stopped = {}, [], None, None
-        bar = _progress(cfg, self.step, enabled=self.rank == 0 and cfg.progress)
+        bar = progress_bar(cfg, self.step, enabled=self.rank == 0 and cfg.progress)
         train_time, train_tokens, window_t, window_tokens = 0.0, 0, 0.0, 0
         step_tokens = cfg.accum * cfg.bptt * cfg.batch_size * cfg.seq_len
         try:
@@ -534,63 +535,6 @@ def _check_device_exists(device: str) -> None:
 def _tuples(x):
     """JSON turned random.getstate()'s tuples into lists; it wants them back."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class _MetricsLog:
-    """``<out>/metrics.jsonl`` (one JSON object a line) and TensorBoard scalars, on rank 0. A resumed
-    run first drops the lines of steps after its checkpoint (a killed run may have logged past it)."""
-
-    def __init__(self, out: Path, step: int, *, enabled: bool, tensorboard: bool):
-        self.file, self.tb = None, None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "metrics.jsonl"
-        if step == 0 and path.is_file() and path.stat().st_size:
-            # A new run in a folder with an earlier run's log: keep that history beside, never truncate it.
-            aside = out / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-            os.replace(path, aside)
-            print(f"titans-lnn train: a new run in {out}: the earlier metrics.jsonl was moved to {aside.name}")
-        kept = []
-        if step > 0 and path.exists():
-            for line in path.read_text("utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line + "\n")
-                except ValueError:  # a line cut by a kill
-                    continue
-        atomic_write_bytes(path, "".join(kept))
-        self.file = open(path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                return
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        record = {**record, "time": round(time.time(), 3)}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _progress(cfg: TrainConfig, step: int, *, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.steps, initial=step, disable=not enabled, unit="step", dynamic_ncols=True,
-                desc="train")
 
 
 def train(cfg: TrainConfig) -> TrainResult:
