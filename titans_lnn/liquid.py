@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titans_lnn.kernels import liquid_scan
+from titans_lnn.kernels import dispatch, liquid_scan
+from titans_lnn.kernels.liquid.chunked import liquid_scan_chunked_
 from titans_lnn.layers import OwnInit, residual_output
 from titans_lnn.state import LiquidState
 
@@ -78,20 +79,68 @@ class LiquidCore(OwnInit, nn.Module):
 
     def forward(self, x: torch.Tensor, state: LiquidState | None = None, *, dt: torch.Tensor | None = None,
                 impl: str | None = None):
+        """x: (B, T, dim), dt: (B, T) or None (steps of 1) -> out: (B, T, dim), the state after x.
+
+        The sequence runs in blocks of ``block_len`` tokens, the state carried from block to block (the
+        same recurrence, so the same values): each block's (B, T_b, D, N) temporaries stay in cache, where
+        the whole sequence's (64 MB each at T = 64K, D N = 1024) would be written to and read from memory
+        once per elementwise pass.
+        """
         B, T, _ = x.shape
         D, N = self.width, self.n_state
-        if state is None:
-            state = self.init_state(B, x.device, torch.promote_types(x.dtype, torch.float32))
         dtype = torch.promote_types(x.dtype, torch.float32)
+        if state is None:
+            state = self.init_state(B, x.device, dtype)
+        if dt is not None and dt.shape != (B, T):
+            raise ValueError(f"LiquidCore: dt must be (B, T) = {(B, T)}; got {tuple(dt.shape)}")
+        if T == 0:
+            return x.new_zeros(x.shape), LiquidState(state.h.clone())
+        # Inside, the state entries run n-major, (N, D): the (B, T, N, D) tensors then broadcast f, u over n
+        # and B, C over channels with D contiguous (vectorised), where (B, T, D, N) has N = 8 innermost.
+        h = state.h.to(dtype).view(B, D, N).transpose(1, 2).reshape(B, N * D)
+        neg_inv_tau = -torch.exp(-self.log_tau.to(dtype)).t().contiguous()  # -1/tau: (N, D)
+        Tb = T if torch.compiler.is_compiling() else block_len(B, D * N, T)
+        outs = []
+        for t0 in range(0, T, Tb):
+            out, h = self._block(x[:, t0:t0 + Tb], h, None if dt is None else dt[:, t0:t0 + Tb], neg_inv_tau, impl)
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        h = h.view(B, N, D).transpose(1, 2).reshape(B, D * N)  # back to the state's (D, N) order
+        return out, LiquidState(h.to(state.h.dtype, copy=True))  # a copy: a view of h would pin all of h
+
+    def _block(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor | None, neg_inv_tau: torch.Tensor,
+               impl: str | None):
+        """One block. x: (B, T, dim), h: (B, N D) entering (n-major), dt: (B, T) or None, neg_inv_tau:
+        (N, D) -> out: (B, T, dim), h after the block: (B, N D)."""
+        B, T, _ = x.shape
+        D, N = self.width, self.n_state
+        dtype = h.dtype
         u, f, z, Bt, Ct = self.w_in(x).to(dtype).split([D, D, D, N, N], dim=-1)
         f = F.softplus(f)  # (B, T, D)
-        # Five passes over (B, T, D, N), the widest tensors here, with the signs folded in (the same values,
+        # Passes over (B, T, N, D), the widest tensors here, with the signs folded in (the same values,
         # bit for bit, as lam = 1/tau + f, log_a = -dt lam, b = (1 - a) g with 1 - a = -expm1(log_a)):
-        neg_lam = -torch.exp(-self.log_tau.to(dtype)) - f[..., None]  # -lambda: (B, T, D, N)
+        neg_lam = neg_inv_tau - f[:, :, None, :]  # -lambda: (B, T, N, D)
         log_a = neg_lam if dt is None else dt.to(dtype)[..., None, None] * neg_lam
-        neg_g = (f * u)[..., None] * Bt[:, :, None, :] / neg_lam  # -g = -f u B / lambda
-        b = torch.expm1(log_a) * neg_g  # (1 - a) g, accurate when a is close to 1
-        h, h_last = liquid_scan(log_a.reshape(B, T, D * N), b.reshape(B, T, D * N), state.h.to(dtype), impl=impl)
-        y = torch.addcmul((h.view(B, T, D, N) * Ct[:, :, None, :]).sum(-1), self.skip, u)  # (B, T, D)
+        em1 = torch.expm1(log_a)  # a - 1, accurate when a is close to 1
+        b = (f * u)[:, :, None, :] * Bt[..., None]  # -g * -lambda = f u B: (B, T, N, D)
+        b = b.div_(neg_lam).mul_(em1) if not b.requires_grad else b / neg_lam * em1  # (1 - a) g
+        log_a, b = log_a.reshape(B, T, N * D), b.reshape(B, T, N * D)
+        if b.requires_grad or h.requires_grad or torch.compiler.is_compiling() or \
+                dispatch.resolve("liquid_scan", impl, b.is_cuda) != "torch":
+            h, _ = liquid_scan(log_a, b, h, impl=impl)
+        else:  # no gradient: the decays from expm1 (no exp pass), h written over b
+            h = liquid_scan_chunked_(log_a, em1.add_(1).view(B, T, N * D), b, h)
+        hv = h.view(B, T, N, D)
+        y = torch.addcmul(self.skip * u, hv[:, :, 0], Ct) if N == 1 else torch.addcmul(
+            (hv * Ct[..., None]).sum(2), self.skip, u)  # y = sum_n C_n h_n + skip u: (B, T, D)
         out = self.w_out((y * F.silu(z)).to(x.dtype))
-        return out, LiquidState(h_last.to(state.h.dtype, copy=True))  # a copy: a view of h would pin all of h
+        return out, h[:, -1]
+
+
+BLOCK = 1 << 19  # (B, T_b, D, N) elements per block: 2 MB in fp32, in cache (measured: benchmarks section 1)
+
+
+def block_len(B: int, states: int, T: int) -> int:
+    """Tokens per block for B rows of ``states`` (D N) state entries: BLOCK elements, at least 256
+    tokens (shorter blocks cost more in per-op overhead than they save), at most T."""
+    return max(1, min(T, max(256, BLOCK // (B * states))))

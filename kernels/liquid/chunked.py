@@ -25,13 +25,19 @@ IN_CACHE = 1 << 23  # elements of b up to which exp(log_a) is taken once (32 MB 
 
 
 def chunk_len(T: int) -> int:
-    """The chunk length L for T steps: each pass runs L ops over (B, T/L, D), the carry scan over T/L
-    chunks; L ~ sqrt(T) balances the two, and at least 16 keeps each op large for short T."""
-    return max(16, math.isqrt(T))
+    """The chunk length L for T steps: the two passes run L ops each over (B, T/L, D), the carry scan
+    about T/L (a loop while T/L <= SHORT), so L ~ sqrt(T/2) has the fewest ops (~2 sqrt(2T)); at least
+    16 keeps each op large for short T."""
+    return max(16, math.isqrt(T // 2))
 
 
-def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, *, a: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """h_t = exp(log_a_t) h_{t-1} + b_t. log_a, b: (B, T, D) contiguous; h0: (B, D) -> h: (B, T, D).
+
+    ``a`` (B, T, D), contiguous: the decays exp(log_a) when the caller has them already (then no exp is
+    taken here). ``out`` (B, T, D), contiguous: where h goes; it may be ``b`` itself (each step reads
+    b_t before it writes h_t at the same place).
 
     Two passes over chunks of L steps, all chunks at once, on strided views of the inputs (no copies
     of (B, T, D) tensors besides the output):
@@ -45,17 +51,18 @@ def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> tor
     nothing overflows however long T is.
     """
     B, T, D = b.shape
-    out = torch.empty_like(b)
+    out = torch.empty_like(b) if out is None else out
     if T <= SHORT:
+        a = log_a.exp() if a is None else a  # one op for all steps: each step is then one op
         h = h0
         for t in range(T):
-            h = torch.addcmul(b[:, t], log_a[:, t].exp(), h, out=out[:, t])
+            h = torch.addcmul(b[:, t], a[:, t], h, out=out[:, t])
         return out
     L = chunk_len(T)
     N = T // L
     la_c, b_c = log_a[:, :N * L].view(B, N, L, D), b[:, :N * L].view(B, N, L, D)  # chunk views, no copies
-    if b.numel() <= IN_CACHE:  # small enough to stay in cache: one exp, read by both passes
-        a_c = la_c.exp()
+    if a is not None or b.numel() <= IN_CACHE:  # given, or small enough to stay in cache: one exp for both passes
+        a_c = la_c.exp() if a is None else a[:, :N * L].view(B, N, L, D)
 
         def decay(j):
             return a_c[:, :, j]
@@ -71,8 +78,9 @@ def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> tor
     for j in range(L):
         h = torch.addcmul(b_c[:, :, j], decay(j), h, out=o_c[:, :, j])
     h = ends[:, -1]
+    a_tail = log_a[:, N * L:].exp() if a is None else a[:, N * L:]  # the last T - N L < L steps
     for t in range(N * L, T):
-        h = torch.addcmul(b[:, t], log_a[:, t].exp(), h, out=out[:, t])
+        h = torch.addcmul(b[:, t], a_tail[:, t - N * L], h, out=out[:, t])
     return out
 
 
@@ -108,3 +116,18 @@ def liquid_scan_chunked(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor |
         return b.new_zeros(B, 0, D), h0.to(b.dtype)
     h = _LiquidScan.apply(log_a.to(dtype), b.to(dtype), h0)
     return h.to(b.dtype), h[:, -1].to(b.dtype)
+
+
+def liquid_scan_chunked_(log_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The scan in place, without autograd, for a caller that holds the decays already (the liquid core
+    has a = 1 + expm1(log_a) from its input term): h over b, returned. log_a, a, b: (B, T, D)
+    contiguous, of one floating dtype, fp32 or wider; h0: (B, D). Saves the exp pass and the output
+    tensor of ``liquid_scan_chunked``; for inputs that need no gradient only (it raises otherwise)."""
+    check_inputs(log_a, b, h0)
+    if a.shape != b.shape or any(not t.is_contiguous() for t in (log_a, a, b)):
+        raise ValueError(f"liquid_scan_chunked_: log_a, a, b must be contiguous (B, T, D) tensors of one shape; "
+                         f"got {tuple(log_a.shape)}, {tuple(a.shape)}, {tuple(b.shape)}")
+    if any(t.requires_grad for t in (log_a, a, b, h0)):
+        raise ValueError("liquid_scan_chunked_ writes over b and records no gradient: use liquid_scan_chunked "
+                         "for inputs that require grad")
+    return _scan_forward(log_a, b, h0.to(b.dtype), a=a, out=b)
