@@ -99,12 +99,16 @@ class LiquidCore(OwnInit, nn.Module):
         # and B, C over channels with D contiguous (vectorised), where (B, T, D, N) has N = 8 innermost.
         h = state.h.to(dtype).view(B, D, N).transpose(1, 2).reshape(B, N * D)
         neg_inv_tau = -torch.exp(-self.log_tau.to(dtype)).t().contiguous()  # -1/tau: (N, D)
-        Tb = T if torch.compiler.is_compiling() else block_len(B, D * N, T)
-        outs = []
-        for t0 in range(0, T, Tb):
-            out, h = self._block(x[:, t0:t0 + Tb], h, None if dt is None else dt[:, t0:t0 + Tb], neg_inv_tau, impl)
-            outs.append(out)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if self._no_grad_path(x, h, dt, impl):
+            out, h = self._forward_no_grad(x, h, dt, neg_inv_tau)
+        else:
+            Tb = T if torch.compiler.is_compiling() else block_len(B, D * N, T)
+            outs = []
+            for t0 in range(0, T, Tb):
+                out, h = self._block(x[:, t0:t0 + Tb], h, None if dt is None else dt[:, t0:t0 + Tb], neg_inv_tau,
+                                     impl)
+                outs.append(out)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         h = h.view(B, N, D).transpose(1, 2).reshape(B, D * N)  # back to the state's (D, N) order
         return out, LiquidState(h.to(state.h.dtype, copy=True))  # a copy: a view of h would pin all of h
 
@@ -135,6 +139,73 @@ class LiquidCore(OwnInit, nn.Module):
             (hv * Ct[..., None]).sum(2), self.skip, u)  # y = sum_n C_n h_n + skip u: (B, T, D)
         out = self.w_out((y * F.silu(z)).to(x.dtype))
         return out, h[:, -1]
+
+    def _no_grad_path(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor | None, impl: str | None) -> bool:
+        """Whether ``_forward_no_grad`` may run: no gradient wanted, the chunked PyTorch scan chosen, not
+        under torch.compile (which sees the registered op instead), one floating dtype throughout."""
+        if torch.compiler.is_compiling() or dispatch.resolve("liquid_scan", impl, x.is_cuda) != "torch":
+            return False
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, *params, *([] if dt is None else [dt]))):
+            return False
+        return h.dtype in (torch.float32, torch.float64) and all(t.dtype == h.dtype for t in (x, *params))
+
+    def _forward_no_grad(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor | None, neg_inv_tau: torch.Tensor):
+        """The forward for inference: the same ops as ``_block`` (the same values), written with ``out=``
+        and in place into buffers that a workspace keeps from block to block and from call to call.
+        Fresh tensors of a few MB per block, freed and allocated again, cost as much as the arithmetic
+        (the allocator returns the pages to the system and takes them back: page faults, measured). The
+        workspace is taken off the module for the call, so that a concurrent call builds its own.
+        x: (B, T, dim), h: (B, N D) -> out: (B, T, dim), h after x: (B, N D)."""
+        B, T, dim = x.shape
+        Tb = block_len(B, self.width * self.n_state, T)
+        ws = self.__dict__.pop("_workspace", None) or {}
+        out = x.new_empty(B, T, dim)
+        for t0 in range(0, T, Tb):
+            h = self._block_no_grad(x[:, t0:t0 + Tb], h, None if dt is None else dt[:, t0:t0 + Tb], neg_inv_tau,
+                                    out[:, t0:t0 + Tb], ws)
+        self._workspace = ws
+        return out, h
+
+    def _block_no_grad(self, x, h, dt, neg_inv_tau, out, ws) -> torch.Tensor:
+        """``_block`` into buffers of ``ws``: x: (B, T, dim), out: (B, T, dim) written; returns h after."""
+        B, T, dim = x.shape
+        D, N = self.width, self.n_state
+        P = 3 * D + 2 * N
+        x2 = x.reshape(B * T, dim) if x.is_contiguous() else _buffer(ws, "x", (B * T, dim), x).copy_(x.flatten(0, 1))
+        proj = _buffer(ws, "proj", (B, T, P), x)
+        torch.addmm(self.w_in.bias, x2, self.w_in.weight.t(), out=proj.view(B * T, P))  # = self.w_in(x)
+        u, f, z, Bt, Ct = proj.split([D, D, D, N, N], dim=-1)
+        f = torch.ops.aten.softplus.out(f, 1, 20, out=_buffer(ws, "f", (B, T, D), x))  # = F.softplus(f)
+        neg_lam = torch.sub(neg_inv_tau, f[:, :, None, :], out=_buffer(ws, "neg_lam", (B, T, N, D), x))
+        log_a = neg_lam if dt is None else torch.mul(dt.to(h.dtype)[..., None, None], neg_lam,
+                                                     out=_buffer(ws, "log_a", (B, T, N, D), x))
+        em1 = torch.expm1(log_a, out=_buffer(ws, "a", (B, T, N, D), x))
+        fu = torch.mul(f, u, out=_buffer(ws, "fu", (B, T, D), x))
+        b = torch.mul(fu[:, :, None, :], Bt[..., None], out=_buffer(ws, "b", (B, T, N, D), x))
+        b.div_(neg_lam).mul_(em1)
+        hv = liquid_scan_chunked_(log_a.view(B, T, N * D), em1.add_(1).view(B, T, N * D), b.view(B, T, N * D),
+                                  h).view(B, T, N, D)  # h over b
+        y = _buffer(ws, "y", (B, T, D), x)
+        if N == 1:
+            torch.mul(self.skip, u, out=y).addcmul_(hv[:, :, 0], Ct)
+        else:  # neg_lam is free again: the product's buffer
+            torch.sum(torch.mul(hv, Ct[..., None], out=neg_lam), dim=2, out=y).addcmul_(self.skip, u)
+        g = y.mul_(F.silu(z, inplace=True)).view(B * T, D)
+        if out.is_contiguous():
+            torch.mm(g, self.w_out.weight.t(), out=out.view(B * T, dim))
+        else:  # a block of a batch of rows: (B, T, dim) strided in the output
+            out.copy_(torch.mm(g, self.w_out.weight.t(), out=_buffer(ws, "out", (B * T, dim), x)).view(B, T, dim))
+        return hv[:, -1].reshape(B, N * D).clone()  # a copy: the buffer is written again by the next block
+
+
+def _buffer(ws: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``shape`` (uninitialised) from the workspace ``ws``, reused while large enough."""
+    n = math.prod(shape)
+    buf = ws.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = ws[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
 
 
 BLOCK = 1 << 19  # (B, T_b, D, N) elements per block: 2 MB in fp32, in cache (measured: benchmarks section 1)
