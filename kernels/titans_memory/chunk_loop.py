@@ -1,334 +1,387 @@
-"""The loop over whole chunks of ``memory_update_chunked`` with a hand-written backward (depth 1 and 2).
+"""The loop over whole chunks of ``memory_update_chunked``, with a hand-written backward (depth 1 and 2).
 
-Why: the chunks follow each other, so the loop stays, and each chunk is ~70 small ops on (B*H, C, 128)
-tensors. Under autograd every one of them is recorded, and the backward ran ~450 ops per chunk through
-the autograd engine (~10 us each, 84% of the tiny memory's forward + backward at 16K: issue 12's
-profile). Here the forward runs without recording (keeping what the backward needs) and the backward
-is the chain rule written out once per chunk, in reverse: about a quarter of the ops, none through the
-engine. The math is ``chunked._chunk``'s (the closed form of ``naive.memory_update_ref``), the same
-forward; the backward is the same gradient, including the step bound's (kappa, the chunk's overlaps,
-the clip): ``tests/test_memory_speed.py`` checks it against autograd through ``chunked._chunk``, and
-``tests/test_memory.py`` both against the per-token oracle.
+Why: the chunks follow each other, so the loop stays, and its cost is the number of small ops per chunk
+(tensors of (B*H, C, 128): each op is microseconds of overhead and almost no arithmetic). Under autograd
+the tiny memory's chunk was ~300 ops forward and ~450 backward through the autograd engine, whose
+backward was 84% of forward + backward at 16K (issue 12's profile). Here:
+- the forward runs without recording, and what does not depend on a chunk's anchor is computed for all
+  chunks at once before the loop (``prepare``: k - v, beta q, dbe q, ||k||^2, 2 theta / (1 - eta), ...);
+- the backward is the chain rule written out once per chunk, in reverse, and only what the recursion
+  needs (the gradient of the state before the chunk) is computed inside the loop: the gradients of the
+  chunk inputs (q, k, v, the gates, the decay coefficients) are kept per chunk and finished for all
+  chunks at once after it (``_finish``).
+The math is ``chunked._chunk``'s (the closed form of ``naive.memory_update_ref``): the same forward and
+the same gradient, the step bound's included (kappa with the residual curvature, the chunk's overlaps,
+the clip). ``tests/test_memory_speed.py`` checks both against autograd through ``chunked._chunk``.
 
-Per chunk, with G = B*H batched memories, L rows, layer inputs x_l and per-token gradient factors
-delta_l (the gradient of W_l at the anchor is delta_l x_l^T), for depth 2 (M(x) = x + W_2 silu(W_1 x)):
-    z = k W_1^T, h = silu(z), r = k + h W_2^T - v, e = r W_2,  delta_2 = 2 r, delta_1 = 2 e silu'(z)
-    kappa = 2 (|h|^2 + |k|^2 silu'(z)^2 . col(W_2)) + 2 (|r| max|silu'(z)| |k| + max|e silu''(z)| |k|^2)
-    theta' = theta / ((1 + P)(1 + P + u)), u = theta kappa / (1 - eta), P = overlap u     (stable)
-    theta'' = theta' min(1, max_grad_norm / |g|), |g|^2 = sum_l |delta_l|^2 |x_l|^2
-    Cm = D theta''; y = the read at the per-token weights; (W, S) after the chunk's row ``last``.
-Depth 1 (M(x) = W_1 x): r = k W_1^T - v, delta_1 = 2 r, kappa = 2 |k|^2.
+Per chunk, with G = B*H memories, L rows, and half gradient factors d_l (the gradient of W_l at the
+anchor is 2 d_l x_l^T; the 2 is folded into the decay matrices, dd2 = 2 D and de2 = 2 D_E), depth 2
+(M(x) = x + W_2 silu(W_1 x)):
+    z = k W_1^T, h = silu(z), r = (k - v) + h W_2^T, e = r W_2,  d_2 = r, d_1 = e silu'(z)
+    kappa / 2 = |h|^2 + |r| max|silu'(z)| |k| + |k|^2 (silu'(z)^2 . col(W_2) + max|e silu''(z)|)
+    u = 2 theta / (1 - eta) kappa / 2, theta' = theta / ((1 + P)(1 + P + u)), P = overlap u    (stable)
+    theta'' = theta' min(1, max_grad_norm / (2 sqrt(sum_l |d_l|^2 |x_l|^2)))                    (clip)
+    Cm = dd2 theta''; y = the read at the per-token weights; (W, S) after the chunk's row ``last``.
+Depth 1 (M(x) = W_1 x): r = -v + k W_1^T, d_1 = r, kappa / 2 = |k|^2.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.linalg import vecdot
 
-from titans_lnn.kernels.titans_memory.naive import clip_scale
-
-# The chunk inputs, each (N, G, L, ...): N chunks, contiguous per chunk. overlap and kh are None unless stable.
+# The chunk inputs, each (N, G, L, ...): N chunks. overlap and kh are None unless stable.
 FIELDS = ("q", "k", "v", "theta", "eta", "qk", "overlap", "kh", "beta", "E", "dbe", "dd", "d_e")
 
 
-def _sqrt(x):
-    """sqrt with 0 (and a zero gradient) at x <= 0, as ``naive._sqrt``."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+def _last_rows(t, last):
+    """t[:, :, L - 1] for every chunk but the final one, t[-1, :, last] for it: (N, G, ...)."""
+    rows = t[:, :, -1].clone()
+    rows[-1] = t[-1, :, last]
+    return rows
+
+
+def prepare(f, last, n, stable):
+    """What does not depend on the anchors, for all N chunks at once (no autograd): a dict of
+    (N, G, L, ...) tensors, from ``FIELDS`` ``f``; ``last`` is the final chunk's last real row."""
+    q, k, v, theta, eta = f["q"], f["k"], f["v"], f["theta"], f["eta"]
+    beta, dbe = f["beta"][..., None], f["dbe"][..., None]  # (N, G, L, 1)
+    p = dict(q=q, k=k, theta=theta, qk=f["qk"], beta=beta, dbe=dbe, qb=q * beta, qd=q * dbe, xsq0=vecdot(k, k),
+             r0=k - v if n == 2 else -v, dd2=2 * f["dd"])
+    p["ddl"] = _last_rows(p["dd2"], last)  # Cm's row ``last`` is ddl * theta'': (N, G, L)
+    p["del"] = 2 * _last_rows(f["d_e"], last)
+    for name in ("beta", "dbe", "E"):
+        p[name + "_l"] = _last_rows(f[name], last)[..., None, None]  # (N, G, 1, 1)
+    if stable:
+        p["den"] = (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
+        p["tw"] = 2 * theta / p["den"]  # u = tw kappa / 2
+        p["ov"] = f["overlap"]
+        if n == 2:
+            p["knorm"] = p["xsq0"].sqrt()
+    return p
+
+
+def chunk_forward(c, W, S, max_grad_norm, stable, want_q, keep):
+    """One chunk. c: ``prepare``'s tensors for this chunk (G, L, ...) (and kh when ``want_q``); W, S: lists
+    of (G, out_l, in_l). Returns (y (G, L, Dv), W', S', Q (G, Dk, Dk) or None, the intermediates that
+    ``chunk_backward`` needs, or None unless ``keep``)."""
+    n = len(W)
+    k, W1, S1 = c["k"], W[0], S[0]
+    sv = {}
+    if n == 2:
+        W2, S2 = W[1], S[1]
+        z = torch.bmm(k, W1.mT)  # (G, L, hidden)
+        s = torch.sigmoid(z)
+        h = z * s
+        a = 1 - s
+        slope = torch.addcmul(s, h, a)  # silu'(z) = s (1 + z (1 - s))
+        r = torch.baddbmm(c["r0"], h, W2.mT)  # M(k) - v: (G, L, Dv)
+        e = torch.bmm(r, W2)  # W_2^T r
+        ds, xs = [e * slope, r], [k, h]
+        sv.update(z=z, s=s, a=a, h=h, slope=slope, e=e)
+    else:
+        r = torch.baddbmm(c["r0"], k, W1.mT)
+        ds, xs = [r], [k]
+    xsq = [c["xsq0"]] + [vecdot(x, x) for x in xs[1:]]  # ||x_l||^2: (G, L)
+    dsq = [vecdot(d, d) for d in ds]
+    th1 = c["theta"]
+    if stable:
+        if n == 2:
+            col = vecdot(W2, W2, dim=-2)  # ||W_2[:, j]||^2: (G, hidden)
+            sl2 = slope * slope
+            reach = vecdot(sl2, col[:, None, :])
+            sa = s * a
+            bend = sa * (2 + z * (a - s))  # silu''(z)
+            tsl = slope.abs().amax(-1)
+            t1 = dsq[1].sqrt() * tsl * c["knorm"]  # |r| max|silu'| |k|
+            eb = e * bend
+            teb = eb.abs().amax(-1)
+            rt = reach + teb
+            khalf = torch.addcmul(xsq[1] + t1, xsq[0], rt)  # kappa / 2 (naive.curvature_from + residual_curvature)
+            sv.update(col=col, sl2=sl2, sa=sa, bend=bend, tsl=tsl, t1=t1, eb=eb, teb=teb, rt=rt)
+        else:
+            khalf = xsq[0]
+        u = c["tw"] * khalf
+        d1 = torch.bmm(c["ov"], u[..., None])[..., 0] + 1
+        d2 = d1 + u
+        th1 = c["theta"] / (d1 * d2)
+        sv.update(khalf=khalf, u=u, d1=d1, d2=d2)
+    th2 = th1
+    if max_grad_norm is not None:
+        sqp = dsq[0] * xsq[0] if n == 1 else torch.addcmul(dsq[0] * xsq[0], dsq[1], xsq[1])  # ||g||^2 / 4
+        scale = (0.5 * max_grad_norm * sqp.rsqrt()).clamp_(max=1)  # (at sqp = 0: inf, clamped to 1)
+        th2 = th1 * scale
+        sv.update(sqp=sqp, scale=scale)
+    cm = c["dd2"] * th2[:, None, :]  # (G, L, L)
+    # Read y_t = M_{W_t}(q_t): the base (beta_t W_0 + dbe_t S_0) q_t minus the chunk's writes up to t.
+    sc0 = cm * c["qk"]
+    zr = torch.baddbmm(torch.baddbmm(torch.bmm(c["qd"], S1.mT), c["qb"], W1.mT), sc0, ds[0], alpha=-1)
+    if n == 2:
+        sr = torch.sigmoid(zr)
+        hr = zr * sr
+        hrb, hrd = hr * c["beta"], hr * c["dbe"]
+        p1 = torch.bmm(hr, h.mT)  # (G, L, L)
+        sc1 = cm * p1
+        y = torch.baddbmm(torch.baddbmm(torch.baddbmm(c["q"], hrb, W2.mT), hrd, S2.mT), sc1, r, alpha=-1)
+        sv.update(sr=sr, hr=hr, hrb=hrb, hrd=hrd, p1=p1, sc1=sc1)
+    else:
+        y = zr
+    # State after row ``last``: W' = beta_l W + dbe_l S - d^T (Cm[last] x), S' = E_l S - d^T (De[last] x).
+    cl = c["ddl"] * th2
+    de = c["del"] * th2
+    W_new = [torch.baddbmm(torch.addcmul(c["beta_l"] * w, c["dbe_l"], s_), d.mT, cl[..., None] * x, alpha=-1)
+             for w, s_, d, x in zip(W, S, ds, xs)]
+    S_new = [torch.baddbmm(c["E_l"] * s_, d.mT, de[..., None] * x, alpha=-1) for s_, d, x in zip(S, ds, xs)]
+    Q = torch.bmm(c["kh"].mT, u[..., None] * c["kh"]) if want_q else None
+    if not keep:
+        return y, W_new, S_new, Q, None
+    sv.update(W=W, S=S, xs=xs, ds=ds, xsq=xsq, dsq=dsq, th1=th1, th2=th2, cm=cm, sc0=sc0, r=r, cl=cl, de=de)
+    return y, W_new, S_new, Q, sv
+
+
+def chunk_backward(c, sv, gy, GW, GS, gQ, max_grad_norm, stable, keep):
+    """The chain rule through ``chunk_forward`` for what the recursion needs: from the gradients of y
+    (G, L, Dv), of the state after the chunk (GW, GS: lists of (G, out_l, in_l)) and of Q (or None),
+    the gradients of the state before it (the anchor's included). What the chunk inputs' gradients need
+    goes into ``keep`` (a dict of per-chunk values, finished by ``_finish``); names with a leading n hold
+    minus a gradient (the writes enter with a minus sign)."""
+    W, S, xs, ds, xsq, dsq = sv["W"], sv["S"], sv["xs"], sv["ds"], sv["xsq"], sv["dsq"]
+    n, cm, th2 = len(W), sv["cm"], sv["th2"]
+    cl_, de_ = sv["cl"][..., None], sv["de"][..., None]
+    # The state update.
+    gW = [c["beta_l"] * g for g in GW]
+    gS = [torch.addcmul(c["E_l"] * gs, c["dbe_l"], gw) for gw, gs in zip(GW, GS)]
+    ngx, ngd, ncl, nde = [], [], 0, 0
+    for gw, gs, d, x in zip(GW, GS, ds, xs):
+        pw, ps = torch.bmm(d, gw), torch.bmm(d, gs)  # (G, L, in)
+        ngx.append(torch.addcmul(cl_ * pw, de_, ps))
+        ncl = ncl + vecdot(pw, x)
+        nde = nde + vecdot(ps, x)
+        ngd.append(torch.addcmul(cl_ * torch.bmm(x, gw.mT), de_, torch.bmm(x, gs.mT)))
+    ng_th2 = torch.addcmul(ncl * c["ddl"], nde, c["del"])
+    keep.update(ncl=ncl, nde=nde, g_bl=_dots(GW, W), g_dbel=_dots(GW, S), g_el=_dots(GS, S))
+    # The read, from the last layer back.
+    ngcm = None
+    gz = gy
+    if n == 2:
+        hr, h = sv["hr"], xs[1]
+        nsc1 = torch.bmm(gy, sv["r"].mT)
+        ngd[1] = torch.baddbmm(ngd[1], sv["sc1"].mT, gy)
+        ngcm = nsc1 * sv["p1"]
+        ngp = nsc1 * cm
+        gW[1] = torch.baddbmm(gW[1], gy.mT, sv["hrb"])
+        gS[1] = torch.baddbmm(gS[1], gy.mT, sv["hrd"])
+        g_hrb, g_hrd = torch.bmm(gy, W[1]), torch.bmm(gy, S[1])
+        ghr = torch.baddbmm(torch.addcmul(g_hrb * c["beta"], g_hrd, c["dbe"]), ngp, h, alpha=-1)
+        ngx[1] = torch.baddbmm(ngx[1], ngp.mT, hr)
+        sr = sv["sr"]
+        gz = ghr * torch.addcmul(sr, hr, 1 - sr)  # silu'(z_read)
+        keep.update(g_hrb=g_hrb, g_hrd=g_hrd)
+    nsc0 = torch.bmm(gz, ds[0].mT)
+    ngd[0] = torch.baddbmm(ngd[0], sv["sc0"].mT, gz)
+    ngcm = nsc0 * c["qk"] if ngcm is None else torch.addcmul(ngcm, nsc0, c["qk"])
+    gW[0] = torch.baddbmm(gW[0], gz.mT, c["qb"])
+    gS[0] = torch.baddbmm(gS[0], gz.mT, c["qd"])
+    ng_th2 = ng_th2 + vecdot(ngcm, c["dd2"], dim=-2)
+    keep.update(nsc0=nsc0, ngcm=ngcm, g_qb=torch.bmm(gz, W[0]), g_qd=torch.bmm(gz, S[0]))
+    # The clip: theta'' = theta' scale(sqp).
+    ng_th1 = ng_th2
+    g_xsq = [None] * n
+    if max_grad_norm is not None:
+        scale, sqp = sv["scale"], sv["sqp"]
+        ng_th1 = ng_th2 * scale
+        gsq = torch.where(scale < 1, 0.5 * ng_th2 * th2 / sqp, 0.0)  # d scale / d sqp = -scale / (2 sqp)
+        for i in range(n):
+            ngd[i] = torch.addcmul(ngd[i], ds[i], (gsq * xsq[i])[..., None], value=-2)
+            g_xsq[i] = gsq * dsq[i]
+    keep["ng_th1"] = ng_th1
+
+    def add_xsq(i, val):
+        g_xsq[i] = val if g_xsq[i] is None else g_xsq[i] + val
+
+    # The stable step: theta' = theta / (d1 d2), d1 = 1 + overlap u, d2 = d1 + u, u = tw kappa / 2.
+    if stable:
+        u, d1, d2 = sv["u"], sv["d1"], sv["d2"]
+        t = ng_th1 * sv["th1"]
+        g_d2 = t / d2
+        g_before = g_d2 + t / d1
+        g_u = torch.baddbmm(g_d2[..., None], c["ov"].mT, g_before[..., None])[..., 0]
+        if gQ is not None:
+            kh = c["kh"]
+            g_u = g_u + vecdot(torch.bmm(kh, gQ), kh)
+            keep["g_kh"] = u[..., None] * torch.bmm(kh, gQ + gQ.mT)
+        keep.update(g_before=g_before, g_u=g_u)
+        g_kappa = g_u * c["tw"]  # d/d(kappa / 2)
+        if n == 2:
+            add_xsq(1, g_kappa)
+            add_xsq(0, g_kappa * sv["rt"])
+            g_rt = g_kappa * xsq[0]  # d/d reach = d/d max|e silu''|
+            g_t1 = g_kappa
+        else:
+            add_xsq(0, g_kappa)
+    # The anchor's forward and its gradient factors.
+    if n == 2:
+        W2, z, s, a, h, slope, e, r = W[1], sv["z"], sv["s"], sv["a"], xs[1], sv["slope"], sv["e"], sv["r"]
+        gd0 = ngd[0].neg()
+        ge = gd0 * slope
+        g_slope = gd0 * e
+        gr = ngd[1].neg()
+        gz_ = 0
+        if stable:
+            col, bend, tsl, t1 = sv["col"], sv["bend"], sv["tsl"], sv["t1"]
+            g_slope = torch.addcmul(g_slope, slope, g_rt[..., None] * col[:, None, :], value=2)
+            g_col = torch.bmm(sv["sl2"].mT, g_rt[..., None])[..., 0]  # (G, hidden)
+            gW[1] = torch.addcmul(gW[1], W2, g_col[:, None, :], value=2)
+            # t1 = sqrt(|r|^2 tsl^2 |k|^2), with a zero gradient where it is 0 (as naive._sqrt)
+            coef = torch.where(t1 > 0, g_t1 / t1, 0.0)
+            tsl2 = tsl * tsl
+            gr = torch.addcmul(gr, r, (coef * tsl2 * xsq[0])[..., None])
+            g_tsl = coef * dsq[1] * tsl * xsq[0]
+            add_xsq(0, 0.5 * coef * dsq[1] * tsl2)
+            g_slope = g_slope + _amax_abs_backward(slope, tsl, g_tsl)
+            g_eb = _amax_abs_backward(sv["eb"], sv["teb"], g_rt)
+            ge = torch.addcmul(ge, g_eb, bend)
+            sa, t = sv["sa"], a - s
+            gz_ = g_eb * e * sa * (t * (3 + z * t) - 2 * z * sa)  # d silu''(z) / dz = silu'''(z)
+        else:
+            bend = s * a * (2 + z * (a - s))
+        gr = torch.baddbmm(gr, ge, W2.mT)
+        gW[1] = torch.baddbmm(gW[1], r.mT, ge)
+        gh = torch.baddbmm(ngx[1].neg(), gr, W2)
+        if g_xsq[1] is not None:
+            gh = torch.addcmul(gh, h, g_xsq[1][..., None], value=2)
+        gW[1] = torch.baddbmm(gW[1], gr.mT, h)
+        gz_ = gz_ + torch.addcmul(g_slope * bend, gh, slope)
+    else:
+        gr = ngd[0].neg()
+        gz_ = gr
+    gW[0] = torch.baddbmm(gW[0], gz_.mT, c["k"])
+    keep.update(gr=gr, g_k=torch.baddbmm(ngx[0].neg(), gz_, W[0]), g_xsq0=g_xsq[0])
+    return gW, gS
+
+
+def _dots(A, B):
+    """sum_l <A_l, B_l> per memory: lists of (G, out_l, in_l) -> (G,)."""
+    return sum(vecdot(a.flatten(1), b.flatten(1)) for a, b in zip(A, B))
 
 
 def _amax_abs_backward(x, top, grad):
-    """d/dx of max_j |x_j| (last dim) times ``grad`` (..., ): autograd's rule (shared evenly by ties)."""
+    """d/dx of max_j |x_j| (last dim) times ``grad``: autograd's rule (shared evenly among ties)."""
     hit = x.abs() == top[..., None]
     return x.sign() * hit * (grad / hit.sum(-1))[..., None]
 
 
-def chunk_forward(c, W, S, last, max_grad_norm, stable, want_q, keep):
-    """One chunk. c: dict of ``FIELDS`` for this chunk, (G, L, ...); W, S: lists of (G, out_l, in_l);
-    ``last`` the row after which the state is read. Returns (y (G, L, Dv), W', S', Q (G, Dk, Dk) or None,
-    saved: what ``chunk_backward`` needs, or None unless ``keep``)."""
-    n = len(W)
-    k, v, q, theta = c["k"], c["v"], c["q"], c["theta"]
-    W1 = W[0]
-    z = torch.bmm(k, W1.mT)  # (G, L, out_1)
-    sv = {}
-    if n == 2:
-        W2 = W[1]
-        s = torch.sigmoid(z)
-        h = z * s
-        slope = s * (1 + z * (1 - s))  # silu'(z)
-        r = torch.baddbmm(k - v, h, W2.mT)  # M(k) - v: (G, L, Dv)
-        e = torch.bmm(r, W2)  # W_2^T r: (G, L, out_1)
-        deltas = [2 * e * slope, 2 * r]
-        xs = [k, h]
-        sv.update(s=s, h=h, slope=slope, e=e)
-    else:
-        r = z - v
-        deltas, xs = [2 * r], [k]
-    x_sq = [x.square().sum(-1) for x in xs]  # (G, L)
-    sv.update(z=z, r=r, x_sq=x_sq)
-    th1, u = theta, None
-    if stable:
-        if n == 2:
-            col = W2.square().sum(-2)  # ||W_2[:, j]||^2: (G, out_1)
-            reach = torch.bmm(slope.square(), col[..., None])[..., 0]
-            bend = s * (1 - s) * (2 + z * (1 - 2 * s))  # silu''(z)
-            top_slope = slope.abs().amax(-1)
-            r_sq = r.square().sum(-1)
-            t1 = _sqrt(r_sq * top_slope.square() * x_sq[0])
-            eb = e * bend
-            top_eb = eb.abs().amax(-1)
-            kappa = 2 * (x_sq[1] + x_sq[0] * reach) + 2 * (t1 + top_eb * x_sq[0])
-            sv.update(col=col, reach=reach, bend=bend, top_slope=top_slope, r_sq=r_sq, t1=t1, eb=eb, top_eb=top_eb)
-        else:
-            kappa = 2 * x_sq[0]
-        den = (1 - c["eta"]).clamp_min(torch.finfo(theta.dtype).tiny)
-        u = theta * kappa / den
-        d1 = 1 + torch.bmm(c["overlap"], u[..., None])[..., 0]
-        d2 = d1 + u
-        th1 = theta / (d1 * d2)
-        sv.update(kappa=kappa, den=den, u=u, d1=d1, d2=d2, th1=th1)
-    th2 = th1
-    if max_grad_norm is not None:
-        sq = sum(d.square().sum(-1) * xq for d, xq in zip(deltas, x_sq))
-        scale = clip_scale(sq, max_grad_norm)
-        th2 = th1 * scale
-        sv.update(sq=sq, scale=scale)
-    cm = c["dd"] * th2[:, None, :]  # (G, L, L)
-    beta, dbe = c["beta"][..., None], c["dbe"][..., None]
-    # Read y_t = M_{W_t}(q_t): base (beta_t W_0 + dbe_t S_0) x minus the chunk's writes up to t.
-    o_w, o_s = torch.bmm(q, W1.mT), torch.bmm(q, S[0].mT)
-    sc = cm * c["qk"]
-    zr = torch.baddbmm(o_w * beta + o_s * dbe, sc, deltas[0], alpha=-1)
-    reads = [dict(x=q, o_w=o_w, o_s=o_s, sc=sc)]
-    if n == 2:
-        sr = torch.sigmoid(zr)
-        hr = zr * sr
-        o_w2, o_s2 = torch.bmm(hr, W2.mT), torch.bmm(hr, S[1].mT)
-        p1 = torch.bmm(hr, h.mT)  # (G, L, L)
-        sc1 = cm * p1
-        y = q + torch.baddbmm(o_w2 * beta + o_s2 * dbe, sc1, deltas[1], alpha=-1)
-        reads.append(dict(x=hr, o_w=o_w2, o_s=o_s2, sc=sc1, p=p1))
-        sv.update(zr=zr, sr=sr)
-    else:
-        y = zr
-    # State after row ``last``.
-    cl = cm[:, last]  # (G, L)
-    de = c["d_e"][:, last] * th2
-    b_l, dbe_l, e_l = (c[name][:, last, None, None] for name in ("beta", "dbe", "E"))
-    W_new = [torch.baddbmm(b_l * w + dbe_l * s_, d.mT, cl[..., None] * x, alpha=-1)
-             for w, s_, d, x in zip(W, S, deltas, xs)]
-    S_new = [torch.baddbmm(e_l * s_, d.mT, de[..., None] * x, alpha=-1) for s_, d, x in zip(S, deltas, xs)]
-    Q = torch.bmm(c["kh"].mT, u[..., None] * c["kh"]) if want_q else None
-    if not keep:
-        return y, W_new, S_new, Q, None
-    sv.update(W=W, S=S, deltas=deltas, xs=xs, th2=th2, cm=cm, cl=cl, de=de, reads=reads, last=last)
-    return y, W_new, S_new, Q, sv
+def _finish(f, p, saved, kept, gy, n, last, stable, needs):
+    """The chunk inputs' gradients, for all chunks at once, from what ``chunk_backward`` kept per chunk:
+    a dict name -> (N, G, L, ...) for the ``FIELDS`` in ``needs``."""
+    st = {key: torch.stack([kp[key] for kp in kept]) for key in kept[0] if kept[0][key] is not None}
+    th2, cm = (torch.stack([s[key] for s in saved]) for key in ("th2", "cm"))
 
+    def add_last(t, rows):  # t (N, G, L, ...) += rows (N, G, ...) at each chunk's last row
+        t[:-1, :, -1] += rows[:-1]
+        t[-1, :, last] += rows[-1]
+        return t
 
-def chunk_backward(c, sv, gy, gW_new, gS_new, gQ, max_grad_norm, stable):
-    """The chain rule through ``chunk_forward``: from the gradients of y (G, L, Dv), of the state after
-    the chunk (lists of (G, out_l, in_l)) and of Q (or None), the gradients of the state before it (the
-    anchor's included) and a dict of the chunk inputs' gradients (the keys of ``FIELDS`` that have one)."""
-    W, S, xs, deltas, reads = sv["W"], sv["S"], sv["xs"], sv["deltas"], sv["reads"]
-    n, last, th2, cm, cl, de = len(W), sv["last"], sv["th2"], sv["cm"], sv["cl"], sv["de"]
-    beta, dbe = c["beta"][..., None], c["dbe"][..., None]
     g = {}
-    # State: W' = b_l W + dbe_l S - delta^T (cl x), S' = e_l S - delta^T (de x).
-    b_l, dbe_l, e_l = (c[name][:, last, None, None] for name in ("beta", "dbe", "E"))
-    gW = [b_l * gw for gw in gW_new]
-    gS = [dbe_l * gw + e_l * gs for gw, gs in zip(gW_new, gS_new)]
-    g_bl = sum((gw * w).sum((-2, -1)) for gw, w in zip(gW_new, W))  # (G,)
-    g_dbel = sum((gw * s_).sum((-2, -1)) for gw, s_ in zip(gW_new, S))
-    g_el = sum((gs * s_).sum((-2, -1)) for gs, s_ in zip(gS_new, S))
-    g_cl = g_de = 0
-    gx, gd = [], []
-    for gw, gs, d, x in zip(gW_new, gS_new, deltas, xs):
-        pw, ps = torch.bmm(d, gw), torch.bmm(d, gs)  # (G, L, in)
-        gx.append(-(cl[..., None] * pw + de[..., None] * ps))
-        g_cl = g_cl - (pw * x).sum(-1)
-        g_de = g_de - (ps * x).sum(-1)
-        gd.append(-(cl[..., None] * torch.bmm(x, gw.mT) + de[..., None] * torch.bmm(x, gs.mT)))
-    g_th2 = g_cl * c["dd"][:, last] + g_de * c["d_e"][:, last]
-    g_dd = torch.zeros_like(c["dd"])
-    g_de_mat = torch.zeros_like(c["d_e"])
-    g_de_mat[:, last] = g_de * th2
-    g_beta, g_dbe = torch.zeros_like(c["beta"]), torch.zeros_like(c["dbe"])
-    g_E = torch.zeros_like(c["E"])
-    g_E[:, last] = g_el
-    # Read, from the last layer back: z_l = base_l - (Cm * P_l) delta_l, base_l = beta x W^T + dbe x S^T.
-    gz = gy
-    g_cm = 0
-    gq = gy if n == 2 else 0
-    for i in range(n - 1, -1, -1):
-        rd = reads[i]
-        gsc = -torch.bmm(gz, deltas[i].mT)  # (G, L, L)
-        gd[i] = gd[i] - torch.bmm(rd["sc"].mT, gz)
-        gzb, gzs = gz * beta, gz * dbe
-        g_beta = g_beta + (gz * rd["o_w"]).sum(-1)
-        g_dbe = g_dbe + (gz * rd["o_s"]).sum(-1)
-        gW[i] = gW[i] + torch.bmm(gzb.mT, rd["x"])
-        gS[i] = gS[i] + torch.bmm(gzs.mT, rd["x"])
-        gin = torch.baddbmm(torch.bmm(gzb, W[i]), gzs, S[i])  # d/d(the layer's input)
-        if i == 0:
-            g_cm = g_cm + gsc * c["qk"]
-            g["qk"] = gsc * cm
-            gq = gq + gin
-        else:
-            g_cm = g_cm + gsc * rd["p"]
-            gp = gsc * cm
-            gin = gin + torch.bmm(gp, xs[1])
-            gx[1] = gx[1] + torch.bmm(gp.mT, rd["x"])
-            sr, zr = sv["sr"], sv["zr"]
-            gz = gin * (sr * (1 + zr * (1 - sr)))  # silu'(z_r)
-    g["q"] = gq
-    g_dd = g_dd + g_cm * th2[:, None, :]
-    g_dd[:, last] += g_cl * th2
-    g_th2 = g_th2 + (g_cm * c["dd"]).sum(-2)
-    g_beta[:, last] += g_bl
-    g_dbe[:, last] += g_dbel
-    g.update(dd=g_dd, d_e=g_de_mat, beta=g_beta, dbe=g_dbe, E=g_E)
-    # Theta: the clip, then the stable step.
-    x_sq = sv["x_sq"]
-    g_xsq = [torch.zeros_like(t) for t in x_sq]
-    g_th1 = g_th2
-    if max_grad_norm is not None:
-        sq, scale = sv["sq"], sv["scale"]
-        g_th1 = g_th2 * scale
-        clipped = sq > max_grad_norm**2
-        th1 = sv["th1"] if stable else c["theta"]
-        safe = torch.where(clipped, sq, torch.ones_like(sq))
-        g_sq = torch.where(clipped, -0.5 * g_th2 * th1 * scale / safe, torch.zeros_like(sq))  # d min(1, m/|g|)
-        for i in range(n):
-            gd[i] = gd[i] + 2 * deltas[i] * (g_sq * x_sq[i])[..., None]
-            g_xsq[i] = g_xsq[i] + g_sq * deltas[i].square().sum(-1)
-    z, r = sv["z"], sv["r"]
-    g_top_slope = g_top_eb = g_reach = g_t1 = None
-    if stable:
-        u, d1, d2, th1, den, kappa = sv["u"], sv["d1"], sv["d2"], sv["th1"], sv["den"], sv["kappa"]
-        g_theta = g_th1 / (d1 * d2)
-        g_d1 = -g_th1 * th1 / d1
-        g_d2 = -g_th1 * th1 / d2
-        g_before = g_d1 + g_d2
-        g_u = g_d2 + torch.bmm(c["overlap"].mT, g_before[..., None])[..., 0]
-        g["overlap"] = g_before[..., None] * u[:, None, :]
-        if gQ is not None:
-            kh = c["kh"]
-            g_u = g_u + (torch.bmm(kh, gQ) * kh).sum(-1)
-            g["kh"] = u[..., None] * torch.bmm(kh, gQ + gQ.mT)
-        g["theta"] = g_theta + g_u * kappa / den
-        g["eta"] = g_u * u / den * ((1 - c["eta"]) >= torch.finfo(u.dtype).tiny)
-        g_kappa = g_u * c["theta"] / den
-        if n == 2:
-            g_xsq[1] = g_xsq[1] + 2 * g_kappa
-            g_xsq[0] = g_xsq[0] + 2 * g_kappa * (sv["reach"] + sv["top_eb"])
-            g_reach = 2 * g_kappa * x_sq[0]
-            g_t1 = 2 * g_kappa
-            g_top_eb = 2 * g_kappa * x_sq[0]
-        else:
-            g_xsq[0] = g_xsq[0] + 2 * g_kappa
-    else:
-        g["theta"] = g_th1
-    # The anchor's forward and its gradient factors, back to k, v and the anchor weights.
-    W1 = W[0]
+    g_qb, g_qd, q = st["g_qb"], st["g_qd"], p["q"]
+    g_beta = vecdot(g_qb, q)
+    g_dbe = vecdot(g_qd, q)
+    g["q"] = torch.addcmul(torch.addcmul(gy if n == 2 else torch.zeros_like(gy), g_qb, p["beta"]), g_qd, p["dbe"])
     if n == 2:
-        W2, s, h, slope, e = W[1], sv["s"], sv["h"], sv["slope"], sv["e"]
-        ge = 2 * gd[0] * slope
-        g_slope = 2 * gd[0] * e
-        gr = 2 * gd[1]
-        gz_ = 0
-        if stable:
-            g_slope = g_slope + 2 * slope * (g_reach[..., None] * sv["col"][:, None, :])
-            g_col = torch.bmm(slope.square().mT, g_reach[..., None])[..., 0]  # (G, out_1)
-            gW[1] = gW[1] + 2 * W2 * g_col[:, None, :]
-            t1, r_sq, top_slope = sv["t1"], sv["r_sq"], sv["top_slope"]
-            g_p = torch.where(t1 > 0, g_t1 / (2 * torch.where(t1 > 0, t1, torch.ones_like(t1))), torch.zeros_like(t1))
-            gr = gr + 2 * r * (g_p * top_slope.square() * x_sq[0])[..., None]
-            g_top_slope = g_p * r_sq * 2 * top_slope * x_sq[0]
-            g_xsq[0] = g_xsq[0] + g_p * r_sq * top_slope.square()
-            g_slope = g_slope + _amax_abs_backward(slope, top_slope, g_top_slope)
-            geb = _amax_abs_backward(sv["eb"], sv["top_eb"], g_top_eb)
-            bend = sv["bend"]
-            ge = ge + geb * bend
-            g_bend = geb * e
-            t = 1 - 2 * s
-            gz_ = g_bend * (s * (1 - s) * (t * (3 + z * t) - 2 * z * s * (1 - s)))  # silu'''(z)
-        else:
-            bend = s * (1 - s) * (2 + z * (1 - 2 * s))
-        gr = torch.baddbmm(gr, ge, W2.mT)
-        gW[1] = gW[1] + torch.bmm(r.mT, ge)
-        gh = torch.baddbmm(gx[1] + 2 * h * g_xsq[1][..., None], gr, W2)
-        gW[1] = gW[1] + torch.bmm(gr.mT, h)
-        gz_ = gz_ + g_slope * bend + gh * slope
-        gk = gr + gx[0] + 2 * c["k"] * g_xsq[0][..., None]
+        hr = torch.stack([s["hr"] for s in saved])
+        g_beta = g_beta + vecdot(st["g_hrb"], hr)
+        g_dbe = g_dbe + vecdot(st["g_hrd"], hr)
+    g["beta"] = add_last(g_beta, st["g_bl"])
+    g["dbe"] = add_last(g_dbe, st["g_dbel"])
+    g["E"] = add_last(torch.zeros_like(g_beta), st["g_el"])
+    g["qk"] = -st["nsc0"] * cm
+    g["dd"] = add_last(-2 * st["ngcm"] * th2[:, :, None, :], -2 * st["ncl"] * th2)
+    g["d_e"] = add_last(torch.zeros_like(f["d_e"]), -2 * st["nde"] * th2)
+    theta = p["theta"]
+    if stable:
+        d1, d2, u, khalf = (torch.stack([s[key] for s in saved]) for key in ("d1", "d2", "u", "khalf"))
+        g_u, den = st["g_u"], p["den"]
+        g["theta"] = -st["ng_th1"] / (d1 * d2) + 2 * g_u * khalf / den
+        g["eta"] = g_u * u / den * ((1 - f["eta"]) >= torch.finfo(theta.dtype).tiny)
+        g["overlap"] = st["g_before"][..., None] * u[:, :, None, :]
+        if "g_kh" in kept[-1]:
+            g_kh = torch.zeros_like(f["kh"])
+            g_kh[-1] = kept[-1]["g_kh"]
+            g["kh"] = g_kh
     else:
-        gr = 2 * gd[0]
-        gz_ = gr
-        gk = gx[0] + 2 * c["k"] * g_xsq[0][..., None]
-    g["v"] = -gr
-    g["k"] = torch.baddbmm(gk, gz_, W1)
-    gW[0] = gW[0] + torch.bmm(gz_.mT, c["k"])
-    return gW, gS, g
+        g["theta"] = -st["ng_th1"]
+    g_k = st["g_k"]
+    if "g_xsq0" in st:
+        g_k = torch.addcmul(g_k, p["k"], st["g_xsq0"][..., None], value=2)
+    g["k"] = g_k + st["gr"] if n == 2 else g_k
+    g["v"] = -st["gr"]
+    return {key: val for key, val in g.items() if needs[key]}
 
 
 class ChunkLoop(torch.autograd.Function):
     """The loop over N whole chunks as one autograd node. forward(meta, *tensors): meta = (n layers,
     ``last`` of the final chunk, max_grad_norm, stable); tensors = the ``FIELDS`` (each (N, G, L, ...);
-    overlap and kh None unless stable), then W (n), then S (n). Returns y (N, G, L, Dv), W after, S after,
-    the final chunk's anchor (the weights before it), and its Q (stable; else an empty tensor)."""
+    overlap and kh None unless stable), then W (n), then S (n), each (G, out_l, in_l). Returns y
+    (N, G, L, Dv), W and S after, the final chunk's anchor (the weights before it), and its Q (stable;
+    else an empty tensor)."""
 
     @staticmethod
     def forward(ctx, meta, *tensors):
         n, last, max_grad_norm, stable = meta
-        fields = dict(zip(FIELDS, tensors[:len(FIELDS)]))
+        f = dict(zip(FIELDS, tensors[:len(FIELDS)]))
         W, S = list(tensors[len(FIELDS):len(FIELDS) + n]), list(tensors[len(FIELDS) + n:])
-        N = fields["q"].shape[0]
-        ys, saved = [], []
-        for i in range(N):
-            c = {key: (None if t is None else t[i]) for key, t in fields.items()}
-            final = i == N - 1
-            A = W
-            y, W, S, Q, sv = chunk_forward(c, W, S, last if final else c["q"].shape[1] - 1, max_grad_norm, stable,
-                                           stable and final, keep=True)
-            ys.append(y)
-            saved.append(sv)
-        ctx.meta, ctx.fields, ctx.saved = meta, fields, saved
-        Q = Q if Q is not None else W[0].new_zeros(0)
-        return (torch.stack(ys), *W, *S, *A, Q)
+        p = prepare(f, last, n, stable)
+        y, W, S, A, Q, saved = _loop(p, f["kh"], W, S, max_grad_norm, stable, keep=True)
+        ctx.meta, ctx.f, ctx.p, ctx.saved = meta, f, p, saved
+        return (y, *W, *S, *A, W[0].new_zeros(0) if Q is None else Q)
 
     @staticmethod
     def backward(ctx, gy, *grads):
         n, last, max_grad_norm, stable = ctx.meta
-        fields, saved = ctx.fields, ctx.saved
+        f, p, saved = ctx.f, ctx.p, ctx.saved
         gW_out, gS_out, gA_out, gQ = grads[:n], grads[n:2 * n], grads[2 * n:3 * n], grads[3 * n]
-        like = saved[-1]
-        gW = [torch.zeros_like(w) if g is None else g for g, w in zip(gW_out, like["W"])]
-        gS = [torch.zeros_like(w) if g is None else g for g, w in zip(gS_out, like["S"])]
-        gy = torch.zeros(len(saved), *like["cm"].shape[:2], like["W"][-1].shape[-2], dtype=like["cm"].dtype,
-                         device=like["cm"].device) if gy is None else gy
+        gW = [torch.zeros_like(w) if g is None else g for g, w in zip(gW_out, saved[-1]["W"])]
+        gS = [torch.zeros_like(w) if g is None else g for g, w in zip(gS_out, saved[-1]["S"])]
         N = len(saved)
-        per = {key: [None] * N for key in FIELDS}
+        if gy is None:
+            gy = p["q"].new_zeros(*p["q"].shape[:3], saved[0]["W"][-1].shape[-2])
+        views = {key: t.unbind(0) for key, t in p.items()}
+        kept = [None] * N
+        gys = gy.unbind(0)
+        gQ = gQ if stable and gQ is not None and gQ.numel() else None
         for i in range(N - 1, -1, -1):
-            c = {key: (None if t is None else t[i]) for key, t in fields.items()}
             final = i == N - 1
-            gW, gS, g = chunk_backward(c, saved[i], gy[i], gW, gS, gQ if final and stable else None,
-                                       max_grad_norm, stable)
+            c = {key: t[i] for key, t in views.items()}
+            if final and stable:
+                c["kh"] = f["kh"][i]
+            kept[i] = {}
+            gW, gS = chunk_backward(c, saved[i], gys[i], gW, gS, gQ if final else None, max_grad_norm, stable,
+                                    kept[i])
             if final:
                 gW = [gw if ga is None else gw + ga for gw, ga in zip(gW, gA_out)]
-            for key, val in g.items():
-                per[key][i] = val
-            saved[i] = None  # free as we go
-        out = []
-        for key in FIELDS:
-            t = fields[key]
-            if t is None or not ctx.needs_input_grad[1 + FIELDS.index(key)]:
-                out.append(None)
-                continue
-            vals = per[key]
-            if all(val is None for val in vals):
-                out.append(None)
-                continue
-            out.append(torch.stack([torch.zeros_like(t[i]) if val is None else val for i, val in enumerate(vals)]))
-        return (None, *out, *gW, *gS)
+        needs = {key: f[key] is not None and ctx.needs_input_grad[1 + j] for j, key in enumerate(FIELDS)}
+        g = _finish(f, p, saved, kept, gy, n, last, stable, needs)
+        ctx.saved = None
+        return (None, *(g.get(key) for key in FIELDS), *gW, *gS)
+
+
+def _loop(p, kh, W, S, max_grad_norm, stable, keep):
+    """The forward over the chunks of ``prepare``'s p. Returns y (N, G, L, Dv), W, S after the final chunk,
+    its anchor, its Q (None unless stable) and the per-chunk intermediates (``keep``) or None."""
+    N = p["q"].shape[0]
+    views = {key: t.unbind(0) for key, t in p.items()}
+    ys, saved = [], []
+    Q, A = None, W
+    for i in range(N):
+        final = i == N - 1
+        c = {key: t[i] for key, t in views.items()}
+        if final and stable:
+            c["kh"] = kh[i]
+        A = W
+        y, W, S, Q, sv = chunk_forward(c, W, S, max_grad_norm, stable, final and stable, keep)
+        ys.append(y)
+        saved.append(sv)
+    return torch.stack(ys), W, S, A, Q, (saved if keep else None)
 
 
 def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
@@ -337,18 +390,10 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
     chunk's anchor, and its Q (None unless stable). Through ``ChunkLoop`` when a gradient is wanted."""
     n = len(W)
     tensors = [fields[key] for key in FIELDS]
-    wants = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *W, *S))
-    if wants:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *W, *S)):
         out = ChunkLoop.apply((n, last, max_grad_norm, stable), *tensors, *W, *S)
-        y, W, S, A, Q = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n]), out[-1]
-        return y, W, S, A, (Q if stable else None)
-    N = fields["q"].shape[0]
-    ys = []
-    for i in range(N):
-        c = {key: (None if t is None else t[i]) for key, t in fields.items()}
-        final = i == N - 1
-        A = W
-        y, W, S, Q, _ = chunk_forward(c, W, S, last if final else c["q"].shape[1] - 1, max_grad_norm, stable,
-                                      stable and final, keep=False)
-        ys.append(y)
-    return torch.stack(ys), W, S, A, Q
+        y, W, S, A = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n])
+        return y, W, S, A, (out[-1] if stable else None)
+    p = prepare(fields, last, n, stable)
+    y, W, S, A, Q, _ = _loop(p, fields["kh"], W, S, max_grad_norm, stable, keep=False)
+    return y, W, S, A, Q
