@@ -60,8 +60,8 @@ from titans_lnn.evals.perplexity import LOG2E, position_edges
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import Tokenizer
 
-__all__ = ["DEFAULT_GENOME", "DEFAULT_TRAIN", "MIN_BASES", "GenomeReading", "base_ids", "load_genome", "read_genome",
-           "evaluate_genomics", "records_markdown", "markov_comparison", "main"]
+__all__ = ["DEFAULT_GENOME", "DEFAULT_TRAIN", "MIN_BASES", "GenomeReading", "base_ids", "candidate_ids", "load_genome",
+           "read_genome", "evaluate_genomics", "records_markdown", "markov_comparison", "main"]
 
 DEFAULT_GENOME = "ecoli-ec590"
 DEFAULT_TRAIN = "ecoli-k12"
@@ -70,15 +70,43 @@ OTHER = 4  # base index of anything that is not A/C/G/T (N, the record separator
 
 
 def base_ids(tokenizer: Tokenizer) -> np.ndarray:
-    """(4,) the token ids of A, C, G, T. A tokenizer that does not spell each base as one token is an error."""
+    """(4,) the token ids of A, C, G, T. A tokenizer that does not spell each base as one token is an error, and
+    so is one whose base ids depend on the bases before (:class:`~titans_lnn.tokenizers.KmerTokenizer`: see
+    :func:`candidate_ids`)."""
+    if hasattr(tokenizer, "next_ids"):
+        raise ValueError(f"tokenizer {tokenizer.name!r} gives a base a different id in each context: use "
+                         f"candidate_ids(tokenizer, tokens) for the ids that can follow each token")
     ids = []
     for base in "ACGT":
         encoded = np.asarray(tokenizer.encode(base))
         if encoded.shape != (1,):
             raise ValueError(f"tokenizer {tokenizer.name!r} encodes the base {base!r} as {encoded.tolist()}: "
-                             f"genomics needs one token per base (the nucleotide or byte tokenizer)")
+                             f"genomics needs one token per base (the nucleotide, kmerK or byte tokenizer)")
         ids.append(int(encoded[0]))
     return np.asarray(ids, dtype=np.int64)
+
+
+def candidate_ids(tokenizer: Tokenizer, tokens: np.ndarray) -> np.ndarray:
+    """The ids a next-base prediction reads at each position of ``tokens`` (N,): (4,) the ids of A, C, G, T
+    (:func:`base_ids`) for a tokenizer with one id per base; for a k-mer tokenizer, whose next id depends on
+    the token before, (N, 6): row t the ids that can follow token t, those appending A, C, G, T, N, then the
+    separator. The first four columns are A, C, G, T in either case."""
+    if not hasattr(tokenizer, "next_ids"):
+        return base_ids(tokenizer)
+    follow = tokenizer.next_ids(tokens)  # (N, 5) appending A, C, G, T, N
+    sep = np.full((len(follow), 1), tokenizer.sep_id, dtype=np.int64)
+    return np.concatenate([follow, sep], axis=1)  # (N, 6)
+
+
+def _nucleotide_bases(tokenizer: Tokenizer, tokens: np.ndarray) -> np.ndarray:
+    """(N,) uint8 0..3 for A, C, G, T and OTHER for anything else, of ``tokens`` (N,)."""
+    if hasattr(tokenizer, "to_bases"):  # a k-mer tokenizer: each token's own base, as a nucleotide id
+        nucleotide, ids = tokenizer.to_bases(tokens), np.arange(4)
+    else:
+        nucleotide, ids = np.asarray(tokens, dtype=np.int64), base_ids(tokenizer)
+    lut = np.full(max(int(ids.max()), int(nucleotide.max())) + 1, OTHER, dtype=np.uint8)
+    lut[ids] = np.arange(4)
+    return lut[np.asarray(nucleotide, dtype=np.int64)]
 
 
 class GenomeReading(NamedTuple):
@@ -95,13 +123,24 @@ class GenomeReading(NamedTuple):
 @torch.no_grad()
 def stream_base_logprobs(model: TitansLNN, tokens: np.ndarray, ids: np.ndarray, chunk_len: int = 2048,
                          progress: bool = True) -> np.ndarray:
-    """(N, 4) float32: row t the model's natural-log probabilities of the tokens ``ids`` (4,) at position t,
-    having read tokens[:t] (one streamed pass, the state carried); row 0 is log(1/4) (nothing read yet)."""
+    """(N, 4) float32: row t the model's natural-log probabilities of A, C, G, T at position t, having read
+    tokens[:t] (one streamed pass, the state carried); row 0 is log(1/4) (nothing read yet).
+
+    ``ids`` (:func:`candidate_ids`): (4,) the tokens of A, C, G, T, picked from the log-softmax over the whole
+    vocabulary; or (N, C), row t the C tokens that can follow token t, A, C, G, T first: the log-softmax is
+    taken over those C (the probability the model gives impossible tokens is dropped) and the first 4 kept."""
     x = torch.from_numpy(np.asarray(tokens).astype(np.int64))[None]  # (1, N)
     out = np.full((x.shape[1], 4), -math.log(4), dtype=np.float32)
-    pick = torch.as_tensor(ids)
+    pick = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    if pick.dim() == 2 and pick.shape[0] != x.shape[1]:
+        raise ValueError(f"ids has shape {tuple(pick.shape)}: expected (4,) or ({x.shape[1]}, C), a row per token")
     for piece in model.stream_pieces(x, chunk_len=chunk_len, progress=progress):
-        logp = torch.log_softmax(piece.logits[0].float(), dim=-1)[:, pick]  # (L, 4) predicts positions start+1..
+        logits = piece.logits[0].float()  # (L, V): row i predicts position start + 1 + i
+        if pick.dim() == 1:
+            logp = torch.log_softmax(logits, dim=-1)[:, pick]  # (L, 4)
+        else:
+            rows = pick[piece.start:piece.start + logits.shape[0]]  # (L, C) what can follow each token read
+            logp = torch.log_softmax(logits.gather(1, rows), dim=-1)[:, :4]  # (L, 4)
         a = piece.start + 1
         out[a:a + logp.shape[0]] = logp[:len(out) - a].cpu().numpy()
     return out
@@ -115,20 +154,18 @@ def load_genome(tokenizer: Tokenizer, data: str | os.PathLike | None = None, *,
     from titans_lnn.training.data import BUILTIN_CORPORA, load_corpus
 
     spec = os.fspath(data) if data is not None else DEFAULT_GENOME
-    ids = base_ids(tokenizer)
+    candidate_ids(tokenizer, np.zeros(0, dtype=np.int64))  # a tokenizer without one token per base fails here
     corpus = load_corpus(spec, tokenizer, format="auto" if spec in BUILTIN_CORPORA else "fasta")
     tokens = corpus.tokens if max_tokens is None else corpus.tokens[:max_tokens]
     if len(tokens) < 2:
         raise ValueError(f"{spec}: {len(tokens)} base(s) to read: expected at least 2 (a next-base prediction "
                          f"needs a base to read and one to predict)")
-    lut = np.full(max(int(ids.max()), int(tokens.max())) + 1, OTHER, dtype=np.uint8)
-    lut[ids] = np.arange(4)
     keep = corpus.doc_starts < len(tokens)
     starts = corpus.doc_starts[keep]
     lengths = np.minimum(corpus.doc_lengths[keep], len(tokens) - starts)
     uniform = np.full((len(tokens), 4), -math.log(4), dtype=np.float32)
     reading = GenomeReading(spec, [n for n, k in zip(corpus.doc_names, keep) if k], starts, lengths,
-                            lut[np.asarray(tokens, dtype=np.int64)], uniform)
+                            _nucleotide_bases(tokenizer, tokens), uniform)
     return reading, tokens
 
 
@@ -137,7 +174,8 @@ def read_genome(model: TitansLNN, tokenizer: Tokenizer, data: str | os.PathLike 
     """:func:`load_genome`, then stream its tokens through ``model`` once (see the module docstring for what is
     read and scored)."""
     reading, tokens = load_genome(tokenizer, data, max_tokens=max_tokens)
-    return reading._replace(logp=stream_base_logprobs(model, tokens, base_ids(tokenizer), chunk_len, progress))
+    return reading._replace(logp=stream_base_logprobs(model, tokens, candidate_ids(tokenizer, tokens), chunk_len,
+                                                      progress))
 
 
 def scored_bits(reading: GenomeReading, logp: np.ndarray | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ uint8 when the vocabulary fits in a byte, int32 otherwise), ``decode(ids) -> str
 
     get_tokenizer("byte")                 # UTF-8 bytes, vocab 256
     get_tokenizer("nucleotide")           # A C G T N + record separator, vocab 6
+    get_tokenizer("kmer4")                # DNA, one token per base naming the 4 bases ending at it, vocab 626
     get_tokenizer("path/tokenizer.json")  # tokenizers.Tokenizer.from_file, imported lazily
 
 DNA's two strands: ``reverse_complement("ACGTRn") == "nYACGT"`` on text (IUPAC codes kept), and
@@ -16,6 +17,7 @@ DNA's two strands: ``reverse_complement("ACGTRn") == "nYACGT"`` on text (IUPAC c
 from __future__ import annotations
 
 import os
+import re
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -187,6 +189,99 @@ class NucleotideTokenizer:
         return "NucleotideTokenizer()"
 
 
+MAX_KMER = 6  # 5**6 + 1 = 15,626 ids; the LM head is that wide, so longer contexts belong in the model
+
+
+class KmerTokenizer:
+    """DNA with each base's token naming the ``k`` bases that end at it (overlapping k-mers): one token per
+    base, vocab ``5**k + 1``.
+
+    A base's token is the code of the k-mer ending at it, digits A C G T N = 0..4 (the IUPAC codes fold to
+    N as in :class:`NucleotideTokenizer`), first base most significant; the first k - 1 bases of a record
+    have their missing predecessors read as N. The last id, ``5**k``, is the record separator (a newline).
+    So the model's input embedding is a table of k-mers (it reads the last k bases in one lookup instead of
+    assembling them with attention), while every token still stands for one base: ``decode`` reads each
+    token's last digit, and ``decode(encode(s))`` is ``s`` as :class:`NucleotideTokenizer` writes it. The
+    next token is the current k-mer shifted by one base, so only 5 of the ``5**k + 1`` ids can follow a
+    token (:meth:`next_ids`); a next-base probability is the model's probability of the id that appends
+    that base, renormalised over the four A/C/G/T continuations (``titans_lnn.evals.genomics`` does this).
+    ``k = 1`` is the nucleotide tokenizer's ids exactly.
+
+        KmerTokenizer(4).encode("ACGT")  # ids of NNNA, NNAC, NACG, ACGT
+        get_tokenizer("kmer4")           # the same tokenizer by name (k = 1..6)
+    """
+
+    def __init__(self, k: int):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_KMER:
+            raise ValueError(f"KmerTokenizer: k={k!r} is invalid: expected a whole number in [1, {MAX_KMER}]")
+        self.k = k
+        self.name = f"kmer{k}"
+        self.sep_id = 5 ** k
+        self.vocab_size = 5 ** k + 1
+        self._nucleotide = NucleotideTokenizer()
+
+    def from_bases(self, bases: np.ndarray) -> np.ndarray:
+        """Nucleotide-tokenizer ids (N,) (A C G T N = 0..4, SEP_ID the separator) -> this tokenizer's ids (N,)."""
+        d = np.asarray(bases, dtype=np.int64)
+        is_sep = d == SEP_ID
+        # run[i]: bases of the current record up to and including i (0 at a separator).
+        idx = np.arange(len(d))
+        last_sep = np.maximum.accumulate(np.where(is_sep, idx, -1)) if len(d) else idx
+        run = idx - last_sep
+        code = np.zeros(len(d), dtype=np.int64)
+        for j in range(self.k):  # digit j back from position i, weight 5**j; before the record: N
+            prev = np.full(len(d), N_ID, dtype=np.int64)
+            if j < len(d):
+                prev[j:] = d[:len(d) - j]
+            code += np.where(run > j, prev, N_ID) * 5 ** j
+        code[is_sep] = self.sep_id
+        return code.astype(token_dtype(self.vocab_size))
+
+    def to_bases(self, ids) -> np.ndarray:
+        """This tokenizer's ids (N,) -> nucleotide-tokenizer ids (N,) (each token's own base, or the separator)."""
+        arr = _check_ids(np.asarray(ids).reshape(-1), self.vocab_size, self.name)
+        return np.where(arr == self.sep_id, SEP_ID, arr % 5).astype(np.uint8)
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            bases = self._nucleotide.encode(text)
+        except ValueError as e:
+            raise ValueError(str(e).replace("nucleotide tokenizer", f"{self.name} tokenizer")) from None
+        return self.from_bases(bases)
+
+    def decode(self, ids) -> str:
+        return self._nucleotide.decode(self.to_bases(_check_ids(ids, self.vocab_size, self.name)))
+
+    def next_ids(self, ids) -> np.ndarray:
+        """(N, 5) int64: the id of the token that follows each of ``ids`` (N,) if the next base is A, C, G, T or N
+        (after a separator, a record's first base)."""
+        arr = _check_ids(np.asarray(ids).reshape(-1), self.vocab_size, self.name)
+        shifted = np.where(arr == self.sep_id, self.sep_id - 1, arr) % 5 ** (self.k - 1) * 5  # (N,)
+        return shifted[:, None] + np.arange(5)[None, :]
+
+    def reverse_complement(self, ids):
+        """The other strand (1-D ids, numpy or torch): bases complemented and reversed, then re-encoded (each
+        token's k-mer now ends at its base on the other strand), so that ``reverse_complement(encode(s)) ==
+        encode(titans_lnn.tokenizers.reverse_complement(s))``."""
+        if hasattr(ids, "detach"):
+            import torch
+
+            return torch.as_tensor(self.reverse_complement(ids.detach().cpu().numpy()), device=ids.device)
+        arr = np.asarray(ids)
+        if arr.ndim != 1:
+            raise ValueError(f"{self.name} tokenizer: reverse_complement expects 1-D ids, got shape {arr.shape}")
+        return self.from_bases(self._nucleotide.reverse_complement(self.to_bases(arr))).astype(arr.dtype)
+
+    def to_dict(self) -> dict:
+        return {"type": "kmer", "k": self.k}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, KmerTokenizer) and other.k == self.k
+
+    def __repr__(self) -> str:
+        return f"KmerTokenizer(k={self.k})"
+
+
 def _import_hf_tokenizers(what: str):
     try:
         import tokenizers
@@ -239,16 +334,19 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         return ByteTokenizer()
     if kind == "nucleotide":
         return NucleotideTokenizer()
+    if kind == "kmer":
+        return KmerTokenizer(d.get("k"))
     if kind == "hf":
         if "json" not in d:
             raise ValueError("hf tokenizer dict has no 'json' entry")
         tokenizers = _import_hf_tokenizers("rebuilding a Hugging Face tokenizer")
         return HFTokenizer(tokenizers.Tokenizer.from_str(d["json"]), path=d.get("path"))
-    raise ValueError(f"unknown tokenizer dict {d!r}: expected 'type' to be 'byte', 'nucleotide' or 'hf'")
+    raise ValueError(f"unknown tokenizer dict {d!r}: expected 'type' to be 'byte', 'nucleotide', 'kmer' or 'hf'")
 
 
 def get_tokenizer(spec) -> Tokenizer:
-    """'byte', 'nucleotide', a path to a tokenizers JSON file, or a tokenizer (returned as is)."""
+    """'byte', 'nucleotide', 'kmerK' (K = 1..6), a path to a tokenizers JSON file, or a tokenizer (returned as
+    is)."""
     if not isinstance(spec, (str, os.PathLike)) and isinstance(spec, Tokenizer):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
@@ -258,7 +356,9 @@ def get_tokenizer(spec) -> Tokenizer:
         return ByteTokenizer()
     if spec == "nucleotide":
         return NucleotideTokenizer()
+    if re.fullmatch(r"kmer\d+", spec):
+        return KmerTokenizer(int(spec[4:]))
     if os.path.exists(spec) or spec.endswith(".json") or os.sep in spec:
         return HFTokenizer.from_file(spec)
-    raise ValueError(f"unknown tokenizer {spec!r}: expected 'byte', 'nucleotide' or a path to a "
-                     f"Hugging Face tokenizers JSON file")
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'byte', 'nucleotide', 'kmerK' (K = 1..{MAX_KMER}) or "
+                     f"a path to a Hugging Face tokenizers JSON file")
