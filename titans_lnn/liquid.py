@@ -208,10 +208,11 @@ def _buffer(ws: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tens
     return buf[:n].view(shape)
 
 
-BLOCK = 1 << 19  # (B, T_b, D, N) elements per block: 2 MB in fp32, in cache (measured: benchmarks section 1)
+BLOCK = 1 << 19  # (B, T_b, N, D) elements per block: 2 MB in fp32, in cache (measured, 2^16 to 2^21)
+MIN_BLOCK = 256  # tokens: shorter blocks cost more in per-op overhead (the scan's ~2 sqrt(2 T_b) ops) than they save
 
 
 def block_len(B: int, states: int, T: int) -> int:
-    """Tokens per block for B rows of ``states`` (D N) state entries: BLOCK elements, at least 256
-    tokens (shorter blocks cost more in per-op overhead than they save), at most T."""
-    return max(1, min(T, max(256, BLOCK // (B * states))))
+    """Tokens per block for B rows of ``states`` (N D) state entries: BLOCK elements, at least
+    MIN_BLOCK tokens, at most T."""
+    return max(1, min(T, max(MIN_BLOCK, BLOCK // (B * states))))

@@ -52,35 +52,36 @@ def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, *, a: 
     """
     B, T, D = b.shape
     out = torch.empty_like(b) if out is None else out
+    # Step views come from one unbind (indexing b[:, t] in Python costs more than the step's arithmetic).
     if T <= SHORT:
         a = log_a.exp() if a is None else a  # one op for all steps: each step is then one op
         h = h0
-        for t in range(T):
-            h = torch.addcmul(b[:, t], a[:, t], h, out=out[:, t])
+        for b_t, a_t, o_t in zip(b.unbind(1), a.unbind(1), out.unbind(1)):
+            h = torch.addcmul(b_t, a_t, h, out=o_t)
         return out
     L = chunk_len(T)
     N = T // L
     la_c, b_c = log_a[:, :N * L].view(B, N, L, D), b[:, :N * L].view(B, N, L, D)  # chunk views, no copies
+    b_j = b_c.unbind(2)  # step j of every chunk: (B, N, D)
     if a is not None or b.numel() <= IN_CACHE:  # given, or small enough to stay in cache: one exp for both passes
-        a_c = la_c.exp() if a is None else a[:, :N * L].view(B, N, L, D)
+        a_j = (la_c.exp() if a is None else a[:, :N * L].view(B, N, L, D)).unbind(2)
 
         def decay(j):
-            return a_c[:, :, j]
+            return a_j[j]
     else:  # one more (B, T, D) tensor would be written and read twice from memory: exp per step instead
         def decay(j):
-            return la_c[:, :, j].exp()
-    end = b_c[:, :, 0].clone()  # (B, N, D): E of each chunk, built step by step
+            return la_c.select(2, j).exp()
+    end = b_j[0].clone()  # (B, N, D): E of each chunk, built step by step in place
     for j in range(1, L):
-        end = torch.addcmul(b_c[:, :, j], decay(j), end)
+        torch.addcmul(b_j[j], decay(j), end, out=end)
     ends = _scan_forward(la_c.sum(dim=2), end, h0)  # (B, N, D): the state after each chunk
     h = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D): the state entering each chunk
-    o_c = out[:, :N * L].view(B, N, L, D)
-    for j in range(L):
-        h = torch.addcmul(b_c[:, :, j], decay(j), h, out=o_c[:, :, j])
+    for j, o_j in enumerate(out[:, :N * L].view(B, N, L, D).unbind(2)):
+        h = torch.addcmul(b_j[j], decay(j), h, out=o_j)
     h = ends[:, -1]
     a_tail = log_a[:, N * L:].exp() if a is None else a[:, N * L:]  # the last T - N L < L steps
-    for t in range(N * L, T):
-        h = torch.addcmul(b[:, t], a_tail[:, t - N * L], h, out=out[:, t])
+    for b_t, a_t, o_t in zip(b[:, N * L:].unbind(1), a_tail.unbind(1), out[:, N * L:].unbind(1)):
+        h = torch.addcmul(b_t, a_t, h, out=o_t)
     return out
 
 
