@@ -36,10 +36,11 @@ def test_chunked_matches_reference(T, D, close):
         close(r, o, 1e-10, name)
 
 
-@pytest.mark.parametrize("T", [65, 500, 4099], ids=lambda t: f"T{t}")
-def test_decays_taken_per_step_match_reference(T, close, monkeypatch):
-    """Inputs past ``IN_CACHE`` elements take exp(log_a) step by step inside the passes: the same values."""
-    monkeypatch.setattr(chunked, "IN_CACHE", 0)
+@pytest.mark.parametrize("T", [65, 256, 257, 500, 4099], ids=lambda t: f"T{t}")
+def test_blocks_match_reference(T, close, monkeypatch):
+    """Inputs past ``BLOCK`` elements run in blocks of 256 steps (the state carried forward, the gradient
+    backward): the same values and gradients."""
+    monkeypatch.setattr(chunked, "BLOCK", 0)
     inputs = _inputs(2, T, 3)
     for name, r, o in zip(("h", "h_last", "d_log_a", "db", "dh0"), _grads(liquid_scan_ref, *inputs),
                           _grads(liquid_scan_chunked, *inputs)):

@@ -9,7 +9,10 @@ strided views of the inputs: no (B, T, D) temporaries besides the output, which 
 loop's speed there). It multiplies decays (all <= 1) and never divides by a cumulative product, so
 it cannot overflow the way the closed form ``cumprod``/``cumsum`` does by T ~ 4K. Its backward is
 the reverse scan, by the same code (a custom autograd function), so the activations it keeps are
-O(T D), not O(T D) per loop step.
+O(T D), not O(T D) per loop step. Long inputs run in blocks of ``BLOCK`` elements, the state carried
+from block to block (forward) and the gradient from block to block (backward, in reverse): each
+block's decays and temporaries stay in cache, where whole-sequence ones (64 MB each at T = 16K,
+D = 1024) went to memory and back once per pass.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from titans_lnn.kernels.liquid.naive import check_inputs
 
 SHORT = 64  # up to this many steps, one loop over time (T small ops) beats the two passes
-IN_CACHE = 1 << 23  # elements of b up to which exp(log_a) is taken once (32 MB in fp32; measured), else per step
+BLOCK = 1 << 19  # (B, T_b, D) elements per block: 2 MB in fp32, in cache (as the liquid core's blocks)
 
 
 def chunk_len(T: int) -> int:
@@ -31,57 +34,62 @@ def chunk_len(T: int) -> int:
     return max(16, math.isqrt(T // 2))
 
 
-def _scan_forward(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, *, a: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """h_t = exp(log_a_t) h_{t-1} + b_t. log_a, b: (B, T, D) contiguous; h0: (B, D) -> h: (B, T, D).
+def block_steps(B: int, D: int, T: int) -> int:
+    """Steps per block for (B, T, D) inputs: BLOCK elements, at least 256 steps (fewer cost more in
+    per-op overhead than the cache saves), at most T."""
+    return max(1, min(T, max(256, BLOCK // (B * D))))
 
-    ``a`` (B, T, D), contiguous: the decays exp(log_a) when the caller has them already (then no exp is
-    taken here). ``out`` (B, T, D), contiguous: where h goes; it may be ``b`` itself (each step reads
-    b_t before it writes h_t at the same place).
+
+def _scan_forward(log_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + b_t, a = exp(log_a). log_a, a, b, out: (B, T, D), each contiguous in (T, D);
+    h0: (B, D) -> h written into ``out`` (which may be ``b`` itself: each step reads b_t before it
+    writes h_t at the same place) and returned.
 
     Two passes over chunks of L steps, all chunks at once, on strided views of the inputs (no copies
-    of (B, T, D) tensors besides the output):
+    of (B, T, D) tensors):
       1. each chunk's effect on the state, h_out = P h_in + E, from a zero state: E by L fused
          multiply-adds over (B, N, D), P = exp(sum of the chunk's log-decays) (one reduction);
       2. the state entering each chunk: the same scan over the N chunks (recursively), from h0;
       3. each chunk rerun from its incoming state, writing h in place.
-    Past ``IN_CACHE`` elements the decays exp(log_a) are taken step by step inside the passes, on
-    (B, N, D) slices that stay in cache, rather than as one more (B, T, D) tensor. The steps past the
-    last whole chunk (fewer than L) are a short loop. Only decays are multiplied (never divided by), so
-    nothing overflows however long T is.
+    The steps past the last whole chunk (fewer than L) are a short loop. Only decays are multiplied
+    (never divided by), so nothing overflows however long T is.
     """
     B, T, D = b.shape
-    out = torch.empty_like(b) if out is None else out
     # Step views come from one unbind (indexing b[:, t] in Python costs more than the step's arithmetic).
     if T <= SHORT:
-        a = log_a.exp() if a is None else a  # one op for all steps: each step is then one op
         h = h0
         for b_t, a_t, o_t in zip(b.unbind(1), a.unbind(1), out.unbind(1)):
             h = torch.addcmul(b_t, a_t, h, out=o_t)
         return out
     L = chunk_len(T)
     N = T // L
-    la_c, b_c = log_a[:, :N * L].view(B, N, L, D), b[:, :N * L].view(B, N, L, D)  # chunk views, no copies
-    b_j = b_c.unbind(2)  # step j of every chunk: (B, N, D)
-    if a is not None or b.numel() <= IN_CACHE:  # given, or small enough to stay in cache: one exp for both passes
-        a_j = (la_c.exp() if a is None else a[:, :N * L].view(B, N, L, D)).unbind(2)
-
-        def decay(j):
-            return a_j[j]
-    else:  # one more (B, T, D) tensor would be written and read twice from memory: exp per step instead
-        def decay(j):
-            return la_c.select(2, j).exp()
+    la_c = log_a[:, :N * L].view(B, N, L, D)  # chunk views, no copies
+    b_j, a_j = b[:, :N * L].view(B, N, L, D).unbind(2), a[:, :N * L].view(B, N, L, D).unbind(2)  # step j: (B, N, D)
     end = b_j[0].clone()  # (B, N, D): E of each chunk, built step by step in place
     for j in range(1, L):
-        torch.addcmul(b_j[j], decay(j), end, out=end)
-    ends = _scan_forward(la_c.sum(dim=2), end, h0)  # (B, N, D): the state after each chunk
+        torch.addcmul(b_j[j], a_j[j], end, out=end)
+    chunk_log = la_c.sum(dim=2)  # (B, N, D): log P
+    ends = _scan_forward(chunk_log, chunk_log.exp(), end, h0, end)  # (B, N, D): the state after each chunk
     h = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D): the state entering each chunk
     for j, o_j in enumerate(out[:, :N * L].view(B, N, L, D).unbind(2)):
-        h = torch.addcmul(b_j[j], decay(j), h, out=o_j)
+        h = torch.addcmul(b_j[j], a_j[j], h, out=o_j)
     h = ends[:, -1]
-    a_tail = log_a[:, N * L:].exp() if a is None else a[:, N * L:]  # the last T - N L < L steps
-    for b_t, a_t, o_t in zip(b[:, N * L:].unbind(1), a_tail.unbind(1), out[:, N * L:].unbind(1)):
+    for b_t, a_t, o_t in zip(b[:, N * L:].unbind(1), a[:, N * L:].unbind(1), out[:, N * L:].unbind(1)):
         h = torch.addcmul(b_t, a_t, h, out=o_t)
+    return out
+
+
+def _scan_blocks(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The forward scan over blocks of ``block_steps`` steps, the state carried; each block's decays
+    exp(log_a) taken once, in cache. log_a, b: (B, T, D) contiguous; h0: (B, D) -> h: (B, T, D)."""
+    B, T, D = b.shape
+    out = torch.empty_like(b)
+    Tb = block_steps(B, D, T)
+    h = h0
+    for s in range(0, T, Tb):
+        la = log_a[:, s:s + Tb]
+        h = _scan_forward(la, la.exp(), b[:, s:s + Tb], h, out[:, s:s + Tb])[:, -1]
     return out
 
 
@@ -89,7 +97,7 @@ class _LiquidScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_a, b, h0):
         log_a = log_a.contiguous()
-        h = _scan_forward(log_a, b.contiguous(), h0)
+        h = _scan_blocks(log_a, b.contiguous(), h0)
         ctx.save_for_backward(log_a, h, h0)
         return h
 
@@ -97,13 +105,24 @@ class _LiquidScan(torch.autograd.Function):
     def backward(ctx, dh):
         log_a, h, h0 = ctx.saved_tensors
         B, T, D = h.shape
-        # g_t = dL/dh_t in total: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan.
-        log_a_next = torch.cat([log_a[:, 1:], log_a.new_zeros(B, 1, D)], dim=1)
-        g = _scan_forward(log_a_next.flip(1), dh.flip(1), torch.zeros_like(h0)).flip(1)
-        a = torch.exp(log_a)
-        h_prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
-        d_log_a = g * a * h_prev
-        dh0 = a[:, 0] * g[:, 0]
+        dh = dh.contiguous()
+        # g_t = dL/dh_t in total: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan, run block by block from
+        # the end (time flipped inside each block), with g at the next block's first step carried.
+        g, d_log_a = torch.empty_like(h), torch.empty_like(h)
+        Tb = block_steps(B, D, T)
+        g_next = torch.zeros_like(h0)  # g_e, the gradient entering from after the block (0 after the end)
+        for s in reversed(range(0, T, Tb)):
+            e = min(s + Tb, T)
+            # the decays that carry g_{t+1} into g_t for t = s .. e-1: a_{s+1} .. a_e (a_T: none, log 0)
+            la_next = log_a[:, s + 1:e + 1] if e < T else torch.cat([log_a[:, s + 1:], log_a.new_zeros(B, 1, D)], 1)
+            la_f, dh_f = la_next.flip(1), dh[:, s:e].flip(1)
+            g_blk = _scan_forward(la_f, la_f.exp(), dh_f, g_next, dh_f).flip(1)  # (B, e - s, D)
+            g[:, s:e] = g_blk
+            a = log_a[:, s:e].exp()
+            h_prev = torch.cat([(h0 if s == 0 else h[:, s - 1])[:, None], h[:, s:e - 1]], dim=1)
+            torch.mul(g_blk, a, out=d_log_a[:, s:e]).mul_(h_prev)
+            g_next = g_blk[:, 0]
+        dh0 = torch.exp(log_a[:, 0]) * g[:, 0]
         return d_log_a, g, dh0
 
 
@@ -131,4 +150,4 @@ def liquid_scan_chunked_(log_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     if any(t.requires_grad for t in (log_a, a, b, h0)):
         raise ValueError("liquid_scan_chunked_ writes over b and records no gradient: use liquid_scan_chunked "
                          "for inputs that require grad")
-    return _scan_forward(log_a, b, h0.to(b.dtype), a=a, out=b)
+    return _scan_forward(log_a, a, b, h0.to(b.dtype), b)
