@@ -37,11 +37,10 @@ from pathlib import Path
 import torch
 
 from titans_lnn.cli import integer
-from titans_lnn.evals.niah_tasks import readout_figure, readout_job, readout_md, recipe_for
+from titans_lnn.evals.niah_tasks import readout_figure, readout_job, readout_md, recipe_for, train_task
 from titans_lnn.evals.niah_train import (
     NIAH_MODEL,
     NIAH_STEPS,
-    NIAH_TRAIN,
     TRAIN_SEED_BASE,
     memory_modules,
     niah_config,
@@ -121,20 +120,19 @@ def spread_depths(samples: int) -> list[float]:
 # ----------------------------------------------------------------------------- jobs (one process each)
 
 
-def _train_job(name: str, variant: str, task: str, steps: int, seed: int, threads: int, model_dir: str,
-               match: str, progress) -> dict:
+def _train_job(name: str, variant: str, task: str, steps: int, warm_start: int, seed: int, threads: int,
+               model_dir: str, match: str, progress) -> dict:
     """One model's training: returns its metadata (the model goes to ``model_dir``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = TitansLNN(niah_config(variant, match))
     t0 = time.perf_counter()
     report = (lambda step: progress.__setitem__(name, step)) if progress is not None else None
-    train = {**NIAH_TRAIN, **recipe_for(task).train}  # the task's lengths on top of the pass key's recipe
-    losses = train_passkey(model, steps, task=task, seed=seed, progress=False, on_step=report, **train)
+    losses = train_task(model, task, steps, warm_start=warm_start, seed=seed, on_step=report)
     model.save_pretrained(model_dir)
     return {"variant": variant, "task": task, "parameters": model.num_parameters(), "steps": steps,
-            "train_seconds": round(time.perf_counter() - t0, 1), "train_loss_first": losses[0],
-            "train_loss_last20": sum(losses[-20:]) / len(losses[-20:])}
+            "warm_start_steps": warm_start, "train_seconds": round(time.perf_counter() - t0, 1),
+            "train_loss_first": losses[0], "train_loss_last20": sum(losses[-20:]) / len(losses[-20:])}
 
 
 def _eval_job(model_dir: str, task: str, length: int, length_index: int, depths: list[float | None],
@@ -270,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     args.steps = args.steps or recipe.steps
     args.lengths = args.lengths or list(recipe.lengths)
     args.samples = args.samples or recipe.samples
+    args.warm_start = recipe.warm_start if args.warm_start is None else args.warm_start
     depths = args.depths if args.depths else spread_depths(args.samples)
     if args.task.startswith("babilong_"):
         depths = [None] * len(depths)
@@ -314,14 +313,15 @@ def run(args: argparse.Namespace) -> int:
                 meta[name] = old_meta.get(name, {"variant": variant})
                 submit_evals(name)
             else:
-                jobs[pool.submit(_train_job, name, variant, args.task, args.steps, args.seed, threads, str(dirs[name]),
-                                 args.variant, progress)] = ("train", name, 0)
+                jobs[pool.submit(_train_job, name, variant, args.task, args.steps, args.warm_start, args.seed, threads,
+                                 str(dirs[name]), args.variant, progress)] = ("train", name, 0)
                 training.append(name)
         if training:
+            warm = f" after {args.warm_start} pass-key steps" if args.warm_start else ""
             print(f"training {', '.join(f'{n} ({models[n]})' for n in training)} on {args.task}: {args.steps} steps "
-                  f"each, {workers} processes x {threads} threads; each model is evaluated when it is trained")
-        train_bar = tqdm(total=args.steps * len(training), desc="train", unit="step", disable=args.no_progress
-                         or not training)
+                  f"each{warm}, {workers} processes x {threads} threads; each model is evaluated when it is trained")
+        train_bar = tqdm(total=(args.warm_start + args.steps) * len(training), desc="train", unit="step",
+                         disable=args.no_progress or not training)
         eval_total = sum(args.lengths) * len(depths) * len(models)
         eval_bar = tqdm(total=eval_total, desc="evaluate", unit="tok", unit_scale=True, disable=args.no_progress)
         while jobs:
@@ -360,7 +360,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{'facts at seeded random depths' if depths[0] is None else f'depths {depths}'}, evaluation seeds "
                 f"{args.seed} * 10^6 + 1000 * length index + sample (training seeds >= 2^31).\n")
     if args.task != "passkey":
-        summary += f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}.\n"
+        warm = f", after {args.warm_start} steps of the pass key's recipe" if args.warm_start else ""
+        summary += (f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}{warm}.\n")
     (out / "summary.md").write_text(summary)
     summary_path.write_text(json.dumps({"meta": meta, "wall_s": wall, "model": NIAH_MODEL, "task": args.task},
                                        indent=2))
@@ -379,6 +380,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the hybrid's variant (default mal)")
     p.add_argument("--steps", type=integer(1), default=None,
                    help=f"training steps per model (default: the task's recipe; passkey {NIAH_STEPS})")
+    p.add_argument("--warm-start", type=integer(0), default=None, metavar="STEPS",
+                   help="pass-key steps (its own recipe) before the task's (default: the task's recipe; "
+                        "niah_single_2 starts from the pass key)")
     p.add_argument("--lengths", type=_parse_lengths, default=None,
                    help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default: the "
                         "task's recipe; passkey 1k,4k,16k,64k,256k,1m)")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from titans_lnn.evals.babilong import LOCATIONS
-from titans_lnn.evals.niah_train import NIAH_STEPS, answer_text, memory_modules
+from titans_lnn.evals.niah_train import NIAH_STEPS, NIAH_TRAIN, answer_text, memory_modules, train_passkey
 from titans_lnn.evals.report import format_length
 from titans_lnn.evals.runner import max_new_tokens_for
 from titans_lnn.evals.tasks import TASKS, make_sample
@@ -31,7 +32,7 @@ from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import ByteTokenizer
 
 __all__ = ["TASK_RECIPES", "TaskRecipe", "chance_nats", "readout_figure", "readout_md", "recipe_for",
-           "task_overhead", "task_readout"]
+           "task_overhead", "task_readout", "train_task"]
 
 PASSKEY_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)  # the main job's default: 1K .. 1M
 
@@ -42,15 +43,17 @@ class TaskRecipe:
 
     ``train`` holds :func:`~titans_lnn.evals.niah_train.train_passkey` keywords that replace the
     pass key's (``NIAH_TRAIN`` and the function's defaults: ``min_len``, ``max_len``, ``long_len``,
-    ``batch_size``, ...); ``note`` says how the recipe was chosen (printed in the summary).
+    ``batch_size``, ...); ``note`` says how the recipe was chosen (printed in the summary);
+    ``warm_start`` pass-key steps come first (:func:`train_task`).
     """
 
-    steps: int  # training steps of each model
+    steps: int  # training steps of each model on the task
     lengths: tuple[int, ...]  # evaluation prompt lengths (tokens)
     samples: int  # prompts per length
     max_new_tokens: int  # greedy tokens generated per answer
     train: dict = field(default_factory=dict)
     note: str = ""
+    warm_start: int = 0  # pass-key steps (its own recipe, NIAH_TRAIN) before the task's: see train_task
 
 
 # Sized by measured cost (CPU seconds per step, see each note) to fit ~15 min on 2 idle cores with evaluation;
@@ -95,6 +98,28 @@ def recipe_for(task: str) -> TaskRecipe:
                       max_new_tokens=max_new_tokens_for(task),
                       train=dict(min_len=fixed + 16, max_len=fixed + 200, long_len=(fixed + 1024, fixed + 2048)),
                       note=f"not tuned: {fixed} tokens of fixed text, training lengths derived from it")
+
+
+def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | None = None, seed: int = 0,
+               progress: bool = False, on_step: Callable[[int], None] | None = None) -> list[float]:
+    """Train ``model`` on ``task`` by its recipe; returns the loss per step (the warm start's first).
+
+    With a warm start (``warm_start`` steps, by default the recipe's) the model first learns the pass
+    key with the main job's own recipe (``NIAH_TRAIN``: the memory learns to write a number and read it
+    after "is"), then ``steps`` steps of the task (``NIAH_TRAIN``, then ``recipe.train``), each stage
+    seeded with ``seed``. ``on_step(step)`` counts the steps of both stages."""
+    recipe = recipe_for(task)
+    warm_start = recipe.warm_start if warm_start is None else warm_start
+    if not isinstance(warm_start, int) or warm_start < 0:
+        raise ValueError(f"train_task: warm_start={warm_start!r} is invalid: expected a number of steps >= 0")
+    losses: list[float] = []
+    if warm_start:
+        losses += train_passkey(model, warm_start, seed=seed, progress=progress, on_step=on_step, **NIAH_TRAIN)
+    done = len(losses)
+    report = (lambda step: on_step(done + step)) if on_step is not None else None
+    losses += train_passkey(model, steps, task=task, seed=seed, progress=progress, on_step=report,
+                            **{**NIAH_TRAIN, **recipe.train})
+    return losses
 
 
 # ----------------------------------------------------------------------------- read-out diagnostics

@@ -161,8 +161,8 @@ def passkey_batch(batch_size: int, min_len: int, max_len: int, rng: random.Rando
 def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_size: int = 16, min_len: int = 260,
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
                   lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
-                  threshold_from: float = 0.5, penalize: str = "written", penalty_margin: float = 0.0,
-                  mix_task: str | None = None, mix_frac: tuple[float, float] = (0.0, 0.0),
+                  threshold_from: float = 0.5, threshold_start: float = 0.0, penalize: str = "written",
+                  penalty_margin: float = 0.0, mix_task: str | None = None, mix_frac: tuple[float, float] = (0.0, 0.0),
                   mix_len: tuple[int, int] = (260, 450), num_facts: tuple[int, int] | None = None,
                   facts_until: float = 0.5, progress: bool = True,
                   on_step: Callable[[int], None] | None = None) -> list[float]:
@@ -179,6 +179,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     A memory whose config skips small writes (``mem_write_threshold``) trains without the threshold
     until the fraction ``threshold_from`` of the steps, then with it raised linearly to the config's
     value by the last step: retrieval is learned first, then to keep the filler's writes below it.
+    ``threshold_start`` (a fraction of the config's threshold) is where it starts instead of 0: 1 keeps
+    the full threshold from the first step (a model warm-started from one trained with it, which would
+    otherwise relearn to write above it: the loss of an S-NIAH-2 warm start went 0.001 -> 0.19 on the ramp).
     A task mixture: with ``mix_task``, a step trains on that task instead (prompts of ``mix_len``
     tokens, ``long_len`` in the long phase) with a probability going linearly from ``mix_frac[0]`` at
     the first step to ``mix_frac[1]`` at the last ((1, 0): the pass key first, the task by the end).
@@ -193,6 +196,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
         raise ValueError(f"train_passkey: penalty_margin={penalty_margin!r} is invalid: expected a fraction in [0, 1)")
     if penalize not in ("written", "gate"):
         raise ValueError(f"train_passkey: penalize={penalize!r} is invalid: expected 'written' or 'gate'")
+    if not 0 <= threshold_start <= 1:
+        raise ValueError(f"train_passkey: threshold_start={threshold_start!r} is invalid: expected a fraction in "
+                         "[0, 1] of the config's write threshold")
     if mix_task is not None and not all(0 <= f <= 1 for f in mix_frac):
         raise ValueError(f"train_passkey: mix_frac={mix_frac!r} is invalid: expected two probabilities in [0, 1]")
     if num_facts is not None and not (1 <= num_facts[0] and 1 <= num_facts[1] and 0 <= facts_until <= 1):
@@ -216,7 +222,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     for step in bar:
         for m in memories:
             ramp = (step - threshold_from * steps) / max(1.0, (1 - threshold_from) * steps - 1)
-            m.write_threshold = model.config.mem_write_threshold * min(1.0, max(0.0, ramp))
+            ramp = min(1.0, max(0.0, ramp))
+            m.write_threshold = model.config.mem_write_threshold * (threshold_start + (1 - threshold_start) * ramp)
         at = step / max(1, steps - 1)  # 0 at the first step, 1 at the last
         mixed = mix_task is not None and mix_rng.random() < mix_frac[0] + (mix_frac[1] - mix_frac[0]) * at
         facts = None

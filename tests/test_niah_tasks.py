@@ -92,8 +92,11 @@ def test_niah_command_runs_each_task(tmp_path, monkeypatch, task, lengths):
     seed training drew (the training draws replayed here with the run's --seed)."""
     out = tmp_path / task
     assert main(["niah", "--task", task, "--steps", "2", "--lengths", lengths, "--samples", "2", "--out", str(out),
-                 "--no-progress", "--chunk-len", "128", "--workers", "1", "--threads", "1"]) == 0
+                 "--no-progress", "--chunk-len", "128", "--workers", "1", "--threads", "1", "--warm-start", "1"]) == 0
     summary = (out / "summary.md").read_text()
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["hybrid"]["warm_start_steps"] == meta["baseline"]["warm_start_steps"] == 1
+    assert "after 1 steps of the pass key's recipe" in summary
     assert f"{task} accuracy" in summary and "Wilson" in summary and summary.count("n=2") == 4
     assert f"Recipe of {task}" in summary and "haystack tokens written" in summary
     assert (out / "hybrid" / "readout.png").stat().st_size > 0
@@ -191,3 +194,25 @@ def test_train_passkey_ramps_the_facts_per_story(monkeypatch):
     assert drawn == [("babilong_qa1", 1), ("babilong_qa1", 4), ("babilong_qa1", 7), ("babilong_qa1", 7)]
     with pytest.raises(ValueError, match="num_facts=\\(2, 4\\) given for task 'passkey'"):
         _tasks_trained(monkeypatch, 1, num_facts=(2, 4))
+
+
+def test_train_task_warm_starts_on_the_pass_key(monkeypatch):
+    """A recipe's ``warm_start``: that many pass-key steps (the pass key's own recipe), then the task's steps
+    with the task's keywords; ``on_step`` counts through both stages."""
+    from titans_lnn.evals import niah_tasks
+
+    recipe = niah_tasks.TaskRecipe(steps=2, lengths=(1024,), samples=10, max_new_tokens=10, warm_start=2,
+                                   train=dict(min_len=400, max_len=420, batch_size=1, long_frac=0.0))
+    monkeypatch.setitem(niah_tasks.TASK_RECIPES, "niah_single_2", recipe)
+    calls, steps = [], []
+    real = niah_tasks.train_passkey
+
+    def spy(model, n, **kw):  # toy size: one row per batch, no long phase
+        calls.append((kw.get("task", "passkey"), n, kw.get("batch_size")))
+        return real(model, n, **{**kw, "batch_size": 1, "long_frac": 0.0})
+
+    monkeypatch.setattr(niah_tasks, "train_passkey", spy)
+    torch.manual_seed(0)
+    losses = niah_tasks.train_task(TitansLNN(niah_config("mal")), "niah_single_2", 3, on_step=steps.append)
+    assert calls == [("passkey", 2, None), ("niah_single_2", 3, 1)]
+    assert len(losses) == 5 and steps == [1, 2, 3, 4, 5]
