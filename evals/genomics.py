@@ -249,9 +249,16 @@ def records_markdown(result: dict) -> str:
 
 
 def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, kmax: int = 12, lr: float = 0.002,
-                      edges: Sequence[int] | None = None, progress: bool = True) -> dict:
+                      edges: Sequence[int] | None = None, progress: bool = True,
+                      poe_fold: GenomeReading | None = None) -> dict:
     """Order-k Markov models k = 1..kmax fitted on ``train`` (nucleotide ids, one array per record), the network
     of ``reading``, and their online mixtures (module docstring), all scored on the same bases of the genome.
+
+    With ``poe_fold`` (the network's reading of the first bases of ``train``'s first record), two more rows: a
+    trained product of experts (:func:`~titans_lnn.evals.markov.fit_poe`) of the orders 1..kmax and
+    :data:`~titans_lnn.evals.markov.POE_LONG`, without and with the network, its weights fitted on the fold's
+    bases with tables counted on the rest of ``train`` (cross-fitted), then fixed; scored with tables counted on
+    all of ``train``. Nothing is learnt while reading the scored genome.
 
     Returns ``{"rows", "tokens", "edges", "best_markov", "kmax", "lr", "seen"}``: ``rows`` one dict per predictor
     (``name``, ``bits``, ``bins`` by position, ``seen``: bits per :data:`SEEN_GROUPS` group), ``seen`` the share of
@@ -293,10 +300,40 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
                         (f"network + Markov 1-{kmax}, mixed online", reading.logp[:, None])):
         t0 = time.perf_counter()
         rows.append(row(name, mix_bits(models, bases, extra, lr=lr)))
+    if poe_fold is not None:
+        t0 = time.perf_counter()
+        for name, bits in _poe_rows(reading, train, models, poe_fold, kmax):
+            rows.append(row(name, bits))
+            t0 = time.perf_counter()
     total = max(int(common.sum()), 1)
     shares = [float((common & (seen == i)).sum() / total) for i in range(len(SEEN_GROUPS))]
     return {"rows": rows, "tokens": int(common.sum()), "edges": edges, "best_markov": best["name"], "kmax": kmax,
             "lr": lr, "seen": [{"group": g, "share": sh} for g, sh in zip(SEEN_GROUPS, shares)]}
+
+
+def _poe_rows(reading: GenomeReading, train: Sequence[np.ndarray], models: list, fold: GenomeReading,
+              kmax: int) -> list[tuple[str, np.ndarray]]:
+    """The two trained product-of-experts rows of :func:`markov_comparison`: ``[(name, bits (N,)), ...]``."""
+    from titans_lnn.evals.markov import POE_KREF, POE_LONG, MarkovModel, fit_poe, poe_bits
+
+    n = len(fold.bases)
+    if not train or n >= len(train[0]):
+        raise ValueError(f"the product of experts' fold has {n} bases: expected fewer than the training genome's "
+                         f"first record ({len(train[0]) if train else 0} bases), so that tables can be counted on "
+                         f"the rest")
+    kref = min(POE_KREF, kmax)
+    orders = [*range(1, kmax + 1), *(k for k in POE_LONG if k > kmax)]
+    apart = [np.asarray(train[0])[n:], *train[1:]]  # every base but the fold's: the tables that predict the fold
+    models_apart = [MarkovModel(k).fit(apart) for k in orders]
+    full = list(models) + [MarkovModel(k).fit(train) for k in orders if k > kmax]
+    out = []
+    for label, fold_extra, extra in (("no network", None, None),
+                                     ("with the network", fold.logp[:, None], reading.logp[:, None])):
+        mixer = fit_poe(models_apart, fold.bases, fold_extra, kref=kref)
+        name = (f"Markov 1-{kmax}, {', '.join(str(k) for k in orders[kmax:])}: trained product of experts, {label} "
+                f"(weights fitted on the training genome's first {n:,} bases, cross-fitted; fixed)")
+        out.append((name, poe_bits(mixer, full, reading.bases, extra, kref=kref)))
+    return out
 
 
 # How often a scored base's kmax-base context occurs in the training genome (never, once, 2-9, 10+ times):
@@ -347,7 +384,8 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
 
     main_rows = [r for r in comparison["rows"] if "k" not in r or r["name"] == comparison["best_markov"]]
     styles = [dict(color="C3", marker="s", linestyle="--"), dict(color="C0", marker="o", linewidth=2),
-              dict(color="C2", marker="^", linestyle="-."), dict(color="C1", marker=".")]  # in main_rows' order
+              dict(color="C2", marker="^", linestyle="-."), dict(color="C1", marker="."),
+              dict(color="C4", marker="v", linestyle=":"), dict(color="C5", marker="x")]  # in main_rows' order
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r, style in zip(main_rows, styles):
         bins = [b for b in r["bins"] if b["bits"] is not None]
@@ -398,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="eval-results/genomics-markov", metavar="DIR",
                    help="results.md, results.json and bits.png go here (default: eval-results/genomics-markov)")
     p.add_argument("--plot", metavar="PNG", help="also write the plot to this path (e.g. benchmarks/plots/...)")
+    p.add_argument("--poe-fit-bases", type=integer(1000), metavar="N",
+                   help="also fit a product of experts (Markov tables and the network, weights fixed after fitting) "
+                        "on the first N bases of --train, tables counted on the rest (cross-fitted); e.g. 1000000")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-row timings")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -405,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load_model(args.checkpoint)
         reading = _cached_reading(args, model, tok)
         train = _records(args.train, NucleotideTokenizer())
+        fold = None
+        if args.poe_fit_bases:
+            fold = read_genome(model, tok, args.train, max_tokens=args.poe_fit_bases, chunk_len=args.chunk_len,
+                               progress=not args.no_progress)
         comparison = markov_comparison(reading, train, kmax=args.kmax, lr=args.lr, progress=not args.no_progress,
+                                       poe_fold=fold,
                                        edges=position_edges(len(reading.bases), 128, args.bin_factor))
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"genomics: error: {e}", file=sys.stderr)

@@ -19,7 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["kmer_codes", "MarkovModel", "OnlineMixer", "count_selector", "mix_bits", "markov_table", "main"]
+__all__ = ["kmer_codes", "MarkovModel", "OnlineMixer", "count_selector", "mix_bits", "TrainedMixer", "poe_experts",
+           "fit_poe", "poe_bits", "markov_table", "main"]
+
+MAX_ORDER = 30  # a (k+1)-mer's base-4 code must fit in an int64
 
 
 def kmer_codes(ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +44,8 @@ class MarkovModel:
     """An order-``k`` Markov chain over A/C/G/T fitted on token-id sequences (see the module docstring)."""
 
     def __init__(self, k: int, alpha: float = 0.5):
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 15:
-            raise ValueError(f"k={k!r} is invalid: expected an order in [0, 15]")
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_ORDER:
+            raise ValueError(f"k={k!r} is invalid: expected an order in [0, {MAX_ORDER}]")
         if not alpha > 0:
             raise ValueError(f"alpha={alpha!r} is invalid: expected a smoothing count > 0")
         self.k, self.alpha = k, alpha
@@ -189,6 +192,121 @@ def mix_bits(models: Sequence[MarkovModel], ids: np.ndarray, extra: np.ndarray |
     return out
 
 
+# ----------------------------------------------------------------------------- a trained product of experts
+
+
+POE_LONG = (16, 20, 24)  # long orders: a context this long found in the other genome is a shared stretch, not chance
+POE_KREF = 12  # the order whose context count (bucketed by count_selector) picks the weight row, with the long match
+
+
+class TrainedMixer:
+    """A product of experts with weights fitted once, offline, then fixed: p(b) is proportional to
+    exp(sum_e w[s, e] log p_e(b)), one weight row per selector s (as :class:`OnlineMixer`, which learns while
+    reading instead). ``fit`` minimises the mean log loss over (N,) fitting bases with L-BFGS; the caller
+    keeps those bases apart from the ones the experts were counted on (:func:`fit_poe` cross-fits)."""
+
+    def __init__(self, n_experts: int, n_selectors: int = 1):
+        if not isinstance(n_experts, int) or n_experts < 1:
+            raise ValueError(f"n_experts={n_experts!r} is invalid: expected a whole number >= 1")
+        if not isinstance(n_selectors, int) or n_selectors < 1:
+            raise ValueError(f"n_selectors={n_selectors!r} is invalid: expected a whole number >= 1")
+        self.weights = np.full((n_selectors, n_experts), 1.0 / n_experts)  # (S, E)
+
+    def _check(self, logp: np.ndarray, target: np.ndarray, selector: np.ndarray) -> None:
+        S, E = self.weights.shape
+        N = len(target)
+        if logp.shape != (N, E, 4):
+            raise ValueError(f"logp has shape {logp.shape}: expected (N, E, 4) = ({N}, {E}, 4)")
+        if selector.shape != (N,) or (N and (selector.min() < 0 or selector.max() >= S)):
+            raise ValueError(f"selector must be (N,) = ({N},) ids in [0, {S}), got shape {selector.shape}")
+
+    def fit(self, logp: np.ndarray, target: np.ndarray, selector: np.ndarray, *, steps: int = 200) -> TrainedMixer:
+        """Fit the weights on ``logp`` (N, E, 4), ``target`` (N,) 0..3 (others ignored), ``selector`` (N,)."""
+        import torch
+
+        self._check(logp, target, selector)
+        ok = np.asarray(target) < 4
+        lp = torch.from_numpy(np.ascontiguousarray(logp[ok], dtype=np.float32))  # (M, E, 4)
+        y = torch.from_numpy(np.asarray(target)[ok].astype(np.int64))  # (M,)
+        s = torch.from_numpy(np.asarray(selector)[ok].astype(np.int64))  # (M,)
+        w = torch.tensor(self.weights, dtype=torch.float32, requires_grad=True)  # (S, E)
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            z = torch.einsum("me,meb->mb", w[s], lp)  # (M, 4) mixed logits
+            loss = torch.nn.functional.cross_entropy(z, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.weights = w.detach().double().numpy()
+        return self
+
+    def __call__(self, logp: np.ndarray, target: np.ndarray, selector: np.ndarray) -> np.ndarray:
+        """(N,) nats of each target under the fixed weights (NaN where the target is not A/C/G/T)."""
+        self._check(logp, target, selector)
+        z = np.einsum("ne,neb->nb", self.weights[selector], logp.astype(np.float64))  # (N, 4)
+        z -= z.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(z).sum(axis=1))
+        target = np.asarray(target)
+        ok = target < 4
+        picked = z[np.arange(len(target)), np.where(ok, target, 0).astype(np.int64)]
+        return np.where(ok, logz - picked, np.nan)
+
+
+def poe_experts(models: Sequence[MarkovModel], ids: np.ndarray, a: int, b: int, extra: np.ndarray | None = None,
+                *, kref: int = POE_KREF) -> tuple[np.ndarray, np.ndarray]:
+    """The experts of positions a..b-1 of ids (L,) for a :class:`TrainedMixer`: ``(logp, selector)``, logp
+    (b - a, E, 4) the Markov models' rows (in order) then ``extra``'s ((L, X, 4)); selector = the
+    :func:`count_selector` bucket of order ``kref``'s context count times (1 + the number of models of order >
+    ``kref``) plus how many of those longer orders have seen their context (contexts nest, so that is the
+    longest one seen): a long shared stretch is trusted differently from a short chance match."""
+    orders = [m.k for m in models]
+    if kref not in orders:
+        raise ValueError(f"kref={kref} is not among the models' orders {orders}")
+    lo = max(a - max(orders), 0)
+    parts, counts = [], {}
+    for m in models:
+        logp, count = m.logprobs(ids[lo:b])
+        parts.append(logp[a - lo:])
+        counts[m.k] = count[a - lo:]
+    logp = np.stack(parts, axis=1)  # (b - a, K, 4)
+    if extra is not None:
+        logp = np.concatenate([logp, extra[a:b].astype(np.float32)], axis=1)  # (b - a, K + X, 4)
+    longer = [k for k in orders if k > kref]
+    seen = sum((counts[k] > 0).astype(np.int64) for k in longer) if longer else np.zeros(b - a, dtype=np.int64)
+    return logp, count_selector(counts[kref]) * (len(longer) + 1) + seen
+
+
+def n_poe_selectors(models: Sequence[MarkovModel], kref: int = POE_KREF) -> int:
+    """How many selector values :func:`poe_experts` gives for these models."""
+    return (len(COUNT_EDGES) + 1) * (1 + sum(m.k > kref for m in models))
+
+
+def fit_poe(models_apart: Sequence[MarkovModel], ids: np.ndarray, extra: np.ndarray | None = None, *,
+            kref: int = POE_KREF, steps: int = 200) -> TrainedMixer:
+    """A :class:`TrainedMixer` fitted on the bases of ids (L,), predicted by ``models_apart`` (Markov models
+    counted on sequences that do not contain these bases: cross-fitting, so that no table predicts a base it
+    counted) and by ``extra`` (L, X, 4)."""
+    logp, selector = poe_experts(models_apart, ids, 0, len(ids), extra, kref=kref)
+    mixer = TrainedMixer(logp.shape[1], n_poe_selectors(models_apart, kref))
+    return mixer.fit(logp, np.asarray(ids), selector, steps=steps)
+
+
+def poe_bits(mixer: TrainedMixer, models: Sequence[MarkovModel], ids: np.ndarray, extra: np.ndarray | None = None,
+             *, kref: int = POE_KREF, slab: int = 1 << 18) -> np.ndarray:
+    """(L,) bits of each base of ids (L,) under the fixed ``mixer`` (NaN where the base is not A/C/G/T); the
+    experts are built ``slab`` positions at a time."""
+    ids = np.asarray(ids)
+    out = np.full(len(ids), np.nan)
+    for a in range(0, len(ids), slab):
+        b = min(a + slab, len(ids))
+        logp, selector = poe_experts(models, ids, a, b, extra, kref=kref)
+        out[a:b] = mixer(logp, ids[a:b], selector) / math.log(2)
+    return out
+
+
 def markov_table(train: Sequence[np.ndarray], tests: dict[str, Sequence[np.ndarray]], ks: Sequence[int], *,
                  alpha: float = 0.5) -> list[dict]:
     """One row per k: ``{"k", name: bits per base on that test set, ...}``."""
@@ -218,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", default="ecoli-k12", help="the genome counted: FASTA or built-in (default: ecoli-k12)")
     p.add_argument("--test", default="ecoli-ec590", help="the held-out genome scored (default: ecoli-ec590)")
-    p.add_argument("--kmax", type=integer(0, 15), default=12, help="orders 0..kmax (default: 12)")
+    p.add_argument("--kmax", type=integer(0, MAX_ORDER), default=12, help="orders 0..kmax (default: 12)")
     p.add_argument("--alpha", type=number(0, math.inf, open_lo=True, open_hi=True), default=0.5,
                    help="add-alpha smoothing (default: 0.5)")
     p.add_argument("--rc", action="store_true", help="count both strands of the training genome")
