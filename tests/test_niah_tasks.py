@@ -216,3 +216,16 @@ def test_train_task_warm_starts_on_the_pass_key(monkeypatch):
     losses = niah_tasks.train_task(TitansLNN(niah_config("mal")), "niah_single_2", 3, on_step=steps.append)
     assert calls == [("passkey", 2, None), ("niah_single_2", 3, 1)]
     assert len(losses) == 5 and steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("start", [0.0, 0.5, 1.0])
+def test_threshold_start_sets_the_write_threshold_before_its_ramp(start):
+    """Before ``threshold_from`` the memories skip writes below ``threshold_start`` x the config's threshold
+    (0: every write kept, the old rule; 1: the full threshold from the first step, for a warm start)."""
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal"))
+    niah_train.train_passkey(model, 1, batch_size=1, threshold_from=0.5, threshold_start=start, progress=False)
+    threshold = niah_train.NIAH_MODEL["mem_write_threshold"]
+    assert [m.write_threshold for m in memory_modules(model)] == [pytest.approx(start * threshold)] * 2
+    with pytest.raises(ValueError, match="threshold_start=1.5"):
+        niah_train.train_passkey(model, 1, threshold_start=1.5, progress=False)
