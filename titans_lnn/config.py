@@ -229,4 +229,10 @@ PRESETS: dict[str, dict] = {
     "niah": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, window=64, n_persistent=4, liquid_state=4,
                  mem_heads=1, mem_depth=1, mem_chunk=16, mlp_mult=2.0, mem_max_lr=1.0, mem_max_forget=0.0,
                  conv_kernel=8, init_std=0.1, tie_embeddings=False, mem_write_threshold=0.15, mem_gate_context=True),
+    # DNA on a CPU (`titans-lnn train --data ecoli-k12 --preset dna --tokenizer kmer4`; the recipe and its measurements
+    # in titans_lnn/evals/genomics.py). Attention alone by default: per CPU-second it sees ~2.5x the bases of a
+    # hybrid, and bases seen limit it. Untied head: with k-mer tokens the input table (k-mers) and the output
+    # (the next k-mer, 5 of which can follow) differ. --variant mag adds the liquid core and a one-head linear memory.
+    "dna": dict(variant="swa", d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, window=128, n_persistent=4,
+                mlp_mult=4.0, tie_embeddings=False, liquid_state=4, mem_heads=1, mem_depth=1, mem_chunk=64),
 }
