@@ -30,28 +30,28 @@ from __future__ import annotations
 import torch
 from torch.linalg import vecdot
 
-# The chunk inputs, each (N, G, L, ...): N chunks. overlap and kh are None unless stable.
+# The chunk inputs, each (G, N, L, ...): N chunks, chunk i is t[:, i]. overlap and kh are None unless stable.
 FIELDS = ("q", "k", "v", "theta", "eta", "qk", "overlap", "kh", "beta", "E", "dbe", "dd", "d_e")
 
 
 def _last_rows(t, last):
-    """t[:, :, L - 1] for every chunk but the final one, t[-1, :, last] for it: (N, G, ...)."""
+    """t[:, i, L - 1] for every chunk i but the final one, t[:, -1, last] for it: (G, N, ...)."""
     rows = t[:, :, -1].clone()
-    rows[-1] = t[-1, :, last]
+    rows[:, -1] = t[:, -1, last]
     return rows
 
 
 def prepare(f, last, n, stable):
     """What does not depend on the anchors, for all N chunks at once (no autograd): a dict of
-    (N, G, L, ...) tensors, from ``FIELDS`` ``f``; ``last`` is the final chunk's last real row."""
+    (G, N, L, ...) tensors, from ``FIELDS`` ``f``; ``last`` is the final chunk's last real row."""
     q, k, v, theta, eta = f["q"], f["k"], f["v"], f["theta"], f["eta"]
-    beta, dbe = f["beta"][..., None], f["dbe"][..., None]  # (N, G, L, 1)
+    beta, dbe = f["beta"][..., None], f["dbe"][..., None]  # (G, N, L, 1)
     p = dict(q=q, k=k, theta=theta, qk=f["qk"], beta=beta, dbe=dbe, qb=q * beta, qd=q * dbe, xsq0=vecdot(k, k),
              r0=k - v if n == 2 else -v, dd2=2 * f["dd"])
-    p["ddl"] = _last_rows(p["dd2"], last)  # Cm's row ``last`` is ddl * theta'': (N, G, L)
+    p["ddl"] = _last_rows(p["dd2"], last)  # Cm's row ``last`` is ddl * theta'': (G, N, L)
     p["del"] = 2 * _last_rows(f["d_e"], last)
     for name in ("beta", "dbe", "E"):
-        p[name + "_l"] = _last_rows(f[name], last)[..., None, None]  # (N, G, 1, 1)
+        p[name + "_l"] = _last_rows(f[name], last)[..., None, None]  # (G, N, 1, 1)
     if stable:
         p["den"] = (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
         p["tw"] = 2 * theta / p["den"]  # u = tw kappa / 2
@@ -273,13 +273,13 @@ def _amax_abs_backward(x, top, grad):
 
 def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     """The chunk inputs' gradients, for all chunks at once, from what ``chunk_backward`` kept per chunk:
-    a dict name -> (N, G, L, ...) for the ``FIELDS`` in ``needs``."""
-    st = {key: torch.stack([kp[key] for kp in kept]) for key in kept[0] if kept[0][key] is not None}
-    th2, cm = (torch.stack([s[key] for s in saved]) for key in ("th2", "cm"))
+    a dict name -> (G, N, L, ...) for the ``FIELDS`` in ``needs``."""
+    st = {key: torch.stack([kp[key] for kp in kept], 1) for key in kept[0] if kept[0][key] is not None}
+    th2, cm = (torch.stack([s[key] for s in saved], 1) for key in ("th2", "cm"))
 
-    def add_last(t, rows):  # t (N, G, L, ...) += rows (N, G, ...) at each chunk's last row
-        t[:-1, :, -1] += rows[:-1]
-        t[-1, :, last] += rows[-1]
+    def add_last(t, rows):  # t (G, N, L, ...) += rows (G, N, ...) at each chunk's last row
+        t[:, :-1, -1] += rows[:, :-1]
+        t[:, -1, last] += rows[:, -1]
         return t
 
     g = {}
@@ -288,7 +288,7 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     g_dbe = vecdot(g_qd, q)
     g["q"] = torch.addcmul(torch.addcmul(gy if n == 2 else torch.zeros_like(gy), g_qb, p["beta"]), g_qd, p["dbe"])
     if n == 2:
-        hr = torch.stack([s["hr"] for s in saved])
+        hr = torch.stack([s["hr"] for s in saved], 1)
         g_beta = g_beta + vecdot(st["g_hrb"], hr)
         g_dbe = g_dbe + vecdot(st["g_hrd"], hr)
     g["beta"] = add_last(g_beta, st["g_bl"])
@@ -299,14 +299,14 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     g["d_e"] = add_last(torch.zeros_like(f["d_e"]), -2 * st["nde"] * th2)
     theta = p["theta"]
     if stable:
-        d1, d2, u, khalf = (torch.stack([s[key] for s in saved]) for key in ("d1", "d2", "u", "khalf"))
+        d1, d2, u, khalf = (torch.stack([s[key] for s in saved], 1) for key in ("d1", "d2", "u", "khalf"))
         g_u, den = st["g_u"], p["den"]
         g["theta"] = -st["ng_th1"] / (d1 * d2) + 2 * g_u * khalf / den
         g["eta"] = g_u * u / den * ((1 - f["eta"]) >= torch.finfo(theta.dtype).tiny)
         g["overlap"] = st["g_before"][..., None] * u[:, :, None, :]
         if "g_kh" in kept[-1]:
             g_kh = torch.zeros_like(f["kh"])
-            g_kh[-1] = kept[-1]["g_kh"]
+            g_kh[:, -1] = kept[-1]["g_kh"]
             g["kh"] = g_kh
     else:
         g["theta"] = -st["ng_th1"]
@@ -320,9 +320,9 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
 
 class ChunkLoop(torch.autograd.Function):
     """The loop over N whole chunks as one autograd node. forward(meta, *tensors): meta = (n layers,
-    ``last`` of the final chunk, max_grad_norm, stable); tensors = the ``FIELDS`` (each (N, G, L, ...);
+    ``last`` of the final chunk, max_grad_norm, stable); tensors = the ``FIELDS`` (each (G, N, L, ...);
     overlap and kh None unless stable), then W (n), then S (n), each (G, out_l, in_l). Returns y
-    (N, G, L, Dv), W and S after, the final chunk's anchor (the weights before it), and its Q (stable;
+    (G, N, L, Dv), W and S after, the final chunk's anchor (the weights before it), and its Q (stable;
     else an empty tensor)."""
 
     @staticmethod
@@ -345,15 +345,15 @@ class ChunkLoop(torch.autograd.Function):
         N = len(saved)
         if gy is None:
             gy = p["q"].new_zeros(*p["q"].shape[:3], saved[0]["W"][-1].shape[-2])
-        views = {key: t.unbind(0) for key, t in p.items()}
+        views = {key: t.unbind(1) for key, t in p.items()}
         kept = [None] * N
-        gys = gy.unbind(0)
+        gys = gy.unbind(1)
         gQ = gQ if stable and gQ is not None and gQ.numel() else None
         for i in range(N - 1, -1, -1):
             final = i == N - 1
             c = {key: t[i] for key, t in views.items()}
             if final and stable:
-                c["kh"] = f["kh"][i]
+                c["kh"] = f["kh"][:, i]
             kept[i] = {}
             gW, gS = chunk_backward(c, saved[i], gys[i], gW, gS, gQ if final else None, max_grad_norm, stable,
                                     kept[i])
@@ -366,27 +366,27 @@ class ChunkLoop(torch.autograd.Function):
 
 
 def _loop(p, kh, W, S, max_grad_norm, stable, keep):
-    """The forward over the chunks of ``prepare``'s p. Returns y (N, G, L, Dv), W, S after the final chunk,
+    """The forward over the chunks of ``prepare``'s p. Returns y (G, N, L, Dv), W, S after the final chunk,
     its anchor, its Q (None unless stable) and the per-chunk intermediates (``keep``) or None."""
-    N = p["q"].shape[0]
-    views = {key: t.unbind(0) for key, t in p.items()}
+    N = p["q"].shape[1]
+    views = {key: t.unbind(1) for key, t in p.items()}
     ys, saved = [], []
     Q, A = None, W
     for i in range(N):
         final = i == N - 1
         c = {key: t[i] for key, t in views.items()}
         if final and stable:
-            c["kh"] = kh[i]
+            c["kh"] = kh[:, i]
         A = W
         y, W, S, Q, sv = chunk_forward(c, W, S, max_grad_norm, stable, final and stable, keep)
         ys.append(y)
         saved.append(sv)
-    return torch.stack(ys), W, S, A, Q, (saved if keep else None)
+    return torch.stack(ys, 1), W, S, A, Q, (saved if keep else None)
 
 
 def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
-    """The N chunks of ``fields`` (dict of ``FIELDS``, each (N, G, L, ...)) from the state W, S (lists of
-    (G, out_l, in_l)). Returns y (N, G, L, Dv), W, S after row ``last`` of the final chunk, the final
+    """The N chunks of ``fields`` (dict of ``FIELDS``, each (G, N, L, ...)) from the state W, S (lists of
+    (G, out_l, in_l)). Returns y (G, N, L, Dv), W, S after row ``last`` of the final chunk, the final
     chunk's anchor, and its Q (None unless stable). Through ``ChunkLoop`` when a gradient is wanted."""
     n = len(W)
     tensors = [fields[key] for key in FIELDS]

@@ -262,8 +262,8 @@ def _run_loop(inputs: _Chunk, coeffs, W, S, last, max_grad_norm, stable):
     ``last`` of the final chunk, the final chunk's anchor, and its Q (None unless stable)."""
     B, H, N, C = inputs.theta.shape
 
-    def to_loop(t):  # (B, H, N, C, ...) -> (N, B * H, C, ...), each chunk contiguous
-        return None if t is None else t.movedim(2, 0).reshape(N, B * H, *t.shape[3:])
+    def to_loop(t):  # (B, H, N, C, ...) -> (B * H, N, C, ...)
+        return None if t is None else t.reshape(B * H, N, *t.shape[3:])
 
     beta, E, dbe, dd, d_e = coeffs
     fields = dict(q=inputs.q, k=inputs.k, v=inputs.v, theta=inputs.theta, eta=inputs.eta, qk=inputs.qk,
@@ -272,6 +272,6 @@ def _run_loop(inputs: _Chunk, coeffs, W, S, last, max_grad_norm, stable):
     flat = [w.reshape(B * H, *w.shape[2:]) for w in (*W, *S)]
     n = len(W)
     y, W, S, A, Q = run_chunks(fields, flat[:n], flat[n:], last=last, max_grad_norm=max_grad_norm, stable=stable)
-    y = y.reshape(N, B, H, C, -1).permute(1, 2, 0, 3, 4).reshape(B, H, N * C, -1)  # (B, H, N * C, Dv)
+    y = y.reshape(B, H, N * C, -1)  # (B * H, N, C, Dv) -> (B, H, N * C, Dv)
     back = [w.reshape(B, H, *w.shape[1:]) for w in (*W, *S, *A)]
     return y, back[:n], back[n:2 * n], back[2 * n:], None if Q is None else Q.reshape(B, H, *Q.shape[1:])
