@@ -58,6 +58,7 @@ def small_blocks(monkeypatch):
     lowered: short inputs cross several blocks."""
     monkeypatch.setattr(liquid, "BLOCK", 2 * 48 * 16)
     monkeypatch.setattr(liquid, "MIN_BLOCK", 16)
+    monkeypatch.setattr(liquid, "NO_GRAD_MIN", 0)  # the no-grad path (workspace) at every size
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 63, 100], ids=lambda t: f"T{t}")
@@ -109,9 +110,10 @@ def test_no_grad_path_equals_autograd_path_in_fp32(small_blocks):
     torch.testing.assert_close(s_fast.h, s_slow.h.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_workspace_is_reused_and_never_aliases_the_results():
+def test_workspace_is_reused_and_never_aliases_the_results(monkeypatch):
     """A second call of the same size allocates no buffer (the point of the workspace); a call of another
     size or dtype gets buffers that fit; no result shares memory with the workspace."""
+    monkeypatch.setattr(liquid, "NO_GRAD_MIN", 0)
     core = _core(2, dtype=torch.float32).eval()
     x, _, _ = _inputs(1, 300, 2, dtype=torch.float32)
     with torch.inference_mode():

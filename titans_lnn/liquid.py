@@ -97,9 +97,11 @@ class LiquidCore(OwnInit, nn.Module):
             return x.new_zeros(x.shape), LiquidState(state.h.clone())
         # Inside, the state entries run n-major, (N, D): the (B, T, N, D) tensors then broadcast f, u over n
         # and B, C over channels with D contiguous (vectorised), where (B, T, D, N) has N = 8 innermost.
-        h = state.h.to(dtype).view(B, D, N).transpose(1, 2).reshape(B, N * D)
+        h = state.h.to(dtype)
+        if N > 1:
+            h = h.view(B, D, N).transpose(1, 2).reshape(B, N * D)
         neg_inv_tau = -torch.exp(-self.log_tau.to(dtype)).t().contiguous()  # -1/tau: (N, D)
-        if self._no_grad_path(x, h, dt, impl):
+        if B * T * D * N >= NO_GRAD_MIN and self._no_grad_path(x, h, dt, impl):
             out, h = self._forward_no_grad(x, h, dt, neg_inv_tau)
         else:
             Tb = T if torch.compiler.is_compiling() else block_len(B, D * N, T)
@@ -109,7 +111,8 @@ class LiquidCore(OwnInit, nn.Module):
                                      impl)
                 outs.append(out)
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        h = h.view(B, N, D).transpose(1, 2).reshape(B, D * N)  # back to the state's (D, N) order
+        if N > 1:
+            h = h.view(B, N, D).transpose(1, 2).reshape(B, D * N)  # back to the state's (D, N) order
         return out, LiquidState(h.to(state.h.dtype, copy=True))  # a copy: a view of h would pin all of h
 
     def _block(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor | None, neg_inv_tau: torch.Tensor,
@@ -208,6 +211,7 @@ def _buffer(ws: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tens
     return buf[:n].view(shape)
 
 
+NO_GRAD_MIN = 1 << 16  # (B, T, N, D) elements from which the workspace pays (smaller tensors come from the heap)
 BLOCK = 1 << 19  # (B, T_b, N, D) elements per block: 2 MB in fp32, in cache (measured, 2^16 to 2^21)
 MIN_BLOCK = 256  # tokens: shorter blocks cost more in per-op overhead (the scan's ~2 sqrt(2 T_b) ops) than they save
 
