@@ -140,7 +140,7 @@ class LiquidCore(OwnInit, nn.Module):
             h = liquid_scan_chunked_(log_a, em1.add_(1).view(B, T, N * D), b, h)
         hv = h.view(B, T, N, D)
         y = torch.addcmul(self.skip * u, hv[:, :, 0], Ct) if N == 1 else torch.addcmul(
-            (hv * Ct[..., None]).sum(2), self.skip, u)  # y = sum_n C_n h_n + skip u: (B, T, D)
+            torch.matmul(Ct[:, :, None, :], hv)[:, :, 0], self.skip, u)  # y = sum_n C_n h_n + skip u: (B, T, D)
         out = self.w_out((y * F.silu(z)).to(x.dtype))
         return out, h[:, -1]
 
@@ -194,8 +194,9 @@ class LiquidCore(OwnInit, nn.Module):
         y = _buffer(ws, "y", (B, T, D), x)
         if N == 1:
             torch.mul(self.skip, u, out=y).addcmul_(hv[:, :, 0], Ct)
-        else:  # neg_lam is free again: the product's buffer
-            torch.sum(torch.mul(hv, Ct[..., None], out=neg_lam), dim=2, out=y).addcmul_(self.skip, u)
+        else:  # sum_n C_n h_n as (1, N) @ (N, D) per token: one pass (a product and a sum were two)
+            torch.bmm(Ct.reshape(B * T, 1, N), hv.view(B * T, N, D), out=y.view(B * T, 1, D)).view(B, T, D)
+            y.addcmul_(self.skip, u)
         g = y.mul_(F.silu(z, inplace=True)).view(B * T, D)
         if out.is_contiguous():
             torch.mm(g, self.w_out.weight.t(), out=out.view(B * T, dim))
