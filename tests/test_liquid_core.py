@@ -2,6 +2,9 @@
 per-token loop written from the module docstring's equations, forward and backward; the fast path keeps
 its buffers from call to call and its op count bounded."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +136,19 @@ def test_workspace_is_reused_and_never_aliases_the_results(monkeypatch):
     spaces = [t.untyped_storage().data_ptr() for t in core._workspace.values()]
     for t in (out1, s1.h, out2, s2.h, out3, out4):
         assert t.untyped_storage().data_ptr() not in spaces
+
+
+def test_copies_and_pickles_leave_the_workspace_out(monkeypatch):
+    monkeypatch.setattr(liquid, "NO_GRAD_MIN", 0)
+    core = _core(2, dtype=torch.float32).eval()
+    x = torch.randn(1, 40, DIM)
+    with torch.no_grad():
+        out, _ = core(x)
+    assert core._workspace
+    for twin in (copy.deepcopy(core), pickle.loads(pickle.dumps(core))):
+        assert not hasattr(twin, "_workspace")
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x)[0], out, rtol=0, atol=0)
 
 
 def test_empty_sequence_returns_the_state_unchanged():

@@ -74,6 +74,12 @@ class LiquidCore(OwnInit, nn.Module):
             self.w_in.bias.zero_()
             self.w_in.bias[D:2 * D].fill_(math.log(math.expm1(0.01)))
 
+    def __getstate__(self):
+        """Pickles and copies leave out the no-grad path's workspace (scratch buffers, rebuilt on use)."""
+        state = super().__getstate__()
+        state.pop("_workspace", None)
+        return state
+
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> LiquidState:
         return LiquidState(torch.zeros(batch_size, self.width * self.n_state, device=device, dtype=dtype))
 
