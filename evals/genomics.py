@@ -277,13 +277,16 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
     logps = {}
     logps[kmax], count = models[-1].logprobs(bases)
     seen = np.searchsorted(np.asarray(SEEN_EDGES), count, side="right") - 1  # (N,) SEEN_GROUPS index (-1: none)
+    repeat = repeat_group(repeat_distance(bases, REPEAT_K))  # (N,) REPEAT_GROUPS index
+
+    def means(bits: np.ndarray, group: np.ndarray, n_groups: int) -> list[float | None]:
+        return [float(np.nanmean(bits[group == i])) if (common & (group == i)).any() else None
+                for i in range(n_groups)]
 
     def row(name: str, bits: np.ndarray, **extra) -> dict:
         bits = np.where(common, bits, np.nan)
-        by_group = [np.nanmean(bits[seen == i]) if (common & (seen == i)).any() else None
-                    for i in range(len(SEEN_GROUPS))]
-        out = {"name": name, **extra, **_summary(bits, edges), "seen": [None if g is None else float(g)
-                                                                         for g in by_group]}
+        out = {"name": name, **extra, **_summary(bits, edges), "seen": means(bits, seen, len(SEEN_GROUPS)),
+               "repeat": means(bits, repeat, len(REPEAT_GROUPS))}
         if progress:
             print(f"  {name}: {out['bits']:.4f} bits/base ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         return out
@@ -307,8 +310,44 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
             t0 = time.perf_counter()
     total = max(int(common.sum()), 1)
     shares = [float((common & (seen == i)).sum() / total) for i in range(len(SEEN_GROUPS))]
+    repeats = [float((common & (repeat == i)).sum() / total) for i in range(len(REPEAT_GROUPS))]
     return {"rows": rows, "tokens": int(common.sum()), "edges": edges, "best_markov": best["name"], "kmax": kmax,
-            "lr": lr, "seen": [{"group": g, "share": sh} for g, sh in zip(SEEN_GROUPS, shares)]}
+            "lr": lr, "seen": [{"group": g, "share": sh} for g, sh in zip(SEEN_GROUPS, shares)],
+            "repeat_k": REPEAT_K, "repeat": [{"group": g, "share": sh} for g, sh in zip(REPEAT_GROUPS, repeats)]}
+
+
+# Within-genome repeats (rRNA operons, IS elements, REP sequences): a base whose REPEAT_K bases before it occurred
+# earlier in the genome being read can be recalled from the context, by a model that holds it. Grouped by how far
+# back the latest earlier occurrence is: within a sliding window's reach, or only a long-term memory's.
+REPEAT_K = 20
+REPEAT_EDGES = (0, 1024)
+REPEAT_GROUPS = ("not earlier in this genome", "earlier, <= 1K bases back", "earlier, > 1K bases back")
+
+
+def repeat_distance(bases: np.ndarray, k: int = REPEAT_K) -> np.ndarray:
+    """(N,) int64: for each position t of ``bases`` (N,) (0..3 A/C/G/T, others not), how many bases back the
+    latest earlier position t' < t whose k bases before it equal the k bases before t is (t - t'); -1 where
+    there is none or t has no k A/C/G/T bases before it."""
+    from titans_lnn.evals.markov import kmer_codes
+
+    n = len(bases)
+    out = np.full(n, -1, dtype=np.int64)
+    code, ok = kmer_codes(bases, k)  # window j = the context of position j + k
+    code, ok = code[:max(n - k, 0)], ok[:max(n - k, 0)]
+    where = np.flatnonzero(ok)  # (M,) windows with a full context, in position order
+    order = np.argsort(code[where], kind="stable")  # equal codes stay in position order
+    c, w = code[where][order], where[order]
+    same = np.zeros(len(c), dtype=bool)
+    same[1:] = c[1:] == c[:-1]
+    dist = np.full(len(c), -1, dtype=np.int64)
+    dist[1:] = np.where(same[1:], w[1:] - w[:-1], -1)
+    out[w + k] = dist
+    return out
+
+
+def repeat_group(distance: np.ndarray) -> np.ndarray:
+    """(N,) :func:`repeat_distance` -> (N,) index into :data:`REPEAT_GROUPS`."""
+    return np.where(distance < 0, 0, np.searchsorted(np.asarray(REPEAT_EDGES), distance, side="left"))
 
 
 def _poe_rows(reading: GenomeReading, train: Sequence[np.ndarray], models: list, fold: GenomeReading,
@@ -371,6 +410,14 @@ def comparison_markdown(comparison: dict, title: str) -> str:
     for i, g in enumerate(comparison["seen"]):
         cells = ["" if r["seen"][i] is None else f"{r['seen'][i]:.4f}" for r in main_rows]
         lines.append(f"| {g['group']} | {g['share']:.3f} | " + " | ".join(cells) + " |")
+    if "repeat" in comparison:
+        lines += ["", f"By whether the {comparison['repeat_k']} bases before the predicted one occurred earlier in "
+                      f"the genome being read (a within-genome repeat: recallable from the context):", "",
+                  "| context earlier in this genome | share of bases | " + " | ".join(r["name"] for r in main_rows)
+                  + " |", "|---|---:|" + "---:|" * len(main_rows)]
+        for i, g in enumerate(comparison["repeat"]):
+            cells = ["" if r["repeat"][i] is None else f"{r['repeat'][i]:.4f}" for r in main_rows]
+            lines.append(f"| {g['group']} | {g['share']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from titans_lnn.evals.genomics import GenomeReading, markov_comparison
+from titans_lnn.evals.genomics import (
+    GenomeReading,
+    comparison_markdown,
+    markov_comparison,
+    repeat_distance,
+    repeat_group,
+)
 from titans_lnn.evals.markov import MarkovModel, TrainedMixer, fit_poe, n_poe_selectors, poe_bits, poe_experts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*bases scored:UserWarning")
@@ -101,3 +107,25 @@ def test_markov_comparison_adds_the_two_poe_rows_on_the_same_bases():
     with pytest.raises(ValueError, match="fold has 3000 bases: expected fewer than"):
         markov_comparison(reading, [genome], kmax=4, progress=False, poe_fold=fold._replace(
             bases=genome, logp=np.zeros((3000, 4), dtype=np.float32)))
+
+
+def test_repeat_distance_finds_the_latest_earlier_context_and_skips_n():
+    b = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 3, 3, 0, 1, 2], dtype=np.uint8)  # ACGT ACGT ACGT TT ACG
+    d = repeat_distance(b, 3)
+    assert d.tolist() == [-1] * 7 + [4] * 6 + [-1] * 3 + [6]
+    assert repeat_group(np.array([-1, 1, 1024, 1025])).tolist() == [0, 1, 1, 2]
+    b[5] = 4  # an N: no context holds it, and an earlier context must be whole
+    assert repeat_distance(b, 3).tolist() == [-1] * 9 + [4, -1, 8, 8, -1, -1, -1, 6]
+
+
+def test_comparison_reports_bits_on_within_genome_repeats():
+    rng = np.random.default_rng(5)
+    element = rng.integers(0, 4, 200)
+    genome = np.concatenate([rng.integers(0, 4, 300), element, rng.integers(0, 4, 1500), element]).astype(np.uint8)
+    uniform = np.full((len(genome), 4), -math.log(4), dtype=np.float32)
+    reading = GenomeReading("test", ["r"], np.array([0]), np.array([len(genome)]), genome, uniform)
+    cmp = markov_comparison(reading, [rng.integers(0, 4, 2000).astype(np.uint8)], kmax=4, progress=False)
+    shares = [g["share"] for g in cmp["repeat"]]
+    assert cmp["repeat_k"] == 20 and shares[1] == 0 and shares[2] == pytest.approx(180 / cmp["tokens"])
+    assert cmp["rows"][4]["repeat"][0] == pytest.approx(2.0) and cmp["rows"][4]["repeat"][1] is None
+    assert "| earlier, > 1K bases back | 0.0" in comparison_markdown(cmp, "t")
