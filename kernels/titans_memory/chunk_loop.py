@@ -45,13 +45,15 @@ def prepare(f, last, n, stable):
     """What does not depend on the anchors, for all N chunks at once (no autograd): a dict of
     (G, N, L, ...) tensors, from ``FIELDS`` ``f``; ``last`` is the final chunk's last real row."""
     q, k, v, theta, eta = f["q"], f["k"], f["v"], f["theta"], f["eta"]
-    beta, dbe = f["beta"][..., None], f["dbe"][..., None]  # (G, N, L, 1)
-    p = dict(q=q, k=k, theta=theta, qk=f["qk"], beta=beta, dbe=dbe, qb=q * beta, qd=q * dbe, xsq0=vecdot(k, k),
-             r0=k - v if n == 2 else -v, dd2=2 * f["dd"])
-    p["ddl"] = _last_rows(p["dd2"], last)  # Cm's row ``last`` is ddl * theta'': (G, N, L)
-    p["del"] = 2 * _last_rows(f["d_e"], last)
-    for name in ("beta", "dbe", "E"):
-        p[name + "_l"] = _last_rows(f[name], last)[..., None, None]  # (G, N, 1, 1)
+    G, N, L, D = q.shape
+    bd = torch.stack((f["beta"], f["dbe"]), -1)  # (G, N, L, 2): the read's base is beta W + dbe S
+    p = dict(q=q, k=k, theta=theta, qk=f["qk"], bd=bd, xsq0=vecdot(k, k), r0=k - v if n == 2 else -v,
+             qbd=(q[..., None, :] * bd[..., None]).view(G, N, L, 2 * D), dd2=2 * f["dd"])
+    # The rows ``last`` of D and D_E, times 2: Cm[last] and De[last] are these times theta'': (G, N, 2, L)
+    p["dl2"] = 2 * torch.stack((_last_rows(f["dd"], last), _last_rows(f["d_e"], last)), 2)
+    # The state's decay: [W; S] <- mix [W; S], mix = [[beta_l, dbe_l], [0, E_l]]: (G, N, 2, 2)
+    b_l, dbe_l, e_l = (_last_rows(f[name], last) for name in ("beta", "dbe", "E"))
+    p["mix"] = torch.stack((torch.stack((b_l, dbe_l), -1), torch.stack((torch.zeros_like(e_l), e_l), -1)), -2)
     if stable:
         p["den"] = (1 - eta).clamp_min(torch.finfo(theta.dtype).tiny)
         p["tw"] = 2 * theta / p["den"]  # u = tw kappa / 2
@@ -61,33 +63,34 @@ def prepare(f, last, n, stable):
     return p
 
 
-def chunk_forward(c, W, S, max_grad_norm, stable, want_q, keep):
-    """One chunk. c: ``prepare``'s tensors for this chunk (G, L, ...) (and kh when ``want_q``); W, S: lists
-    of (G, out_l, in_l). Returns (y (G, L, Dv), W', S', Q (G, Dk, Dk) or None, the intermediates that
-    ``chunk_backward`` needs, or None unless ``keep``)."""
-    n = len(W)
-    k, W1, S1 = c["k"], W[0], S[0]
+def chunk_forward(c, X, max_grad_norm, stable, want_q, keep):
+    """One chunk. c: ``prepare``'s tensors for this chunk (G, L, ...) (and kh when ``want_q``); X: the state,
+    per layer [W_l^T; S_l^T] (G, 2, in_l, out_l). Returns (y (G, L, Dv), X after, Q (G, Dk, Dk) or None,
+    the intermediates that ``chunk_backward`` needs, or None unless ``keep``)."""
+    n = len(X)
+    G, L, _ = c["k"].shape
+    k, Wt1 = c["k"], X[0][:, 0]  # W_1^T: (G, Dk, out_1)
     sv = {}
     if n == 2:
-        W2, S2 = W[1], S[1]
-        z = torch.bmm(k, W1.mT)  # (G, L, hidden)
+        Wt2 = X[1][:, 0]  # W_2^T: (G, hidden, Dv)
+        z = torch.bmm(k, Wt1)  # (G, L, hidden)
         s = torch.sigmoid(z)
         h = z * s
         a = 1 - s
         slope = torch.addcmul(s, h, a)  # silu'(z) = s (1 + z (1 - s))
-        r = torch.baddbmm(c["r0"], h, W2.mT)  # M(k) - v: (G, L, Dv)
-        e = torch.bmm(r, W2)  # W_2^T r
+        r = torch.baddbmm(c["r0"], h, Wt2)  # M(k) - v: (G, L, Dv)
+        e = torch.bmm(r, Wt2.mT)  # W_2^T r
         ds, xs = [e * slope, r], [k, h]
-        sv.update(z=z, s=s, a=a, h=h, slope=slope, e=e)
+        sv.update(z=z, s=s, a=a, slope=slope, e=e)
     else:
-        r = torch.baddbmm(c["r0"], k, W1.mT)
+        r = torch.baddbmm(c["r0"], k, Wt1)
         ds, xs = [r], [k]
     xsq = [c["xsq0"]] + [vecdot(x, x) for x in xs[1:]]  # ||x_l||^2: (G, L)
     dsq = [vecdot(d, d) for d in ds]
     th1 = c["theta"]
     if stable:
         if n == 2:
-            col = vecdot(W2, W2, dim=-2)  # ||W_2[:, j]||^2: (G, hidden)
+            col = vecdot(Wt2, Wt2)  # ||W_2[:, j]||^2: (G, hidden)
             sl2 = slope * slope
             reach = vecdot(sl2, col[:, None, :])
             sa = s * a
@@ -113,77 +116,80 @@ def chunk_forward(c, W, S, max_grad_norm, stable, want_q, keep):
         th2 = th1 * scale
         sv.update(sqp=sqp, scale=scale)
     cm = c["dd2"] * th2[:, None, :]  # (G, L, L)
-    # Read y_t = M_{W_t}(q_t): the base (beta_t W_0 + dbe_t S_0) q_t minus the chunk's writes up to t.
+    # Read y_t = M_{W_t}(q_t): the base (beta_t W + dbe_t S) q_t minus the chunk's writes up to t.
     sc0 = cm * c["qk"]
-    zr = torch.baddbmm(torch.baddbmm(torch.bmm(c["qd"], S1.mT), c["qb"], W1.mT), sc0, ds[0], alpha=-1)
+    zr = torch.bmm(c["qbd"], X[0].view(G, -1, X[0].shape[-1])).baddbmm_(sc0, ds[0], alpha=-1)
     if n == 2:
         sr = torch.sigmoid(zr)
         hr = zr * sr
-        hrb, hrd = hr * c["beta"], hr * c["dbe"]
+        hrbd = (hr[..., None, :] * c["bd"][..., None]).view(G, L, -1)  # [beta hr, dbe hr]: (G, L, 2 hidden)
         p1 = torch.bmm(hr, h.mT)  # (G, L, L)
         sc1 = cm * p1
-        y = torch.baddbmm(torch.baddbmm(torch.baddbmm(c["q"], hrb, W2.mT), hrd, S2.mT), sc1, r, alpha=-1)
-        sv.update(sr=sr, hr=hr, hrb=hrb, hrd=hrd, p1=p1, sc1=sc1)
+        y = torch.baddbmm(c["q"], hrbd, X[1].view(G, -1, X[1].shape[-1])).baddbmm_(sc1, r, alpha=-1)
+        sv.update(sr=sr, hr=hr, hrbd=hrbd, p1=p1, sc1=sc1)
     else:
         y = zr
-    # State after row ``last``: W' = beta_l W + dbe_l S - d^T (Cm[last] x), S' = E_l S - d^T (De[last] x).
-    cl = c["ddl"] * th2
-    de = c["del"] * th2
-    W_new = [torch.baddbmm(torch.addcmul(c["beta_l"] * w, c["dbe_l"], s_), d.mT, cl[..., None] * x, alpha=-1)
-             for w, s_, d, x in zip(W, S, ds, xs)]
-    S_new = [torch.baddbmm(c["E_l"] * s_, d.mT, de[..., None] * x, alpha=-1) for s_, d, x in zip(S, ds, xs)]
+    # State after row ``last``: [W; S]^T <- mix [W; S]^T - Y d, Y = [Cm[last] x; De[last] x]^T (G, 2, in_l, L).
+    cd = c["dl2"] * th2[:, None, :]  # (G, 2, L)
+    Ys = [torch.mul(x.mT[:, None], cd[:, :, None, :], out=x.new_empty(G, 2, x.shape[-1], L)) for x in xs]
+    X_new = []
+    for Xl, Y, d in zip(X, Ys, ds):
+        _, _, i_l, o_l = Xl.shape
+        Xn = torch.bmm(c["mix"], Xl.view(G, 2, -1)).view(G, 2 * i_l, o_l)
+        X_new.append(Xn.baddbmm_(Y.view(G, 2 * i_l, L), d, alpha=-1).view(G, 2, i_l, o_l))
     Q = torch.bmm(c["kh"].mT, u[..., None] * c["kh"]) if want_q else None
     if not keep:
-        return y, W_new, S_new, Q, None
-    sv.update(W=W, S=S, xs=xs, ds=ds, xsq=xsq, dsq=dsq, th1=th1, th2=th2, cm=cm, sc0=sc0, r=r, cl=cl, de=de)
-    return y, W_new, S_new, Q, sv
+        return y, X_new, Q, None
+    sv.update(X=X, Ys=Ys, xs=xs, ds=ds, xsq=xsq, dsq=dsq, th1=th1, th2=th2, cm=cm, sc0=sc0, r=r, cd=cd)
+    return y, X_new, Q, sv
 
 
-def chunk_backward(c, sv, gy, GW, GS, gQ, max_grad_norm, stable, keep):
+def chunk_backward(c, sv, gy, GX, gQ, max_grad_norm, stable, keep):
     """The chain rule through ``chunk_forward`` for what the recursion needs: from the gradients of y
-    (G, L, Dv), of the state after the chunk (GW, GS: lists of (G, out_l, in_l)) and of Q (or None),
-    the gradients of the state before it (the anchor's included). What the chunk inputs' gradients need
-    goes into ``keep`` (a dict of per-chunk values, finished by ``_finish``); names with a leading n hold
-    minus a gradient (the writes enter with a minus sign)."""
-    W, S, xs, ds, xsq, dsq = sv["W"], sv["S"], sv["xs"], sv["ds"], sv["xsq"], sv["dsq"]
-    n, cm, th2 = len(W), sv["cm"], sv["th2"]
-    cl_, de_ = sv["cl"][..., None], sv["de"][..., None]
-    # The state update.
-    gW = [c["beta_l"] * g for g in GW]
-    gS = [torch.addcmul(c["E_l"] * gs, c["dbe_l"], gw) for gw, gs in zip(GW, GS)]
-    ngx, ngd, ncl, nde = [], [], 0, 0
-    for gw, gs, d, x in zip(GW, GS, ds, xs):
-        pw, ps = torch.bmm(d, gw), torch.bmm(d, gs)  # (G, L, in)
-        ngx.append(torch.addcmul(cl_ * pw, de_, ps))
-        ncl = ncl + vecdot(pw, x)
-        nde = nde + vecdot(ps, x)
-        ngd.append(torch.addcmul(cl_ * torch.bmm(x, gw.mT), de_, torch.bmm(x, gs.mT)))
-    ng_th2 = torch.addcmul(ncl * c["ddl"], nde, c["del"])
-    keep.update(ncl=ncl, nde=nde, g_bl=_dots(GW, W), g_dbel=_dots(GW, S), g_el=_dots(GS, S))
+    (G, L, Dv), of the state after the chunk (GX, as X) and of Q (or None), the gradient of the state
+    before it (the anchor's included). What the chunk inputs' gradients need goes into ``keep`` (per-chunk
+    values, finished for all chunks by ``_finish``); names with a leading n hold minus a gradient."""
+    X, Ys, xs, ds, xsq, dsq = sv["X"], sv["Ys"], sv["xs"], sv["ds"], sv["xsq"], sv["dsq"]
+    n, cm, th2, cd = len(X), sv["cm"], sv["th2"], sv["cd"]
+    G, L, _ = gy.shape
+    # The state update X' = mix X - Y d.
+    gX, ngxT, ngd = [], [], []
+    g_mix = ngcd = None
+    for Xl, GXl, Y, d, x in zip(X, GX, Ys, ds, xs):
+        i_l, o_l = Xl.shape[-2:]
+        flat, gflat = Xl.view(G, 2, -1), GXl.reshape(G, 2, -1)
+        gX.append(torch.bmm(c["mix"].mT, gflat).view(G, 2, i_l, o_l))
+        g_mix = torch.bmm(gflat, flat.mT) if g_mix is None else g_mix.baddbmm_(gflat, flat.mT)
+        g2 = gflat.view(G, 2 * i_l, o_l)
+        nGY = torch.bmm(g2, d.mT).view(G, 2, i_l, L)
+        ngd.append(torch.bmm(Y.view(G, 2 * i_l, L).mT, g2))
+        ngxT.append((nGY * cd[:, :, None, :]).sum(1))  # (G, in_l, L)
+        t = (nGY * x.mT[:, None]).sum(2)  # (G, 2, L)
+        ngcd = t if ngcd is None else ngcd.add_(t)
+    ng_th2 = (ngcd * c["dl2"]).sum(1)
+    keep.update(ngcd=ngcd, g_mix=g_mix)
     # The read, from the last layer back.
     ngcm = None
     gz = gy
     if n == 2:
         hr, h = sv["hr"], xs[1]
         nsc1 = torch.bmm(gy, sv["r"].mT)
-        ngd[1] = torch.baddbmm(ngd[1], sv["sc1"].mT, gy)
+        ngd[1].baddbmm_(sv["sc1"].mT, gy)
         ngcm = nsc1 * sv["p1"]
         ngp = nsc1 * cm
-        gW[1] = torch.baddbmm(gW[1], gy.mT, sv["hrb"])
-        gS[1] = torch.baddbmm(gS[1], gy.mT, sv["hrd"])
-        g_hrb, g_hrd = torch.bmm(gy, W[1]), torch.bmm(gy, S[1])
-        ghr = torch.baddbmm(torch.addcmul(g_hrb * c["beta"], g_hrd, c["dbe"]), ngp, h, alpha=-1)
-        ngx[1] = torch.baddbmm(ngx[1], ngp.mT, hr)
+        gX[1].view(G, -1, X[1].shape[-1]).baddbmm_(sv["hrbd"].mT, gy)
+        g_hrbd = torch.bmm(gy, X[1].view(G, -1, X[1].shape[-1]).mT)  # (G, L, 2 hidden)
+        ghr = (g_hrbd.view(G, L, 2, -1) * c["bd"][..., None]).sum(-2).baddbmm_(ngp, h, alpha=-1)
+        ngxT[1].baddbmm_(hr.mT, ngp)
         sr = sv["sr"]
         gz = ghr * torch.addcmul(sr, hr, 1 - sr)  # silu'(z_read)
-        keep.update(g_hrb=g_hrb, g_hrd=g_hrd)
+        keep["g_hrbd"] = g_hrbd
     nsc0 = torch.bmm(gz, ds[0].mT)
-    ngd[0] = torch.baddbmm(ngd[0], sv["sc0"].mT, gz)
-    ngcm = nsc0 * c["qk"] if ngcm is None else torch.addcmul(ngcm, nsc0, c["qk"])
-    gW[0] = torch.baddbmm(gW[0], gz.mT, c["qb"])
-    gS[0] = torch.baddbmm(gS[0], gz.mT, c["qd"])
+    ngd[0].baddbmm_(sv["sc0"].mT, gz)
+    ngcm = nsc0 * c["qk"] if ngcm is None else ngcm.addcmul_(nsc0, c["qk"])
+    gX[0].view(G, -1, X[0].shape[-1]).baddbmm_(c["qbd"].mT, gz)
     ng_th2 = ng_th2 + vecdot(ngcm, c["dd2"], dim=-2)
-    keep.update(nsc0=nsc0, ngcm=ngcm, g_qb=torch.bmm(gz, W[0]), g_qd=torch.bmm(gz, S[0]))
+    keep.update(nsc0=nsc0, ngcm=ngcm, g_qbd=torch.bmm(gz, X[0].view(G, -1, X[0].shape[-1]).mT))
     # The clip: theta'' = theta' scale(sqp).
     ng_th1 = ng_th2
     g_xsq = [None] * n
@@ -192,7 +198,7 @@ def chunk_backward(c, sv, gy, GW, GS, gQ, max_grad_norm, stable, keep):
         ng_th1 = ng_th2 * scale
         gsq = torch.where(scale < 1, 0.5 * ng_th2 * th2 / sqp, 0.0)  # d scale / d sqp = -scale / (2 sqp)
         for i in range(n):
-            ngd[i] = torch.addcmul(ngd[i], ds[i], (gsq * xsq[i])[..., None], value=-2)
+            ngd[i].addcmul_(ds[i], (gsq * xsq[i])[..., None], value=-2)
             g_xsq[i] = gsq * dsq[i]
     keep["ng_th1"] = ng_th1
 
@@ -219,50 +225,48 @@ def chunk_backward(c, sv, gy, GW, GS, gQ, max_grad_norm, stable, keep):
             g_t1 = g_kappa
         else:
             add_xsq(0, g_kappa)
-    # The anchor's forward and its gradient factors.
+    # The anchor's forward and its gradient factors; the weights' gradients go to gX[l][:, 0] (W_l^T).
+    k, Wt1 = c["k"], X[0][:, 0]
     if n == 2:
-        W2, z, s, a, h, slope, e, r = W[1], sv["z"], sv["s"], sv["a"], xs[1], sv["slope"], sv["e"], sv["r"]
+        Wt2, gWt2 = X[1][:, 0], gX[1][:, 0]
+        z, s, a, h, slope, e, r = sv["z"], sv["s"], sv["a"], xs[1], sv["slope"], sv["e"], sv["r"]
         gd0 = ngd[0].neg()
         ge = gd0 * slope
         g_slope = gd0 * e
-        gr = ngd[1].neg()
-        gz_ = 0
+        gr = ngd[1].neg_()
+        gz_ = None
         if stable:
             col, bend, tsl, t1 = sv["col"], sv["bend"], sv["tsl"], sv["t1"]
-            g_slope = torch.addcmul(g_slope, slope, g_rt[..., None] * col[:, None, :], value=2)
-            g_col = torch.bmm(sv["sl2"].mT, g_rt[..., None])[..., 0]  # (G, hidden)
-            gW[1] = torch.addcmul(gW[1], W2, g_col[:, None, :], value=2)
+            g_slope.addcmul_(slope, g_rt[..., None] * col[:, None, :], value=2)
+            g_col = torch.bmm(sv["sl2"].mT, g_rt[..., None])  # (G, hidden, 1)
+            gWt2.addcmul_(Wt2, g_col, value=2)
             # t1 = sqrt(|r|^2 tsl^2 |k|^2), with a zero gradient where it is 0 (as naive._sqrt)
             coef = torch.where(t1 > 0, g_t1 / t1, 0.0)
             tsl2 = tsl * tsl
-            gr = torch.addcmul(gr, r, (coef * tsl2 * xsq[0])[..., None])
+            gr.addcmul_(r, (coef * tsl2 * xsq[0])[..., None])
             g_tsl = coef * dsq[1] * tsl * xsq[0]
             add_xsq(0, 0.5 * coef * dsq[1] * tsl2)
-            g_slope = g_slope + _amax_abs_backward(slope, tsl, g_tsl)
+            g_slope += _amax_abs_backward(slope, tsl, g_tsl)
             g_eb = _amax_abs_backward(sv["eb"], sv["teb"], g_rt)
-            ge = torch.addcmul(ge, g_eb, bend)
+            ge.addcmul_(g_eb, bend)
             sa, t = sv["sa"], a - s
             gz_ = g_eb * e * sa * (t * (3 + z * t) - 2 * z * sa)  # d silu''(z) / dz = silu'''(z)
         else:
             bend = s * a * (2 + z * (a - s))
-        gr = torch.baddbmm(gr, ge, W2.mT)
-        gW[1] = torch.baddbmm(gW[1], r.mT, ge)
-        gh = torch.baddbmm(ngx[1].neg(), gr, W2)
+        gr.baddbmm_(ge, Wt2)
+        gWt2.baddbmm_(ge.mT, r)
+        gh = torch.baddbmm(ngxT[1].mT.neg(), gr, Wt2.mT)
         if g_xsq[1] is not None:
-            gh = torch.addcmul(gh, h, g_xsq[1][..., None], value=2)
-        gW[1] = torch.baddbmm(gW[1], gr.mT, h)
-        gz_ = gz_ + torch.addcmul(g_slope * bend, gh, slope)
+            gh.addcmul_(h, g_xsq[1][..., None], value=2)
+        gWt2.baddbmm_(h.mT, gr)
+        gzz = torch.addcmul(g_slope * bend, gh, slope)
+        gz_ = gzz if gz_ is None else gzz.add_(gz_)
     else:
-        gr = ngd[0].neg()
+        gr = ngd[0].neg_()
         gz_ = gr
-    gW[0] = torch.baddbmm(gW[0], gz_.mT, c["k"])
-    keep.update(gr=gr, g_k=torch.baddbmm(ngx[0].neg(), gz_, W[0]), g_xsq0=g_xsq[0])
-    return gW, gS
-
-
-def _dots(A, B):
-    """sum_l <A_l, B_l> per memory: lists of (G, out_l, in_l) -> (G,)."""
-    return sum(vecdot(a.flatten(1), b.flatten(1)) for a, b in zip(A, B))
+    gX[0][:, 0].baddbmm_(k.mT, gz_)
+    keep.update(gr=gr, g_k=torch.baddbmm(ngxT[0].mT.neg(), gz_, Wt1.mT), g_xsq0=g_xsq[0])
+    return gX
 
 
 def _amax_abs_backward(x, top, grad):
@@ -276,6 +280,7 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     a dict name -> (G, N, L, ...) for the ``FIELDS`` in ``needs``."""
     st = {key: torch.stack([kp[key] for kp in kept], 1) for key in kept[0] if kept[0][key] is not None}
     th2, cm = (torch.stack([s[key] for s in saved], 1) for key in ("th2", "cm"))
+    G, N, L, D = p["q"].shape
 
     def add_last(t, rows):  # t (G, N, L, ...) += rows (G, N, ...) at each chunk's last row
         t[:, :-1, -1] += rows[:, :-1]
@@ -283,20 +288,21 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
         return t
 
     g = {}
-    g_qb, g_qd, q = st["g_qb"], st["g_qd"], p["q"]
-    g_beta = vecdot(g_qb, q)
-    g_dbe = vecdot(g_qd, q)
-    g["q"] = torch.addcmul(torch.addcmul(gy if n == 2 else torch.zeros_like(gy), g_qb, p["beta"]), g_qd, p["dbe"])
+    g_qbd = st["g_qbd"].view(G, N, L, 2, D)
+    g_bd = (g_qbd * p["q"][..., None, :]).sum(-1)  # (G, N, L, 2): d/d(beta, dbe)
+    g_q = (g_qbd * p["bd"][..., None]).sum(-2)
+    g["q"] = g_q + gy if n == 2 else g_q
     if n == 2:
         hr = torch.stack([s["hr"] for s in saved], 1)
-        g_beta = g_beta + vecdot(st["g_hrb"], hr)
-        g_dbe = g_dbe + vecdot(st["g_hrd"], hr)
-    g["beta"] = add_last(g_beta, st["g_bl"])
-    g["dbe"] = add_last(g_dbe, st["g_dbel"])
-    g["E"] = add_last(torch.zeros_like(g_beta), st["g_el"])
+        g_bd = g_bd + (st["g_hrbd"].view(G, N, L, 2, -1) * hr[..., None, :]).sum(-1)
+    g_mix = st["g_mix"]  # (G, N, 2, 2)
+    g["beta"] = add_last(g_bd[..., 0].contiguous(), g_mix[..., 0, 0])
+    g["dbe"] = add_last(g_bd[..., 1].contiguous(), g_mix[..., 0, 1])
+    g["E"] = add_last(torch.zeros_like(f["E"]), g_mix[..., 1, 1])
     g["qk"] = -st["nsc0"] * cm
-    g["dd"] = add_last(-2 * st["ngcm"] * th2[:, :, None, :], -2 * st["ncl"] * th2)
-    g["d_e"] = add_last(torch.zeros_like(f["d_e"]), -2 * st["nde"] * th2)
+    g_dl = -2 * st["ngcd"] * th2[:, :, None, :]  # (G, N, 2, L): d/d of the rows ``last`` of D and D_E
+    g["dd"] = add_last(-2 * st["ngcm"] * th2[:, :, None, :], g_dl[:, :, 0])
+    g["d_e"] = add_last(torch.zeros_like(f["d_e"]), g_dl[:, :, 1])
     theta = p["theta"]
     if stable:
         d1, d2, u, khalf = (torch.stack([s[key] for s in saved], 1) for key in ("d1", "d2", "u", "khalf"))
@@ -318,6 +324,16 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     return {key: val for key, val in g.items() if needs[key]}
 
 
+def _to_state(W, S):
+    """Lists of (G, out_l, in_l) -> per layer [W_l^T; S_l^T]: (G, 2, in_l, out_l)."""
+    return [torch.stack((w.mT, s_.mT), 1) for w, s_ in zip(W, S)]
+
+
+def _weights(X):
+    """The weights W_l (G, out_l, in_l) of the state X, contiguous."""
+    return [x[:, 0].mT.contiguous() for x in X]
+
+
 class ChunkLoop(torch.autograd.Function):
     """The loop over N whole chunks as one autograd node. forward(meta, *tensors): meta = (n layers,
     ``last`` of the final chunk, max_grad_norm, stable); tensors = the ``FIELDS`` (each (G, N, L, ...);
@@ -331,20 +347,26 @@ class ChunkLoop(torch.autograd.Function):
         f = dict(zip(FIELDS, tensors[:len(FIELDS)]))
         W, S = list(tensors[len(FIELDS):len(FIELDS) + n]), list(tensors[len(FIELDS) + n:])
         p = prepare(f, last, n, stable)
-        y, W, S, A, Q, saved = _loop(p, f["kh"], W, S, max_grad_norm, stable, keep=True)
+        y, X, X_a, Q, saved = _loop(p, f["kh"], _to_state(W, S), max_grad_norm, stable, keep=True)
         ctx.meta, ctx.f, ctx.p, ctx.saved = meta, f, p, saved
-        return (y, *W, *S, *A, W[0].new_zeros(0) if Q is None else Q)
+        S = [x[:, 1].mT.contiguous() for x in X]
+        return (y, *_weights(X), *S, *_weights(X_a), W[0].new_zeros(0) if Q is None else Q)
 
     @staticmethod
     def backward(ctx, gy, *grads):
         n, last, max_grad_norm, stable = ctx.meta
         f, p, saved = ctx.f, ctx.p, ctx.saved
         gW_out, gS_out, gA_out, gQ = grads[:n], grads[n:2 * n], grads[2 * n:3 * n], grads[3 * n]
-        gW = [torch.zeros_like(w) if g is None else g for g, w in zip(gW_out, saved[-1]["W"])]
-        gS = [torch.zeros_like(w) if g is None else g for g, w in zip(gS_out, saved[-1]["S"])]
+        X_last = saved[-1]["X"]
+        gX = [torch.zeros_like(x) for x in X_last]
+        for gx, gw, gs in zip(gX, gW_out, gS_out):
+            if gw is not None:
+                gx[:, 0] = gw.mT
+            if gs is not None:
+                gx[:, 1] = gs.mT
         N = len(saved)
         if gy is None:
-            gy = p["q"].new_zeros(*p["q"].shape[:3], saved[0]["W"][-1].shape[-2])
+            gy = p["q"].new_zeros(*p["q"].shape[:3], X_last[-1].shape[-1])
         views = {key: t.unbind(1) for key, t in p.items()}
         kept = [None] * N
         gys = gy.unbind(1)
@@ -355,33 +377,35 @@ class ChunkLoop(torch.autograd.Function):
             if final and stable:
                 c["kh"] = f["kh"][:, i]
             kept[i] = {}
-            gW, gS = chunk_backward(c, saved[i], gys[i], gW, gS, gQ if final else None, max_grad_norm, stable,
-                                    kept[i])
+            gX = chunk_backward(c, saved[i], gys[i], gX, gQ if final else None, max_grad_norm, stable, kept[i])
             if final:
-                gW = [gw if ga is None else gw + ga for gw, ga in zip(gW, gA_out)]
+                for gx, ga in zip(gX, gA_out):
+                    if ga is not None:
+                        gx[:, 0] += ga.mT
         needs = {key: f[key] is not None and ctx.needs_input_grad[1 + j] for j, key in enumerate(FIELDS)}
         g = _finish(f, p, saved, kept, gy, n, last, stable, needs)
         ctx.saved = None
-        return (None, *(g.get(key) for key in FIELDS), *gW, *gS)
+        return (None, *(g.get(key) for key in FIELDS), *(x[:, 0].mT for x in gX), *(x[:, 1].mT for x in gX))
 
 
-def _loop(p, kh, W, S, max_grad_norm, stable, keep):
-    """The forward over the chunks of ``prepare``'s p. Returns y (G, N, L, Dv), W, S after the final chunk,
-    its anchor, its Q (None unless stable) and the per-chunk intermediates (``keep``) or None."""
+def _loop(p, kh, X, max_grad_norm, stable, keep):
+    """The forward over the chunks of ``prepare``'s p from the state X (``_to_state``). Returns y (G, N, L, Dv),
+    X after the final chunk, X before it (its anchor), its Q (None unless stable) and the per-chunk
+    intermediates (``keep``) or None."""
     N = p["q"].shape[1]
     views = {key: t.unbind(1) for key, t in p.items()}
     ys, saved = [], []
-    Q, A = None, W
+    Q, X_a = None, X
     for i in range(N):
         final = i == N - 1
         c = {key: t[i] for key, t in views.items()}
         if final and stable:
             c["kh"] = kh[:, i]
-        A = W
-        y, W, S, Q, sv = chunk_forward(c, W, S, max_grad_norm, stable, final and stable, keep)
+        X_a = X
+        y, X, Q, sv = chunk_forward(c, X, max_grad_norm, stable, final and stable, keep)
         ys.append(y)
         saved.append(sv)
-    return torch.stack(ys, 1), W, S, A, Q, (saved if keep else None)
+    return torch.stack(ys, 1), X, X_a, Q, (saved if keep else None)
 
 
 def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
@@ -395,5 +419,5 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
         y, W, S, A = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n])
         return y, W, S, A, (out[-1] if stable else None)
     p = prepare(fields, last, n, stable)
-    y, W, S, A, Q, _ = _loop(p, fields["kh"], W, S, max_grad_norm, stable, keep=False)
-    return y, W, S, A, Q
+    y, X, X_a, Q, _ = _loop(p, fields["kh"], _to_state(W, S), max_grad_norm, stable, keep=False)
+    return y, _weights(X), [x[:, 1].mT.contiguous() for x in X], _weights(X_a), Q
