@@ -40,11 +40,12 @@ def block_steps(B: int, D: int, T: int) -> int:
     return max(1, min(T, max(256, BLOCK // (B * D))))
 
 
-def _scan_forward(log_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor,
-                  out: torch.Tensor) -> torch.Tensor:
+def _scan_forward(log_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, out: torch.Tensor, *,
+                  reverse: bool = False) -> torch.Tensor:
     """h_t = a_t h_{t-1} + b_t, a = exp(log_a). log_a, a, b, out: (B, T, D), each contiguous in (T, D);
     h0: (B, D) -> h written into ``out`` (which may be ``b`` itself: each step reads b_t before it
-    writes h_t at the same place) and returned.
+    writes h_t at the same place) and returned. ``reverse``: h_t = a_t h_{t+1} + b_t from the end,
+    h0 after the last step (the backward's gradient scan, without flipped copies: a flip costs ~3 exps).
 
     Two passes over chunks of L steps, all chunks at once, on strided views of the inputs (no copies
     of (B, T, D) tensors):
@@ -52,30 +53,40 @@ def _scan_forward(log_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h0: tor
          multiply-adds over (B, N, D), P = exp(sum of the chunk's log-decays) (one reduction);
       2. the state entering each chunk: the same scan over the N chunks (recursively), from h0;
       3. each chunk rerun from its incoming state, writing h in place.
-    The steps past the last whole chunk (fewer than L) are a short loop. Only decays are multiplied
-    (never divided by), so nothing overflows however long T is.
+    The steps outside whole chunks (fewer than L: last going forward, first going backward) are a short
+    loop. Only decays are multiplied (never divided by), so nothing overflows however long T is.
     """
     B, T, D = b.shape
+
+    def in_order(steps):  # the steps in the order the recurrence takes them
+        return list(reversed(steps) if reverse else steps)
+
     # Step views come from one unbind (indexing b[:, t] in Python costs more than the step's arithmetic).
     if T <= SHORT:
         h = h0
-        for b_t, a_t, o_t in zip(b.unbind(1), a.unbind(1), out.unbind(1)):
+        for b_t, a_t, o_t in in_order(list(zip(b.unbind(1), a.unbind(1), out.unbind(1)))):
             h = torch.addcmul(b_t, a_t, h, out=o_t)
         return out
     L = chunk_len(T)
     N = T // L
-    la_c = log_a[:, :N * L].view(B, N, L, D)  # chunk views, no copies
-    b_j, a_j = b[:, :N * L].view(B, N, L, D).unbind(2), a[:, :N * L].view(B, N, L, D).unbind(2)  # step j: (B, N, D)
+    rest = T - N * L
+    whole, part = (slice(rest, T), slice(0, rest)) if reverse else (slice(0, N * L), slice(N * L, T))
+    la_c = log_a[:, whole].view(B, N, L, D)  # chunk views, no copies
+    b_j, a_j, o_j = (in_order(t[:, whole].view(B, N, L, D).unbind(2)) for t in (b, a, out))  # step j: (B, N, D)
     end = b_j[0].clone()  # (B, N, D): E of each chunk, built step by step in place
     for j in range(1, L):
         torch.addcmul(b_j[j], a_j[j], end, out=end)
     chunk_log = la_c.sum(dim=2)  # (B, N, D): log P
-    ends = _scan_forward(chunk_log, chunk_log.exp(), end, h0, end)  # (B, N, D): the state after each chunk
-    h = torch.cat([h0[:, None], ends[:, :-1]], dim=1)  # (B, N, D): the state entering each chunk
-    for j, o_j in enumerate(out[:, :N * L].view(B, N, L, D).unbind(2)):
-        h = torch.addcmul(b_j[j], a_j[j], h, out=o_j)
-    h = ends[:, -1]
-    for b_t, a_t, o_t in zip(b[:, N * L:].unbind(1), a[:, N * L:].unbind(1), out[:, N * L:].unbind(1)):
+    # the state at each chunk's last step in scan order, then the state entering each chunk
+    ends = _scan_forward(chunk_log, chunk_log.exp(), end, h0, end, reverse=reverse)  # (B, N, D)
+    if reverse:
+        h = torch.cat([ends[:, 1:], h0[:, None]], dim=1)
+    else:
+        h = torch.cat([h0[:, None], ends[:, :-1]], dim=1)
+    for j in range(L):
+        h = torch.addcmul(b_j[j], a_j[j], h, out=o_j[j])
+    h = ends[:, 0] if reverse else ends[:, -1]
+    for b_t, a_t, o_t in in_order(list(zip(b[:, part].unbind(1), a[:, part].unbind(1), out[:, part].unbind(1)))):
         h = torch.addcmul(b_t, a_t, h, out=o_t)
     return out
 
@@ -107,22 +118,21 @@ class _LiquidScan(torch.autograd.Function):
         B, T, D = h.shape
         dh = dh.contiguous()
         # g_t = dL/dh_t in total: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan, run block by block from
-        # the end (time flipped inside each block), with g at the next block's first step carried.
+        # the end, with g at the next block's first step carried.
         g, d_log_a = torch.empty_like(h), torch.empty_like(h)
         Tb = block_steps(B, D, T)
         g_next = torch.zeros_like(h0)  # g_e, the gradient entering from after the block (0 after the end)
         for s in reversed(range(0, T, Tb)):
             e = min(s + Tb, T)
-            # the decays that carry g_{t+1} into g_t for t = s .. e-1: a_{s+1} .. a_e (a_T: none, log 0)
-            la_next = log_a[:, s + 1:e + 1] if e < T else torch.cat([log_a[:, s + 1:], log_a.new_zeros(B, 1, D)], 1)
-            la_f, dh_f = la_next.flip(1), dh[:, s:e].flip(1)
-            g_blk = _scan_forward(la_f, la_f.exp(), dh_f, g_next, dh_f).flip(1)  # (B, e - s, D)
-            g[:, s:e] = g_blk
-            a = log_a[:, s:e].exp()
+            # a_s .. a_e, one exp: a_{t+1} carries g_{t+1} into g_t (t = s .. e-1; a_T: none, log 0), a_t
+            # enters d log a_t
+            la = log_a[:, s:e + 1] if e < T else torch.cat([log_a[:, s:], log_a.new_zeros(B, 1, D)], 1)
+            a = la.exp()  # (B, e - s + 1, D)
+            g_blk = _scan_forward(la[:, 1:], a[:, 1:], dh[:, s:e], g_next, g[:, s:e], reverse=True)
             h_prev = torch.cat([(h0 if s == 0 else h[:, s - 1])[:, None], h[:, s:e - 1]], dim=1)
-            torch.mul(g_blk, a, out=d_log_a[:, s:e]).mul_(h_prev)
+            torch.mul(g_blk, a[:, :-1], out=d_log_a[:, s:e]).mul_(h_prev)
             g_next = g_blk[:, 0]
-        dh0 = torch.exp(log_a[:, 0]) * g[:, 0]
+        dh0 = a[:, 0] * g_next  # the first block's: exp(log_a_0) g_0
         return d_log_a, g, dh0
 
 
