@@ -57,10 +57,9 @@ def _inputs(B, T, n_state, seed=1, dtype=torch.float64):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 1536 elements, 16 tokens at B = 2 and N D = 48 (48 at N D = 16), the floor of 256 tokens
-    lowered: short inputs cross several blocks."""
+    """Blocks of 1536 elements, 16 tokens at B = 2 and N D = 48 (48 at N D = 16): short inputs cross
+    several blocks."""
     monkeypatch.setattr(liquid, "BLOCK", 2 * 48 * 16)
-    monkeypatch.setattr(liquid, "MIN_BLOCK", 16)
     monkeypatch.setattr(liquid, "NO_GRAD_MIN", 0)  # the no-grad path (workspace) at every size
 
 

@@ -36,11 +36,11 @@ def test_chunked_matches_reference(T, D, close):
         close(r, o, 1e-10, name)
 
 
-@pytest.mark.parametrize("T", [65, 256, 257, 500, 4099], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("T", [65, 300, 301, 500, 4099], ids=lambda t: f"T{t}")
 def test_blocks_match_reference(T, close, monkeypatch):
-    """Inputs past ``BLOCK`` elements run in blocks of 256 steps (the state carried forward, the gradient
-    backward): the same values and gradients."""
-    monkeypatch.setattr(chunked, "BLOCK", 0)
+    """Inputs past ``BLOCK`` elements run in blocks (here of 300 steps: one block up to T = 300, two-pass
+    chunks inside), the state carried forward, the gradient backward: the same values and gradients."""
+    monkeypatch.setattr(chunked, "BLOCK", 2 * 3 * 300)
     inputs = _inputs(2, T, 3)
     for name, r, o in zip(("h", "h_last", "d_log_a", "db", "dh0"), _grads(liquid_scan_ref, *inputs),
                           _grads(liquid_scan_chunked, *inputs)):

@@ -239,7 +239,7 @@ def _buffer(ws: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tens
 
 NO_GRAD_MIN = 1 << 16  # (B, T, N, D) elements from which the workspace pays (smaller tensors come from the heap)
 BLOCK = 1 << 19  # (B, T_b, N, D) elements per block: 2 MB in fp32, in cache (measured, 2^16 to 2^21)
-MIN_BLOCK = 256  # tokens: shorter blocks cost more in per-op overhead (the scan's ~2 sqrt(2 T_b) ops) than they save
+MIN_BLOCK = 16  # tokens at least, when B N D alone passes BLOCK (wide batches): every op still spans B N D elements
 
 
 def block_len(B: int, states: int, T: int) -> int:
