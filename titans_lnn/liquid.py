@@ -16,6 +16,12 @@ Per channel c of width D_l and state entry n of N (a state expansion, like Mamba
 A diagonal, input-dependent linear recurrence: ``kernels.liquid_scan`` runs it in parallel over
 time, and the streaming state is h: (B, D_l * N). ``dt`` (B, T) gives per-token elapsed times for
 irregularly sampled series (default 1).
+
+How it runs: in blocks of about ``BLOCK`` state entries x tokens (2 MB), the state carried from block
+to block, so that every elementwise pass stays in cache and tokens/s does not fall with T; without
+autograd, into a workspace of buffers kept from call to call (no page faults per call); the state
+entries n-major inside, so that broadcasts run along D. At width 128 the two matmuls are most of the
+time left (benchmarks/RESULTS.md section 1 has the compute bound).
 """
 
 from __future__ import annotations
@@ -88,9 +94,10 @@ class LiquidCore(OwnInit, nn.Module):
         """x: (B, T, dim), dt: (B, T) or None (steps of 1) -> out: (B, T, dim), the state after x.
 
         The sequence runs in blocks of ``block_len`` tokens, the state carried from block to block (the
-        same recurrence, so the same values): each block's (B, T_b, D, N) temporaries stay in cache, where
-        the whole sequence's (64 MB each at T = 64K, D N = 1024) would be written to and read from memory
-        once per elementwise pass.
+        same recurrence, so the same values): each block's (B, T_b, N, D) temporaries stay in cache, where
+        the whole sequence's (64 MB each at T = 64K, N D = 1024) would be written to and read from memory
+        once per elementwise pass. Without autograd (and past ``NO_GRAD_MIN`` elements) the blocks run
+        in ``_forward_no_grad``; with it, in ``_block``, the same ops out of place.
         """
         B, T, _ = x.shape
         D, N = self.width, self.n_state
