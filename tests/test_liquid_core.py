@@ -127,8 +127,8 @@ def test_workspace_is_reused_and_never_aliases_the_results(monkeypatch):
         torch.testing.assert_close(out1, kept[0], rtol=0, atol=0)  # the second call wrote nothing of ours
         torch.testing.assert_close(s1.h, kept[1], rtol=0, atol=0)
         torch.testing.assert_close(out2, out1, rtol=0, atol=0)
-        out3, _ = core(torch.cat([x, x]))  # B = 2: the same rows, the same values
-        torch.testing.assert_close(out3, torch.cat([out1, out1]), rtol=0, atol=0)
+        out3, _ = core(torch.cat([x, x]))  # B = 2: the same rows, the same values (to rounding: sizes pick forms)
+        torch.testing.assert_close(out3, torch.cat([out1, out1]), rtol=1e-5, atol=1e-6)
         core64 = core.double()
         out4, _ = core64(x.double())
         torch.testing.assert_close(out4.float(), out1, rtol=1e-5, atol=1e-6)
