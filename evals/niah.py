@@ -16,7 +16,8 @@ prompts (each its own seed and key, never a training seed; needle depths spread 
 For the hybrid, a diagnostic stream writes how much of the filler the memory wrote and how well the
 needle still reads out after 1K..1M tokens of filler. ``--steps``, ``--lengths`` and ``--samples``
 default to the task's recipe (``TASK_RECIPES`` in ``niah_tasks.py``; the pass key's: 1000 steps, 1K..1M,
-10 samples), which also sets its training lengths and answer budget.
+10 samples), which also sets its training lengths, answer budget and warm start: a task whose recipe
+has one (``--warm-start``) trains both models on the pass key first, by the pass key's own recipe.
 
 Outputs in ``--out`` (default ``niah-results/``): ``summary.md`` (accuracy per length with n and
 a 95% Wilson interval, diagnostics, wall time), ``summary.json``, and per model ``model/``,

@@ -229,3 +229,17 @@ def test_threshold_start_sets_the_write_threshold_before_its_ramp(start):
     assert [m.write_threshold for m in memory_modules(model)] == [pytest.approx(start * threshold)] * 2
     with pytest.raises(ValueError, match="threshold_start=1.5"):
         niah_train.train_passkey(model, 1, threshold_start=1.5, progress=False)
+
+
+def test_filler_gate_max_takes_each_rows_largest_filler_gate():
+    """Per row the largest gate among its filler tokens (a needle's larger gate is not counted), averaged
+    over rows with filler, summed over memories; its gradient reaches only those tokens."""
+    g = torch.tensor([[[0.1, 0.9, 0.3, 0.2]], [[0.05, 0.4, 0.6, 0.0]], [[0.7, 0.7, 0.7, 0.7]]],
+                     requires_grad=True)  # (B=3, H=1, T=4)
+    filler = torch.tensor([[True, False, True, True], [True, True, False, False], [False] * 4])
+    value = niah_train.filler_gate_max({"m0": g, "m1": g}, filler)
+    assert value.item() == pytest.approx(2 * (0.3 + 0.4) / 2)
+    value.backward()
+    assert torch.equal(g.grad.ne(0), torch.tensor([[[False, False, True, False]], [[False, True, False, False]],
+                                                    [[False] * 4]]))
+    assert niah_train.filler_gate_max({"m0": g}, torch.zeros(3, 4, dtype=torch.bool)).item() == 0.0
