@@ -198,3 +198,13 @@ def test_in_place_scan_matches_reference_and_refuses_gradients(close):
         chunked.liquid_scan_chunked_(log_a, log_a.exp(), b.clone().requires_grad_(), h0)
     with pytest.raises(ValueError, match="contiguous"):
         chunked.liquid_scan_chunked_(log_a, log_a.exp()[:, :, :4], b.clone(), h0)
+
+
+def test_blocks_are_for_the_cpu_only():
+    """The blocks keep CPU caches warm; on a GPU one block (few, large launches)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert liquid.block_len(1, 1024, 65536, cpu) == liquid.BLOCK // 1024
+    assert liquid.block_len(1, 1024, 65536, gpu) == 65536
+    assert liquid.block_len(4096, 1024, 65536, cpu) == liquid.MIN_BLOCK  # wide batches: the floor
+    assert chunked.block_steps(1, 1024, 65536, cpu) == chunked.BLOCK // 1024
+    assert chunked.block_steps(1, 1024, 65536, gpu) == 65536

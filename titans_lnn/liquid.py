@@ -117,7 +117,7 @@ class LiquidCore(OwnInit, nn.Module):
         if B * T * D * N >= NO_GRAD_MIN and self._no_grad_path(x, h, dt, impl):
             out, h = self._forward_no_grad(x, h, dt, neg_inv_tau)
         else:
-            Tb = T if torch.compiler.is_compiling() else block_len(B, D * N, T)
+            Tb = T if torch.compiler.is_compiling() else block_len(B, D * N, T, x.device)
             outs = []
             for t0 in range(0, T, Tb):
                 out, h = self._block(x[:, t0:t0 + Tb], h, None if dt is None else dt[:, t0:t0 + Tb], neg_inv_tau,
@@ -177,7 +177,7 @@ class LiquidCore(OwnInit, nn.Module):
         workspace is taken off the module for the call, so that a concurrent call builds its own.
         x: (B, T, dim), h: (B, N D) -> out: (B, T, dim), h after x: (B, N D)."""
         B, T, dim = x.shape
-        Tb = block_len(B, self.width * self.n_state, T)
+        Tb = block_len(B, self.width * self.n_state, T, x.device)
         ws = self.__dict__.pop("_workspace", None) or {}
         out = x.new_empty(B, T, dim)
         for t0 in range(0, T, Tb):
@@ -251,7 +251,10 @@ BLOCK = 1 << 19  # (B, T_b, N, D) elements per block: 2 MB in fp32, in cache (me
 MIN_BLOCK = 16  # tokens at least, when B N D alone passes BLOCK (wide batches): every op still spans B N D elements
 
 
-def block_len(B: int, states: int, T: int) -> int:
+def block_len(B: int, states: int, T: int, device: torch.device) -> int:
     """Tokens per block for B rows of ``states`` (N D) state entries: BLOCK elements, at least
-    MIN_BLOCK tokens, at most T."""
+    MIN_BLOCK tokens, at most T. Off the CPU one block: the blocks are for CPU caches, and a GPU
+    wants few, large launches."""
+    if device.type != "cpu":
+        return max(1, T)
     return max(1, min(T, max(MIN_BLOCK, BLOCK // (B * states))))

@@ -34,9 +34,12 @@ def chunk_len(T: int) -> int:
     return max(16, math.isqrt(T // 2))
 
 
-def block_steps(B: int, D: int, T: int) -> int:
+def block_steps(B: int, D: int, T: int, device: torch.device) -> int:
     """Steps per block for (B, T, D) inputs: BLOCK elements, at least 16 steps (when B D alone passes
-    BLOCK: every op still spans B D elements), at most T."""
+    BLOCK: every op still spans B D elements), at most T. Off the CPU one block (the blocks are for
+    CPU caches; a GPU wants few, large launches)."""
+    if device.type != "cpu":
+        return max(1, T)
     return max(1, min(T, max(16, BLOCK // (B * D))))
 
 
@@ -96,7 +99,7 @@ def _scan_blocks(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torc
     exp(log_a) taken once, in cache. log_a, b: (B, T, D) contiguous; h0: (B, D) -> h: (B, T, D)."""
     B, T, D = b.shape
     out = torch.empty_like(b)
-    Tb = block_steps(B, D, T)
+    Tb = block_steps(B, D, T, b.device)
     h = h0
     for s in range(0, T, Tb):
         la = log_a[:, s:s + Tb]
@@ -120,7 +123,7 @@ class _LiquidScan(torch.autograd.Function):
         # g_t = dL/dh_t in total: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan, run block by block from
         # the end, with g at the next block's first step carried.
         g, d_log_a = torch.empty_like(h), torch.empty_like(h)
-        Tb = block_steps(B, D, T)
+        Tb = block_steps(B, D, T, h.device)
         g_next = torch.zeros_like(h0)  # g_e, the gradient entering from after the block (0 after the end)
         for s in reversed(range(0, T, Tb)):
             e = min(s + Tb, T)
