@@ -98,13 +98,16 @@ def measure(fn, warm, *, T: int, label: str, spec: dict, device: torch.device, p
         warm()
         if pred <= spec["warm_full_s"]:
             fn()
+        cpu0 = time.process_time()
         times = median_time(fn, repeats=spec["repeats"], budget_s=spec["budget_s"], sync=sync)
+        cpu_s = (time.process_time() - cpu0) / len(times)  # all of this process' threads, per call
         prof = profile_table(fn, device) if spec["profile"] else None
     except torch.OutOfMemoryError:
         return {**rec, "status": "out of memory"}
     t = median(times)
     points.append((T, t))
     rec.update(status="ok", time_s=t, times=times, reps=len(times), tokens_per_s=spec["B"] * T / t,
+               cpu_s=cpu_s, cpu_tokens_per_s=spec["B"] * T / cpu_s if cpu_s > 0 else None,
                peak_rss_mib=peak_rss_mib())
     if device.type == "cuda":
         rec["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / MIB
@@ -137,6 +140,10 @@ def job_liquid(spec, device):
                 m(x[:, :1024])
 
         emit(measure(run, warm, T=T, label="fwd", spec=spec, device=device, points=points))
+    if spec["impl"] != "ncps":  # our core's matmul FLOPs per token (the same at any T) and the machine's rate
+        x = torch.randn(spec["B"], 1024, bench_models.LIQUID_WIDTH, device=device)
+        emit({"bound": bench_models.compute_bound(m, x, device, tokens=x.shape[0] * x.shape[1],
+                                                  clock=time.process_time)})  # per CPU second, as cpu_s
 
 
 def job_memory(spec, device):

@@ -140,9 +140,10 @@ def num_parameters(module: torch.nn.Module) -> int:
 # the compute bound (section 5)
 
 
-def flops_per_token(module: torch.nn.Module, ids: torch.Tensor) -> float:
+def flops_per_token(module: torch.nn.Module, ids: torch.Tensor, tokens: int | None = None) -> float:
     """Matmul and convolution FLOPs (2 per multiply-add, torch.utils.flop_counter's formulas) of one forward
-    call of ``module`` on ``ids`` (B, T), per token. Elementwise ops are not counted: this is the work a
+    call of ``module`` on ``ids`` (B, T), per token (``tokens``: how many the input holds, when it is not
+    ids, e.g. B * T for features (B, T, D)). Elementwise ops are not counted: this is the work a
     matmul unit must do, the numerator of the compute bound. (A dispatch mode of our own, not
     ``FlopCounterMode``, whose module tracker fails on our persistent tokens under no_grad.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -161,27 +162,30 @@ def flops_per_token(module: torch.nn.Module, ids: torch.Tensor) -> float:
 
     with torch.no_grad(), Count():  # (under inference_mode the mode sees matmul, not its mm/bmm)
         module(ids)
-    return Count.total / ids.numel()
+    return Count.total / (tokens or ids.numel())
 
 
-def matmul_flops_per_s(device, n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops_per_s(device, n: int = 1024, repeats: int = 5, clock=time.perf_counter) -> float:
     """The machine's measured fp32 matmul rate: the best of ``repeats`` (n x n) @ (n x n) products, in FLOP/s,
-    with this process's torch threads."""
+    with this process's torch threads, timed by ``clock`` (``time.process_time``: per CPU second, which a
+    busy machine does not inflate)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats + 1):  # the first call warms up
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2 * n**3 / best
 
 
-def compute_bound(module: torch.nn.Module, ids: torch.Tensor, device) -> dict:
-    """FLOPs per token of ``module`` on ``ids``, the matmul rate, and their ratio: the tokens/s at which the
-    counted work would keep the matmul unit busy all the time (the compute bound)."""
-    flops = flops_per_token(module, ids)
-    rate = matmul_flops_per_s(device)
+def compute_bound(module: torch.nn.Module, ids: torch.Tensor, device, tokens: int | None = None,
+                  clock=time.perf_counter) -> dict:
+    """FLOPs per token of ``module`` on ``ids`` (``tokens`` as in ``flops_per_token``), the matmul rate
+    (timed by ``clock``), and their ratio: the tokens/s at which the counted work would keep the matmul unit
+    busy all the time (the compute bound)."""
+    flops = flops_per_token(module, ids, tokens)
+    rate = matmul_flops_per_s(device, clock=clock)
     return dict(flops_per_token=flops, matmul_flops_per_s=rate, bound_tokens_per_s=rate / flops)

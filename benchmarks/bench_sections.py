@@ -155,18 +155,31 @@ def liquid_section(ctx: Ctx) -> dict:
     if missing := bench_models.missing_competitors(["ncps"]):
         return skip_missing(sec, ctx, missing)
     Ts = ctx.sizes["liquid"]
-    res, params = {}, {}
+    res, params, outs = {}, {}, {}
     for impl in LIQUID_LABELS:
         ctx.log(f"  liquid: {impl}")
-        res[impl], out = run_with_status(ctx, ctx.spec(kind="liquid", impl=impl, Ts=Ts), [(T, "fwd") for T in Ts])
-        params[impl] = params_of(out)
+        res[impl], outs[impl] = run_with_status(ctx, ctx.spec(kind="liquid", impl=impl, Ts=Ts),
+                                                [(T, "fwd") for T in Ts])
+        params[impl] = params_of(outs[impl])
     table = speed_table(ctx, res, LIQUID_LABELS, params, [("ours / ncps", "ncps")], ("ours-state128", "ours-tiny"))
     sec["tables"].append(table)
     ratios = {i: _ratio(_tps(res[i], T0, "fwd"), _tps(res["ncps"], T0, "fwd")) for i in ("ours-state128", "ours-tiny")}
     ok = [r >= 100 for r in ratios.values() if r is not None]
     sec["status"] = verdict(ok)
     sec["measured"] = "; ".join(f"{LIQUID_LABELS[i]}: {fmt_ratio(r)}" for i, r in ratios.items()) + f" at {k(T0)}"
+    bounds = {i: next((r["bound"] for r in outs[i].results if "bound" in r), None) for i in outs}
+    cpu_table, cpu_ratios = liquid_cpu_table(res, bounds, T0)
+    sec["tables"].append(cpu_table)
+    if cpu_ratios:
+        sec["measured"] += "; by CPU time " + "; ".join(f"{fmt_ratio(r)} (bound {fmt_ratio(b)})"
+                                                        for r, b in cpu_ratios.values())
     sec["notes"] += bench_models.DIFFERENCES["liquid"]
+    sec["notes"].append("CPU time: the job process' CPU seconds per call (all its threads), which a busy machine "
+                        "does not inflate as it does wall time. The compute bound: our core's matmul FLOPs per "
+                        "token (torch.utils.flop_counter's formulas; elementwise passes not counted) at the fp32 "
+                        "matmul rate measured in the same job (per CPU second); the bound ratio is that rate over "
+                        "ncps's CPU-time tokens/s, the most any implementation of this core could reach against ncps "
+                        "here.")
     sec["plots"].append(dict(file="liquid_vs_ncps.png", panels=[dict(
         title="liquid core, forward", xlabel="T (tokens)", ylabel="tokens/s", logx=True, logy=True,
         series=series(res, LIQUID_LABELS, "fwd"))]))
@@ -182,6 +195,34 @@ def liquid_section(ctx: Ctx) -> dict:
 
 MEMORY_LABELS = {"ours": "ours NeuralMemory", "titans-default": "titans-pytorch (batch_size=None, default)",
                  "titans-chunked": "titans-pytorch (batch_size=16)"}
+
+
+def liquid_cpu_table(res: dict, bounds: dict, T0: int) -> tuple[dict, dict]:
+    """Section 1 by CPU time: per size, each core's CPU-time tokens/s and ratio to ncps's, and ours' compute
+    bound (tokens/s and as a ratio to ncps); also {impl: (ratio, bound ratio)} at ``T0``."""
+    header = ["model", "T", "CPU tokens/s", "ours / ncps (CPU time)", "compute bound (tokens/s)",
+              "share of the bound", "bound / ncps"]
+    rows, at_target = [], {}
+    for impl in ("ours-state128", "ours-tiny"):
+        bound = bounds.get(impl)
+        for r in res[impl]:
+            base = _find(res["ncps"], r["T"], "fwd")
+            mine = r.get("cpu_tokens_per_s") if r["status"] == "ok" else None
+            theirs = base.get("cpu_tokens_per_s") if base and base["status"] == "ok" else None
+            if mine is None:
+                continue
+            b = bound["bound_tokens_per_s"] if bound else None
+            ratio, b_ratio = _ratio(mine, theirs), _ratio(b, theirs)
+            rows.append([LIQUID_LABELS[impl], k(r["T"]), fmt_rate(mine), fmt_ratio(ratio), fmt_rate(b),
+                         f"{mine / b:.0%}" if b else "-", fmt_ratio(b_ratio)])
+            if r["T"] == T0 and ratio is not None:
+                at_target[impl] = (ratio, b_ratio)
+    caption = "By CPU time (the same runs), with our core's compute bound"
+    if bounds.get("ours-state128"):
+        bd = bounds["ours-state128"]
+        caption += (f": {bd['flops_per_token']:,.0f} matmul FLOP per token (128 states), fp32 matmul measured at "
+                    f"{bd['matmul_flops_per_s'] / 1e9:.0f} GFLOP per CPU second")
+    return dict(caption=caption, header=header, rows=rows), at_target
 
 
 def memory_section(ctx: Ctx) -> dict:

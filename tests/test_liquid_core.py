@@ -137,6 +137,23 @@ def test_workspace_is_reused_and_never_aliases_the_results(monkeypatch):
         assert t.untyped_storage().data_ptr() not in spaces
 
 
+def test_workspace_filled_under_inference_mode_serves_no_grad_calls_after(monkeypatch):
+    """Buffers made under inference_mode are inference tensors, which torch forbids writing into outside
+    it: a no_grad call after an inference_mode call (a benchmark's FLOP count, an eval after a generate)
+    gets fresh buffers and the same values, and back again."""
+    monkeypatch.setattr(liquid, "NO_GRAD_MIN", 0)
+    core = _core(2, dtype=torch.float32).eval()
+    x = torch.randn(1, 40, DIM)
+    with torch.inference_mode():
+        first, _ = core(x)
+    with torch.no_grad():
+        second, _ = core(x)
+    with torch.inference_mode():
+        third, _ = core(x)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(third, first, rtol=0, atol=0)
+
+
 def test_copies_and_pickles_leave_the_workspace_out(monkeypatch):
     monkeypatch.setattr(liquid, "NO_GRAD_MIN", 0)
     core = _core(2, dtype=torch.float32).eval()

@@ -238,10 +238,12 @@ def _a_minus_one(log_a: torch.Tensor, f: torch.Tensor, neg_inv_tau: torch.Tensor
 
 
 def _buffer(ws: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A tensor of ``shape`` (uninitialised) from the workspace ``ws``, reused while large enough."""
+    """A tensor of ``shape`` (uninitialised) from the workspace ``ws``, reused while large enough (and not
+    an inference tensor outside inference mode, where torch forbids writing into one)."""
     n = math.prod(shape)
     buf = ws.get(name)
-    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+    if (buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device
+            or (buf.is_inference() and not torch.is_inference_mode_enabled())):
         buf = ws[name] = torch.empty(n, dtype=like.dtype, device=like.device)
     return buf[:n].view(shape)
 
