@@ -8,6 +8,7 @@ below TRAIN_SEED_BASE, so no evaluated prompt (and no needle placement) was seen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -178,7 +179,8 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
                   max_len: int = 450, long_frac: float = 0.3, long_len: tuple[int, int] = (1024, 2048),
                   lr: float = 3e-3, seed: int = 0, write_penalty: float = 0.0, penalty_from: float = 0.0,
                   threshold_from: float = 0.5, threshold_start: float = 0.0, penalize: str = "written",
-                  penalty_margin: float = 0.0, max_penalty: float = 0.0, mix_task: str | None = None,
+                  penalty_margin: float = 0.0, max_penalty: float = 0.0, write_threshold: float | None = None,
+                  mix_task: str | None = None,
                   mix_frac: tuple[float, float] = (0.0, 0.0),
                   mix_len: tuple[int, int] = (260, 450), num_facts: tuple[int, int] | None = None,
                   facts_until: float = 0.5, progress: bool = True,
@@ -198,6 +200,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     A memory whose config skips small writes (``mem_write_threshold``) trains without the threshold
     until the fraction ``threshold_from`` of the steps, then with it raised linearly to the config's
     value by the last step: retrieval is learned first, then to keep the filler's writes below it.
+    ``write_threshold`` replaces the config's threshold (the model's config is changed, so that the saved
+    model evaluates with it): a needle's digits must then be written with a larger gate than before, and
+    a filler token just above the old threshold is skipped.
     ``threshold_start`` (a fraction of the config's threshold) is where it starts instead of 0: 1 keeps
     the full threshold from the first step (a model warm-started from one trained with it, which would
     otherwise relearn to write above it: the loss of an S-NIAH-2 warm start went 0.001 -> 0.19 on the ramp).
@@ -227,6 +232,9 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
                          "expected two fact counts >= 1 and a fraction of the steps in [0, 1]")
     if num_facts is not None and not task.startswith("babilong_"):
         raise ValueError(f"train_passkey: num_facts={num_facts!r} given for task {task!r}: expected a babilong_ task")
+    if write_threshold is not None:  # the config validates it; states and saved weights carry its fingerprint
+        model.config = dataclasses.replace(model.config, mem_write_threshold=write_threshold)
+        model.fingerprint = model.config.fingerprint
     torch.manual_seed(seed)
     rng = random.Random(seed)
     mix_rng = random.Random(f"mix/{seed}")  # its own stream: the task's batches stay those of a run without it

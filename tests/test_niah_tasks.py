@@ -243,3 +243,17 @@ def test_filler_gate_max_takes_each_rows_largest_filler_gate():
     assert torch.equal(g.grad.ne(0), torch.tensor([[[False, False, True, False]], [[False, True, False, False]],
                                                     [[False] * 4]]))
     assert niah_train.filler_gate_max({"m0": g}, torch.zeros(3, 4, dtype=torch.bool)).item() == 0.0
+
+
+def test_write_threshold_replaces_the_configs_and_is_saved(tmp_path):
+    """train_passkey(write_threshold=) trains with that threshold and leaves it in the model's config, so
+    that the saved model evaluates with it."""
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal"))
+    niah_train.train_passkey(model, 1, batch_size=1, threshold_start=1.0, write_threshold=0.3, progress=False)
+    assert [m.write_threshold for m in memory_modules(model)] == [pytest.approx(0.3)] * 2
+    model.save_pretrained(tmp_path / "m")
+    loaded = TitansLNN.from_pretrained(tmp_path / "m")
+    assert [m.write_threshold for m in memory_modules(loaded)] == [pytest.approx(0.3)] * 2
+    with pytest.raises(ValueError, match="mem_write_threshold"):
+        niah_train.train_passkey(model, 1, write_threshold=1.5, progress=False)
