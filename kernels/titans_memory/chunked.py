@@ -11,10 +11,14 @@ beta_t W_0 x_t + (D_beta E)_t S_0 x_t - ((Cm * (X_hat X^T)) @ Delta)_t.
 
 The chunks follow each other (a chunk's gradients are taken at the weights the previous one left), so
 the loop stays; what does not depend on a chunk's anchor is done for all chunks at once before it. The
-cost of a chunk is then the overhead of its ~60 small ops: with ``TITANS_LNN_COMPILE=1`` every whole
-chunk runs through ``torch.compile`` (inductor; on the CPU, C++ kernels that fuse the elementwise
-ops), about 3x faster per chunk forward and 2x forward + backward on the tiny model's memory, after a
-compilation of a minute or two per process. Off by default: eager needs no compiler and no warm-up.
+cost of a chunk is then the overhead of its small ops, and under autograd mostly that of its backward
+(~450 ops through the autograd engine per chunk). So for depth 1 and 2 (the presets) the whole chunks
+run through ``chunk_loop.py``: the forward without recording and a hand-written backward, one autograd
+node for the loop (about 2.4x faster forward + backward on the tiny model's memory at 4K-16K; the same
+values and gradients, tested against this file's ``_chunk`` under autograd, which deeper memories,
+$TITANS_LNN_MEMORY_BACKWARD=autograd and $TITANS_LNN_COMPILE=1 still run). With ``TITANS_LNN_COMPILE=1``
+every whole chunk runs through ``torch.compile`` (inductor; C++ kernels that fuse the elementwise ops),
+after a compilation of a minute or two per process. Off by default: eager needs no compiler and no warm-up.
 """
 
 from __future__ import annotations
