@@ -183,7 +183,7 @@ def chunk_backward(c, sv, gy, GX, gQ, max_grad_norm, stable, keep):
         ngxT[1].baddbmm_(hr.mT, ngp)
         sr = sv["sr"]
         gz = ghr * torch.addcmul(sr, hr, 1 - sr)  # silu'(z_read)
-        keep["g_hrbd"] = g_hrbd
+        keep["g_bd1"] = (g_hrbd.view(G, L, 2, -1) * hr[:, :, None, :]).sum(-1)  # d/d(beta, dbe) via hrbd: (G, L, 2)
     nsc0 = torch.bmm(gz, ds[0].mT)
     ngd[0].baddbmm_(sv["sc0"].mT, gz)
     ngcm = nsc0 * c["qk"] if ngcm is None else ngcm.addcmul_(nsc0, c["qk"])
@@ -293,8 +293,7 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     g_q = (g_qbd * p["bd"][..., None]).sum(-2)
     g["q"] = g_q + gy if n == 2 else g_q
     if n == 2:
-        hr = torch.stack([s["hr"] for s in saved], 1)
-        g_bd = g_bd + (st["g_hrbd"].view(G, N, L, 2, -1) * hr[..., None, :]).sum(-1)
+        g_bd = g_bd + st["g_bd1"]
     g_mix = st["g_mix"]  # (G, N, 2, 2)
     g["beta"] = add_last(g_bd[..., 0].contiguous(), g_mix[..., 0, 0])
     g["dbe"] = add_last(g_bd[..., 1].contiguous(), g_mix[..., 0, 1])
