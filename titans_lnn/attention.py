@@ -83,7 +83,10 @@ class SlidingWindowAttention(nn.Module):
     def _extend(self, cache: torch.Tensor, new: torch.Tensor, pos: int) -> torch.Tensor:
         """The visible cached keys (in order) followed by the new ones: (B, G, P + T, D)."""
         if self.cache_size is not None:
-            cache = cache[:, :, self.cache_size - self._visible(pos):]
+            visible = self._visible(pos)
+            if visible == 0:  # a MAC segment's start: nothing cached is visible (no copy of the new keys)
+                return new
+            cache = cache[:, :, self.cache_size - visible:]
         return torch.cat([cache.to(new.dtype), new], dim=2)
 
     def _store(self, keys: torch.Tensor, end: int) -> torch.Tensor:
@@ -91,6 +94,8 @@ class SlidingWindowAttention(nn.Module):
         if self.cache_size is None:
             return keys
         keep = self._visible(end)
+        if keep == 0:  # a MAC segment's end: nothing stays visible
+            return keys.new_zeros(*keys.shape[:2], self.cache_size, keys.shape[3])
         tail = keys[:, :, keys.shape[2] - keep:].clone()  # a copy: the state must not pin the whole chunk
         if keep == self.cache_size:
             return tail
@@ -112,10 +117,17 @@ class SlidingWindowAttention(nn.Module):
             state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
         return self.attend(*self.project(x, state.pos), state, extra=extra)
 
+    def sinks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The persistent tokens' keys and values (1, G, N_p, D) each (unrotated), or None without them.
+        MAC computes them once per piece and hands them to every segment's ``attend``."""
+        if self.persistent is None:
+            return None
+        return self._kv(self.persistent(1).to(dtype), None)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttentionState, *,
-               extra: torch.Tensor | None = None):
-        """``forward`` from ``project``'s q, k, v of the T tokens at ``state.pos`` onwards. Returns
-        (B, T, dim) and the new state."""
+               extra: torch.Tensor | None = None, sinks: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``forward`` from ``project``'s q, k, v of the T tokens at ``state.pos`` onwards; ``sinks``:
+        ``self.sinks(q.dtype)`` when the caller has it already. Returns (B, T, dim) and the new state."""
         B, _, T, _ = q.shape
         pos = state.pos
         k, v = self._extend(state.k, k, pos), self._extend(state.v, v, pos)  # (B, G, P+T, D)
@@ -126,9 +138,9 @@ class SlidingWindowAttention(nn.Module):
                 raise ValueError("SlidingWindowAttention(memory_stream=True) needs the aligned stream `extra`")
             k2, v2 = self._kv(extra, pos)
             k2, v2 = self._extend(state.k2, k2, pos), self._extend(state.v2, v2, pos)
-        sink_k = sink_v = None
-        if self.persistent is not None:
-            sink_k, sink_v = self._kv(self.persistent(1).to(q.dtype), None)  # (1, G, N_p, D)
+        if sinks is None:
+            sinks = self.sinks(q.dtype)
+        sink_k, sink_v = (None, None) if sinks is None else sinks  # (1, G, N_p, D) each
         o = sliding_window_attention(q, k, v, window=self.window, sink_k=sink_k, sink_v=sink_v, k2=k2, v2=v2,
                                      segment=self.segment, pos0=pos - P)
         end = pos + T

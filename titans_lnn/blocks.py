@@ -110,12 +110,13 @@ class MemoryAsContext(nn.Module):
         qkv = self.attn.project(x, attn_state.pos)  # (B, H, T, D), (B, G, T, D) x 2
         pieces = zip(q_read.split(lengths, dim=2), gate_read.split(lengths, dim=1),
                      *(t.split(lengths, dim=2) for t in qkv))
+        sinks = self.attn.sinks(qkv[0].dtype)  # the persistent keys and values: the same for every segment
         ys, ms = [], []
         for q_r, g_r, q, k, v in pieces:
             if mem_state.pos % self.segment == 0:  # a new segment: snapshot the memory it reads from
                 snapshot = self.mem.current_weights(mem_state)
             h = self.mem.read_out(q_r, g_r, snapshot)
-            y, attn_state = self.attn.attend(q, k, v, attn_state, extra=h)
+            y, attn_state = self.attn.attend(q, k, v, attn_state, extra=h, sinks=sinks)
             m, mem_state = self.mem(y, mem_state)
             ys.append(y)
             ms.append(m)
