@@ -7,9 +7,11 @@ import torch
 import torch.nn as nn
 
 from titans_lnn.kernels import sliding_window_attention
-from titans_lnn.layers import residual_output, rope
+from titans_lnn.layers import apply_rope, residual_output, rope_table
 from titans_lnn.memory import PersistentMemory
 from titans_lnn.state import AttentionState
+
+_TABLE_DTYPE = {torch.float32: torch.complex64, torch.float64: torch.complex128}  # rope_table's, per x dtype
 
 
 class SlidingWindowAttention(nn.Module):
@@ -65,11 +67,24 @@ class SlidingWindowAttention(nn.Module):
             return AttentionState(empty, empty.clone(), empty.clone(), empty.clone())
         return AttentionState(empty, empty.clone())
 
-    def _kv(self, x: torch.Tensor, pos: int | None):
+    def rope_table(self, pos: int, T: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """The RoPE rotations of positions pos .. pos + T - 1 (``layers.rope_table``), for ``project`` and
+        ``attend``: MAC builds one per piece and slices it per segment."""
+        return rope_table(pos, T, self.head_dim, self.rope_theta, dtype, device)
+
+    def _rotate(self, x: torch.Tensor, pos: int, table: torch.Tensor | None) -> torch.Tensor:
+        """x (B, H, T, D) rotated for positions pos, pos + 1, ... by ``table`` (built when None or of
+        another precision than x)."""
+        if table is None or table.shape[0] != x.shape[2] or table.dtype != _TABLE_DTYPE.get(x.dtype, x.dtype):
+            table = self.rope_table(pos, x.shape[2], x.dtype, x.device)
+        return apply_rope(x, table)
+
+    def _kv(self, x: torch.Tensor, pos: int | None, table: torch.Tensor | None = None):
+        """Keys and values (B, G, T, D) of x, the keys rotated for positions pos, ... (None: no rotation)."""
         B, T, _ = x.shape
         k, v = self.wkv(x).view(B, T, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, G, T, D) each
         if pos is not None:
-            k = rope(k, pos, self.rope_theta)
+            k = self._rotate(k, pos, table)
         return k, v
 
     def _visible(self, end: int) -> int:
@@ -102,12 +117,16 @@ class SlidingWindowAttention(nn.Module):
         pad = keys.new_zeros(*keys.shape[:2], self.cache_size - keep, keys.shape[3])
         return torch.cat([pad, tail], dim=2)
 
-    def project(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, pos: int, table: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The queries (B, H, T, D), keys and values (B, G, T, D) of x, rotated for positions pos, pos + 1, ...
-        (MAC projects a whole piece at once, then attends segment by segment on slices of them)."""
+        (MAC projects a whole piece at once, then attends segment by segment on slices of them); ``table``:
+        ``self.rope_table(pos, T, x.dtype)`` when the caller has it already."""
         B, T, _ = x.shape
-        q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), pos, self.rope_theta)
-        k, v = self._kv(x, pos)
+        if table is None:
+            table = self.rope_table(pos, T, x.dtype, x.device)
+        q = self._rotate(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), pos, table)
+        k, v = self._kv(x, pos, table)
         return q, k, v
 
     def forward(self, x: torch.Tensor, state: AttentionState | None = None, *, extra: torch.Tensor | None = None):
@@ -125,9 +144,11 @@ class SlidingWindowAttention(nn.Module):
         return self._kv(self.persistent(1).to(dtype), None)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttentionState, *,
-               extra: torch.Tensor | None = None, sinks: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """``forward`` from ``project``'s q, k, v of the T tokens at ``state.pos`` onwards; ``sinks``:
-        ``self.sinks(q.dtype)`` when the caller has it already. Returns (B, T, dim) and the new state."""
+               extra: torch.Tensor | None = None, sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
+               table: torch.Tensor | None = None):
+        """``forward`` from ``project``'s q, k, v of the T tokens at ``state.pos`` onwards; ``sinks``
+        (``self.sinks(q.dtype)``) and ``table`` (``self.rope_table(state.pos, T, ...)``, which rotates the
+        memory stream's keys) when the caller has them already. Returns (B, T, dim) and the new state."""
         B, _, T, _ = q.shape
         pos = state.pos
         k, v = self._extend(state.k, k, pos), self._extend(state.v, v, pos)  # (B, G, P+T, D)
@@ -136,7 +157,7 @@ class SlidingWindowAttention(nn.Module):
         if self.memory_stream:
             if extra is None:
                 raise ValueError("SlidingWindowAttention(memory_stream=True) needs the aligned stream `extra`")
-            k2, v2 = self._kv(extra, pos)
+            k2, v2 = self._kv(extra, pos, table)
             k2, v2 = self._extend(state.k2, k2, pos), self._extend(state.v2, v2, pos)
         if sinks is None:
             sinks = self.sinks(q.dtype)

@@ -107,16 +107,17 @@ class MemoryAsContext(nn.Module):
         # x[:, s:s + L] per segment: autograd's backward of each slice builds a zero gradient the size
         # of the whole x (a backward quadratic in T); split's backward is one cat.
         q_read, gate_read, conv_read = self.mem.read_queries(x, conv_read)  # (B, Hm, T, d), (B, T, dim)
-        qkv = self.attn.project(x, attn_state.pos)  # (B, H, T, D), (B, G, T, D) x 2
-        pieces = zip(q_read.split(lengths, dim=2), gate_read.split(lengths, dim=1),
+        table = self.attn.rope_table(attn_state.pos, T, x.dtype, x.device)  # (T, D/2): RoPE for q, k and h's keys
+        qkv = self.attn.project(x, attn_state.pos, table)  # (B, H, T, D), (B, G, T, D) x 2
+        pieces = zip(q_read.split(lengths, dim=2), gate_read.split(lengths, dim=1), table.split(lengths),
                      *(t.split(lengths, dim=2) for t in qkv))
         sinks = self.attn.sinks(qkv[0].dtype)  # the persistent keys and values: the same for every segment
         ys, ms = [], []
-        for q_r, g_r, q, k, v in pieces:
+        for q_r, g_r, rot, q, k, v in pieces:
             if mem_state.pos % self.segment == 0:  # a new segment: snapshot the memory it reads from
                 snapshot = self.mem.current_weights(mem_state)
             h = self.mem.read_out(q_r, g_r, snapshot)
-            y, attn_state = self.attn.attend(q, k, v, attn_state, extra=h, sinks=sinks)
+            y, attn_state = self.attn.attend(q, k, v, attn_state, extra=h, sinks=sinks, table=rot)
             m, mem_state = self.mem(y, mem_state)
             ys.append(y)
             ms.append(m)
