@@ -27,6 +27,9 @@ Depth 1 (M(x) = W_1 x): r = -v + k W_1^T, d_1 = r, kappa / 2 = |k|^2.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import torch
 from torch.linalg import vecdot
 
@@ -323,6 +326,20 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     return {key: val for key, val in g.items() if needs[key]}
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Python's cyclic garbage collector paused (then restored): the loop keeps ~60 tensors per chunk for
+    the backward, and as they pile up the collector's full passes over them took ~9% of the tiny memory's
+    forward + backward at 16K. Nothing here makes reference cycles: reference counting frees it all."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _to_state(W, S):
     """Lists of (G, out_l, in_l) -> per layer [W_l^T; S_l^T]: (G, 2, in_l, out_l)."""
     return [torch.stack((w.mT, s_.mT), 1) for w, s_ in zip(W, S)]
@@ -346,7 +363,8 @@ class ChunkLoop(torch.autograd.Function):
         f = dict(zip(FIELDS, tensors[:len(FIELDS)]))
         W, S = list(tensors[len(FIELDS):len(FIELDS) + n]), list(tensors[len(FIELDS) + n:])
         p = prepare(f, last, n, stable)
-        y, X, X_a, Q, saved = _loop(p, f["kh"], _to_state(W, S), max_grad_norm, stable, keep=True)
+        with _no_gc():
+            y, X, X_a, Q, saved = _loop(p, f["kh"], _to_state(W, S), max_grad_norm, stable, keep=True)
         ctx.meta, ctx.f, ctx.p, ctx.saved = meta, f, p, saved
         S = [x[:, 1].mT.contiguous() for x in X]
         return (y, *_weights(X), *S, *_weights(X_a), W[0].new_zeros(0) if Q is None else Q)
@@ -370,19 +388,20 @@ class ChunkLoop(torch.autograd.Function):
         kept = [None] * N
         gys = gy.unbind(1)
         gQ = gQ if stable and gQ is not None and gQ.numel() else None
-        for i in range(N - 1, -1, -1):
-            final = i == N - 1
-            c = {key: t[i] for key, t in views.items()}
-            if final and stable:
-                c["kh"] = f["kh"][:, i]
-            kept[i] = {}
-            gX = chunk_backward(c, saved[i], gys[i], gX, gQ if final else None, max_grad_norm, stable, kept[i])
-            if final:
-                for gx, ga in zip(gX, gA_out):
-                    if ga is not None:
-                        gx[:, 0] += ga.mT
-        needs = {key: f[key] is not None and ctx.needs_input_grad[1 + j] for j, key in enumerate(FIELDS)}
-        g = _finish(f, p, saved, kept, gy, n, last, stable, needs)
+        with _no_gc():
+            for i in range(N - 1, -1, -1):
+                final = i == N - 1
+                c = {key: t[i] for key, t in views.items()}
+                if final and stable:
+                    c["kh"] = f["kh"][:, i]
+                kept[i] = {}
+                gX = chunk_backward(c, saved[i], gys[i], gX, gQ if final else None, max_grad_norm, stable, kept[i])
+                if final:
+                    for gx, ga in zip(gX, gA_out):
+                        if ga is not None:
+                            gx[:, 0] += ga.mT
+            needs = {key: f[key] is not None and ctx.needs_input_grad[1 + j] for j, key in enumerate(FIELDS)}
+            g = _finish(f, p, saved, kept, gy, n, last, stable, needs)
         ctx.saved = None
         return (None, *(g.get(key) for key in FIELDS), *(x[:, 0].mT for x in gX), *(x[:, 1].mT for x in gX))
 
@@ -418,5 +437,6 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
         y, W, S, A = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n])
         return y, W, S, A, (out[-1] if stable else None)
     p = prepare(fields, last, n, stable)
-    y, X, X_a, Q, _ = _loop(p, fields["kh"], _to_state(W, S), max_grad_norm, stable, keep=False)
+    with _no_gc():
+        y, X, X_a, Q, _ = _loop(p, fields["kh"], _to_state(W, S), max_grad_norm, stable, keep=False)
     return y, _weights(X), [x[:, 1].mT.contiguous() for x in X], _weights(X_a), Q
