@@ -7,11 +7,9 @@ import torch
 import torch.nn as nn
 
 from titans_lnn.kernels import sliding_window_attention
-from titans_lnn.layers import apply_rope, residual_output, rope_table
+from titans_lnn.layers import apply_rope, residual_output, rope_table, rope_table_dtype
 from titans_lnn.memory import PersistentMemory
 from titans_lnn.state import AttentionState
-
-_TABLE_DTYPE = {torch.float32: torch.complex64, torch.float64: torch.complex128}  # rope_table's, per x dtype
 
 
 class SlidingWindowAttention(nn.Module):
@@ -75,7 +73,7 @@ class SlidingWindowAttention(nn.Module):
     def _rotate(self, x: torch.Tensor, pos: int, table: torch.Tensor | None) -> torch.Tensor:
         """x (B, H, T, D) rotated for positions pos, pos + 1, ... by ``table`` (built when None or of
         another precision than x)."""
-        if table is None or table.shape[0] != x.shape[2] or table.dtype != _TABLE_DTYPE.get(x.dtype, x.dtype):
+        if table is None or table.shape[0] != x.shape[2] or table.dtype != rope_table_dtype(x.dtype):
             table = self.rope_table(pos, x.shape[2], x.dtype, x.device)
         return apply_rope(x, table)
 

@@ -56,9 +56,17 @@ def rope_table(pos: int, T: int, D: int, theta: float, dtype: torch.dtype, devic
     t = torch.arange(pos, pos + T, dtype=torch.float64, device=device)
     ang = t[:, None] * inv_freq[None]  # (T, D/2)
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-    if dtype in (torch.float32, torch.float64):
+    if rope_table_dtype(dtype).is_complex:
         return torch.complex(cos, sin)
     return torch.stack((cos, sin), dim=-1)
+
+
+def rope_table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``rope_table(..., dtype)``: complex for float32/64 in eager mode; real (the pair formula)
+    for half precisions and under torch.compile (which traces the real ops and fuses them itself)."""
+    if torch.compiler.is_compiling():
+        return dtype
+    return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
