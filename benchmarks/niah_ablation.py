@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         model(torch.tensor([list(filler)], dtype=torch.long))
     written = [f"{(m.last_theta > 1e-6).float().mean().item():.3f}" for m in memory_modules(model)]
-    print(f"haystack tokens written per memory layer: {written}")
+    print(f"filler tokens written per memory layer (the task's haystack): {written}")
     budget = recipe_for(args.task).max_new_tokens
     report = {"losses": losses, "records": []}
     for j, n in enumerate(int(x) for x in args.lengths.split(",")):

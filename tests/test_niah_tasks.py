@@ -257,3 +257,24 @@ def test_write_threshold_replaces_the_configs_and_is_saved(tmp_path):
     assert [m.write_threshold for m in memory_modules(loaded)] == [pytest.approx(0.3)] * 2
     with pytest.raises(ValueError, match="mem_write_threshold"):
         niah_train.train_passkey(model, 1, write_threshold=1.5, progress=False)
+
+
+def test_ablation_script_trains_a_task_from_a_saved_model(tmp_path):
+    """benchmarks/niah_ablation.py --task --init at toy size: a warm start from a saved model's weights, the
+    task's prompts scored (7-digit values), the task's read-out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    TitansLNN(niah_config("mal")).save_pretrained(tmp_path / "init")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "niah_ablation.py"
+    proc = subprocess.run([sys.executable, str(script), "--task", "niah_single_2", "--init", str(tmp_path / "init"),
+                           "--steps", "1", "--lengths", "420", "--samples", "2", "--readout", "100",
+                           "--train", "batch_size=1", "--train", "max_penalty=1", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"warm start from {tmp_path / 'init'}" in proc.stdout and "trained 1 steps" in proc.stdout
+    assert "420 tokens: " in proc.stdout and "-log p(answer) after haystack" in proc.stdout
+    records = json.loads((tmp_path / "r.json").read_text())["records"]
+    assert len(records) == 2 and all(len(r["expected"]) == 7 and r["expected"].isdigit() for r in records)
