@@ -98,9 +98,9 @@ def test_markov_comparison_adds_the_two_poe_rows_on_the_same_bases():
                          np.full((800, 4), -math.log(4), dtype=np.float32))
     cmp = markov_comparison(reading, [genome], kmax=4, progress=False, poe_fold=fold)
     names = [r["name"] for r in cmp["rows"]]
-    assert names[-2].startswith("Markov 1-4, 16, 20, 24: trained product of experts, no network (weights fitted on "
-                                "the training genome's first 800 bases")
-    assert "with the network" in names[-1]
+    assert names[-2:] == ["Markov 1-4, 16, 20, 24: trained product of experts (no network)",
+                          "network + Markov 1-4, 16, 20, 24: trained product of experts"]
+    assert cmp["poe_fit_bases"] == 800 and "training genome's first 800 bases" in comparison_markdown(cmp, "t")
     assert all(sum(b["tokens"] for b in r["bins"]) == cmp["tokens"] for r in cmp["rows"])
     poe = cmp["rows"][-2]["bits"]
     assert poe < cmp["rows"][0]["bits"] - 0.5  # the test genome is a copy of training bases: the long orders see it
