@@ -72,7 +72,8 @@ def embed_tokens(model: TitansLNN, ids: np.ndarray, add: Callable[[np.ndarray, n
                  rc_complement: np.ndarray | None = None, chunk_len: int = 4096,
                  progress: Callable[[int], None] | None = None) -> None:
     """Stream the tokens ``ids`` (L,) through ``model`` and call ``add(positions (n,), hidden (n, d))`` per
-    piece (float32 numpy). With ``rc_complement`` (the tokenizer's id -> complement id table) the reverse
+    piece (float32 numpy). With ``rc_complement`` (the tokenizer's id -> complement id table, or a function of
+    the ids (L,) giving the other strand's (L,), e.g. ``KmerTokenizer.reverse_complement``) the reverse
     complement is read as well, its rows given at the forward positions of the same bases (L-1-j), each
     position then receiving two rows (the caller averages). ``progress(n)`` is told the tokens read."""
     ids = np.asarray(ids)
@@ -81,7 +82,7 @@ def embed_tokens(model: TitansLNN, ids: np.ndarray, add: Callable[[np.ndarray, n
         raise ValueError(f"ids must be a non-empty 1-D token array, got shape {ids.shape}")
     strands = [False] if rc_complement is None else [False, True]
     for reverse in strands:
-        seq = np.ascontiguousarray(rc_complement.astype(ids.dtype)[ids[::-1]] if reverse else ids)
+        seq = other_strand(rc_complement, ids) if reverse else np.ascontiguousarray(ids)
         tokens = torch.from_numpy(seq)[None]  # (1, L), the token dtype (uint8): each piece is widened by the model
         for start, h in hidden_pieces(model, tokens, chunk_len=chunk_len):
             n = h.shape[1]
@@ -89,6 +90,15 @@ def embed_tokens(model: TitansLNN, ids: np.ndarray, add: Callable[[np.ndarray, n
             add(L - 1 - pos if reverse else pos, h[0].float().cpu().numpy())
             if progress is not None:
                 progress(n)
+
+
+def other_strand(rc_complement, ids: np.ndarray) -> np.ndarray:
+    """The reverse complement of the token ids (L,): ``rc_complement`` an id -> complement id table (one token
+    per base, as the nucleotide tokenizer's ``complement_ids``) or a function of the ids (a k-mer tokenizer's
+    ``reverse_complement``, which re-encodes the other strand)."""
+    if callable(rc_complement):
+        return np.ascontiguousarray(rc_complement(ids)).astype(ids.dtype)
+    return np.ascontiguousarray(rc_complement.astype(ids.dtype)[ids[::-1]])
 
 
 def _rows(length: int, window: int) -> int:
@@ -172,8 +182,8 @@ def embed_fasta(model: TitansLNN, tokenizer, data: str | os.PathLike, out: str |
     _check_window(window)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
-    if rc and not hasattr(tokenizer, "complement_ids"):
-        raise ValueError(f"--rc needs the nucleotide tokenizer; this model's is {tokenizer.name!r}")
+    if rc and not hasattr(tokenizer, "reverse_complement"):
+        raise ValueError(f"--rc needs a DNA tokenizer (nucleotide or kmerK); this model's is {tokenizer.name!r}")
     spec = os.fspath(data)
     corpus = load_corpus(spec, tokenizer, format="auto" if spec in BUILTIN_CORPORA else "fasta")
     records, row = [], 0
@@ -184,7 +194,8 @@ def embed_fasta(model: TitansLNN, tokenizer, data: str | os.PathLike, out: str |
     meta = {"data": spec, "window": window, "rc_averaged": rc, "pooling": "mean" if window else "none",
             "d_model": model.config.d_model, "tokenizer": tokenizer.name, "records": records}
     array = open_embedding_file(out, row, model.config.d_model, dtype, meta)
-    complement = tokenizer.complement_ids if rc else None
+    complement = None if not rc else (tokenizer.complement_ids if hasattr(tokenizer, "complement_ids")
+                                      else tokenizer.reverse_complement)
     with tqdm(total=sum(r["length"] for r in records) * (2 if rc else 1), unit="base", unit_scale=True,
               desc="embed", disable=not progress) as bar:
         for i, rec in enumerate(records):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from titans_lnn.evals.embed import hidden_pieces, hidden_states
+from titans_lnn.evals.embed import hidden_pieces, hidden_states, other_strand
 from titans_lnn.model import TitansLNN
 
 __all__ = ["gene_mask", "window_labels", "kmer_features", "window_embeddings", "fit_logistic", "auroc", "f1",
@@ -114,7 +114,7 @@ def window_embeddings(model: TitansLNN, ids: np.ndarray, window: int, context: s
     size = streams if context == "stream" else batch
     out = read(model, ids, window, size, chunk_len)
     if rc_complement is not None:  # the reverse strand's windows are the forward windows in reverse order
-        rc = np.ascontiguousarray(rc_complement.astype(ids.dtype)[ids[::-1]])
+        rc = other_strand(rc_complement, ids)
         out = (out + read(model, rc, window, size, chunk_len)[::-1]) / 2
     return out
 
@@ -246,8 +246,11 @@ def gene_probe(model: TitansLNN | None, tokenizer, genome: str = "ecoli-k12", ot
         f"{name.split(' ')[0]} {int((y >= 0).sum())} windows ({(y == 1).sum() / max(1, (y >= 0).sum()):.0%} gene)"
         for name, _, y in sets))
 
-    featurisers = {f"k-mer frequencies, k <= {kmax}": lambda ids: kmer_features(ids, window, kmax)}
-    complement = tokenizer.complement_ids if rc else None
+    # A k-mer tokenizer's ids name k bases each: the baseline counts the bases themselves (each token's own).
+    bases_of = tokenizer.to_bases if hasattr(tokenizer, "to_bases") else (lambda ids: ids)
+    featurisers = {f"k-mer frequencies, k <= {kmax}": lambda ids: kmer_features(bases_of(ids), window, kmax)}
+    complement = None if not rc else (tokenizer.complement_ids if hasattr(tokenizer, "complement_ids")
+                                      else tokenizer.reverse_complement)
     for context in (contexts if model is not None else ()):
         seen = "streamed genome" if context == "stream" else "window alone"
         name = f"embedding ({seen}{', RC-averaged' if rc else ''})"
@@ -313,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.checkpoint):
             p.error(f"--checkpoint {args.checkpoint!r} is not a folder: expected a save_pretrained directory")
         model, tokenizer = load_model(args.checkpoint)
-        if tokenizer.name != "nucleotide":
+        if not hasattr(tokenizer, "reverse_complement"):
             p.error(f"--checkpoint {args.checkpoint}: its tokenizer is {tokenizer.name!r}: expected a DNA model "
-                    f"(the nucleotide tokenizer)")
+                    f"(the nucleotide or a kmerK tokenizer)")
     try:
         rows = gene_probe(model, tokenizer, args.genome, None if args.other == "none" else args.other,
                           bases=args.bases, other_bases=args.other_bases, window=args.window,

@@ -147,3 +147,21 @@ def test_dna_preset_trains_on_kmer_tokens_with_both_strands_and_is_scored(tmp_pa
                  "--out", str(out), "--no-progress"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["tokenizer"] == "kmer2" and result["tokens"] == 2999 and 1.5 < result["bits"] < 2.6
+
+
+@pytest.mark.parametrize("window", [0, 5], ids=["per-base", "per-window"])
+def test_rc_averaged_kmer_embedding_is_strand_symmetric(window):
+    """With k-mer tokens the other strand is re-encoded (each token then names the k bases ending at it on that
+    strand); the RC-averaged embedding of a sequence still equals that of its reverse complement, reversed."""
+    from titans_lnn.evals.embed import embed_array
+
+    tok = KmerTokenizer(3)
+    model, _ = load_model(preset="debug", tokenizer=tok)
+    ids = tok.encode("ACGTTGCAGGTACCAGTTGA")  # 20 bases: 4 windows of 5
+    fwd = embed_array(model, ids, window=window, rc_complement=tok.reverse_complement, chunk_len=7)
+    rev = embed_array(model, tok.reverse_complement(ids), window=window, rc_complement=tok.reverse_complement,
+                      chunk_len=6)
+    np.testing.assert_allclose(fwd, rev[::-1], atol=1e-5)
+    one_strand = embed_array(model, ids, window=window)
+    assert not np.allclose(fwd, one_strand, atol=1e-3)
+
