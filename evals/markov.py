@@ -20,8 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["kmer_codes", "MarkovModel", "OnlineMixer", "count_selector", "mix_bits", "TrainedMixer", "poe_experts",
-           "n_poe_selectors",
-           "fit_poe", "poe_bits", "markov_table", "main"]
+           "n_poe_selectors", "fit_poe", "poe_bits", "markov_table", "main"]
 
 MAX_ORDER = 30  # a (k+1)-mer's base-4 code must fit in an int64
 
