@@ -34,11 +34,11 @@ def _inputs(T, depth, *, B=2, H=2, D=5, hidden=7, seed=0, stable=False, zero_fir
     return tensors, len(shapes)
 
 
-def _run(tensors, n, C, offset, **kw):
+def _run(tensors, n, C, offset, update=memory_update_chunked, **kw):
+    """``update`` (the chunked form, or the per-token reference) on the flat list of ``_inputs``."""
     q, k, v, theta, eta, alpha = tensors[:6]
     W, S, A = tensors[6:6 + n], tensors[6 + n:6 + 2 * n], tensors[6 + 2 * n:]
-    y, W, S, A = memory_update_chunked(q, k, v, theta, eta, alpha, tuple(W), tuple(S), tuple(A), chunk_size=C,
-                                       offset=offset, **kw)
+    y, W, S, A = update(q, k, v, theta, eta, alpha, tuple(W), tuple(S), tuple(A), chunk_size=C, offset=offset, **kw)
     return [y, *W, *S, *A]
 
 
@@ -100,17 +100,9 @@ def test_no_grad_forward_equals_the_reference(stable, close):
     tensors, n = _inputs(29, 2, stable=stable, seed=1)
     with torch.no_grad():
         got = _run(tensors, n, 8, 3, max_grad_norm=0.5, stable=stable)
-        ref = [t.detach() for t in _run_ref(tensors, n, 8, 3, max_grad_norm=0.5, stable=stable)]
+        ref = [t.detach() for t in _run(tensors, n, 8, 3, update=memory_update_ref, max_grad_norm=0.5, stable=stable)]
     for i, (a, b) in enumerate(zip(ref, got)):
         _same(a, b, f"output {i}", close)
-
-
-def _run_ref(tensors, n, C, offset, **kw):
-    q, k, v, theta, eta, alpha = tensors[:6]
-    W, S, A = tensors[6:6 + n], tensors[6 + n:6 + 2 * n], tensors[6 + 2 * n:]
-    y, W, S, A = memory_update_ref(q, k, v, theta, eta, alpha, tuple(W), tuple(S), tuple(A), chunk_size=C,
-                                   offset=offset, **kw)
-    return [y, *W, *S, *A]
 
 
 def _backward_nodes(out):
