@@ -42,7 +42,7 @@ from titans_lnn.kernels.titans_memory.naive import (
     silu_grad2,
     stable_steps,
 )
-from titans_lnn.layers import CausalConv, Residual, rope
+from titans_lnn.layers import CausalConv, Residual, apply_rope, causal_conv, rope_table
 from titans_lnn.liquid import LiquidCore
 from titans_lnn.memory import NeuralMemory
 from titans_lnn.state import AttentionState, BlockState, LiquidState, MACState, MemoryState, ModelState, PairState
@@ -183,21 +183,15 @@ _ROPE_TABLES: dict = {}  # (pos, D, theta, device, dtype) -> the rotation at pos
 
 
 def _rope(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
-    """``layers.rope`` for one position, x (B, H, 1, D): the pairs of channels as complex numbers times
-    the rotation e^{i pos theta^(-2j/D)} (angles in float64, as rope), computed once per position."""
-    if x.dtype not in (torch.float32, torch.float64):
-        return rope(x, pos, theta)
-    D = x.shape[-1]
-    key = (pos, D, theta, x.device, x.dtype)
-    rot = _ROPE_TABLES.get(key)
-    if rot is None:
+    """``layers.rope`` for one position, x (B, H, 1, D): ``layers.apply_rope`` with the position's
+    ``layers.rope_table`` row, computed once per position (angles in float64, as rope)."""
+    key = (pos, x.shape[-1], theta, x.device, x.dtype)
+    table = _ROPE_TABLES.get(key)
+    if table is None:
         if len(_ROPE_TABLES) > 64:
             _ROPE_TABLES.clear()
-        inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)  # (D/2,)
-        ang = pos * inv_freq
-        rot = _ROPE_TABLES[key] = torch.complex(ang.cos().to(x.dtype), ang.sin().to(x.dtype))
-    pairs = torch.view_as_complex(x.contiguous().view(*x.shape[:-1], D // 2, 2))  # (B, H, 1, D/2)
-    return torch.view_as_real(pairs * rot).flatten(-2)
+        table = _ROPE_TABLES[key] = rope_table(pos, 1, x.shape[-1], theta, x.dtype, x.device)  # (1, D/2)
+    return apply_rope(x, table)
 
 
 # ----------------------------------------------------------------------------- neural memory
@@ -207,9 +201,7 @@ def _conv_step(conv: CausalConv, x: torch.Tensor, state: torch.Tensor):
     """y = sum_j w_j x_{t-j} + b for one token: x (B, D), state (B, K - 1, D) the last inputs.
     Returns (y (B, D), the new state)."""
     xx = torch.cat([state.to(x.dtype), x[:, None]], dim=1)  # (B, K, D)
-    w = conv.conv.weight[:, 0].t()  # (K, D): tap j meets xx[:, j] (Conv1d is a cross-correlation)
-    y = (xx * w).sum(1) + conv.conv.bias
-    return y, xx[:, 1:].clone()
+    return causal_conv(xx, conv.conv.weight, conv.conv.bias)[:, 0], xx[:, 1:].clone()
 
 
 def _conv3_step(m: NeuralMemory, qkv: torch.Tensor, states: tuple[torch.Tensor, ...]):
