@@ -249,10 +249,10 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     long_batch = max(1, batch_size * max_len // long_len[1])
     memories = memory_modules(model)
     for step in bar:
+        ramp = min(1.0, max(0.0, (step - threshold_from * steps) / max(1.0, (1 - threshold_from) * steps - 1)))
+        threshold = model.config.mem_write_threshold * (threshold_start + (1 - threshold_start) * ramp)
         for m in memories:
-            ramp = (step - threshold_from * steps) / max(1.0, (1 - threshold_from) * steps - 1)
-            ramp = min(1.0, max(0.0, ramp))
-            m.write_threshold = model.config.mem_write_threshold * (threshold_start + (1 - threshold_start) * ramp)
+            m.write_threshold = threshold
         at = step / max(1, steps - 1)  # 0 at the first step, 1 at the last
         mixed = mix_task is not None and mix_rng.random() < mix_frac[0] + (mix_frac[1] - mix_frac[0]) * at
         facts = None
