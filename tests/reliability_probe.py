@@ -12,8 +12,9 @@ Each attempt is classified as the issue counts them:
 - silent: accepted, and the result is not what was saved / asked for (another model, wrong ids, NaN);
 - data lost: a run's history (checkpoints, metrics) or a saved model was destroyed.
 Attempts the brief left to others (ModelState, ``dt``/labels in ``TitansLNN.forward``) are in the
-group "others'" and counted apart. Not collected by pytest (``tests/test_reliability.py`` holds the
-reproducers); ``test_reliability`` runs nothing of this file.
+group "others'" and counted apart. Not collected by pytest (its name does not start with ``test_``): the
+reproducers are in ``tests/test_reliability_files.py`` and ``tests/test_reliability_inputs.py``, and one test of
+the latter runs :func:`probe` and asserts that nothing is raw, silent or lost.
 """
 
 from __future__ import annotations
