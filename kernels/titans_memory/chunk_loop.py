@@ -33,6 +33,8 @@ import gc
 import torch
 from torch.linalg import vecdot
 
+from titans_lnn.kernels.titans_memory import cpp
+
 # The chunk inputs, each (G, N, L, ...): N chunks, chunk i is t[:, i]. overlap and kh are None unless stable.
 FIELDS = ("q", "k", "v", "theta", "eta", "qk", "overlap", "kh", "beta", "E", "dbe", "dd", "d_e")
 
@@ -278,11 +280,18 @@ def _amax_abs_backward(x, top, grad):
     return x.sign() * hit * (grad / hit.sum(-1))[..., None]
 
 
-def _finish(f, p, saved, kept, gy, n, last, stable, needs):
-    """The chunk inputs' gradients, for all chunks at once, from what ``chunk_backward`` kept per chunk:
-    a dict name -> (G, N, L, ...) for the ``FIELDS`` in ``needs``."""
-    st = {key: torch.stack([kp[key] for kp in kept], 1) for key in kept[0] if kept[0][key] is not None}
-    th2, cm = (torch.stack([s[key] for s in saved], 1) for key in ("th2", "cm"))
+def _stack(per_chunk, keys=None):
+    """A list over chunks of dicts name -> (G, ...) -> one dict name -> (G, N, ...) (absent or None skipped)."""
+    keys = [key for key in (per_chunk[0] if keys is None else keys) if per_chunk[0].get(key) is not None]
+    return {key: torch.stack([d[key] for d in per_chunk], 1) for key in keys}
+
+
+def _finish(f, p, sv, st, g_kh_final, gy, n, last, stable, needs):
+    """The chunk inputs' gradients, for all chunks at once, from what the forward saved (``sv``: th2, cm and,
+    when stable, d1, d2, u, khalf) and what ``chunk_backward`` kept (``st``), each stacked over the chunks
+    (G, N, ...); ``g_kh_final``: the final chunk's gradient of kh, or None. Returns a dict name ->
+    (G, N, L, ...) for the ``FIELDS`` in ``needs``."""
+    th2, cm = sv["th2"], sv["cm"]
     G, N, L, D = p["q"].shape
 
     def add_last(t, rows):  # t (G, N, L, ...) += rows (G, N, ...) at each chunk's last row
@@ -307,14 +316,14 @@ def _finish(f, p, saved, kept, gy, n, last, stable, needs):
     g["d_e"] = add_last(torch.zeros_like(f["d_e"]), g_dl[:, :, 1])
     theta = p["theta"]
     if stable:
-        d1, d2, u, khalf = (torch.stack([s[key] for s in saved], 1) for key in ("d1", "d2", "u", "khalf"))
+        d1, d2, u, khalf = sv["d1"], sv["d2"], sv["u"], sv["khalf"]
         g_u, den = st["g_u"], p["den"]
         g["theta"] = -st["ng_th1"] / (d1 * d2) + 2 * g_u * khalf / den
         g["eta"] = g_u * u / den * ((1 - f["eta"]) >= torch.finfo(theta.dtype).tiny)
         g["overlap"] = st["g_before"][..., None] * u[:, :, None, :]
-        if "g_kh" in kept[-1]:
+        if g_kh_final is not None:
             g_kh = torch.zeros_like(f["kh"])
-            g_kh[:, -1] = kept[-1]["g_kh"]
+            g_kh[:, -1] = g_kh_final
             g["kh"] = g_kh
     else:
         g["theta"] = -st["ng_th1"]
@@ -355,7 +364,7 @@ class ChunkLoop(torch.autograd.Function):
     ``last`` of the final chunk, max_grad_norm, stable); tensors = the ``FIELDS`` (each (G, N, L, ...);
     overlap and kh None unless stable), then W (n), then S (n), each (G, out_l, in_l). Returns y
     (G, N, L, Dv), W and S after, the final chunk's anchor (the weights before it), and its Q (stable;
-    else an empty tensor)."""
+    else an empty tensor). The loop runs in C++ (``cpp.py``) or in Python, forward and backward alike."""
 
     @staticmethod
     def forward(ctx, meta, *tensors):
@@ -363,47 +372,74 @@ class ChunkLoop(torch.autograd.Function):
         f = dict(zip(FIELDS, tensors[:len(FIELDS)]))
         W, S = list(tensors[len(FIELDS):len(FIELDS) + n]), list(tensors[len(FIELDS) + n:])
         p = prepare(f, last, n, stable)
+        ext = cpp.module_for(f["q"])
         with _no_gc():
-            y, X, X_a, Q, saved = _loop(p, f["kh"], _to_state(W, S), max_grad_norm, stable, keep=True)
-        ctx.meta, ctx.f, ctx.p, ctx.saved = meta, f, p, saved
+            if ext is not None:
+                y, X, X_a, Q, ctx.tape, sv = ext.forward(p, _final_kh(f["kh"], stable), _to_state(W, S),
+                                                         max_grad_norm, stable, True)
+                ctx.saved = None
+            else:
+                y, X, X_a, Q, ctx.saved = _loop(p, f["kh"], _to_state(W, S), max_grad_norm, stable, keep=True)
+                sv = _stack(ctx.saved, ("th2", "cm", "d1", "d2", "u", "khalf"))
+                ctx.tape = None
+        ctx.meta, ctx.f, ctx.p, ctx.sv, ctx.ext, ctx.X_shapes = meta, f, p, sv, ext, [x.shape for x in X]
         S = [x[:, 1].mT.contiguous() for x in X]
         return (y, *_weights(X), *S, *_weights(X_a), W[0].new_zeros(0) if Q is None else Q)
 
     @staticmethod
     def backward(ctx, gy, *grads):
         n, last, max_grad_norm, stable = ctx.meta
-        f, p, saved = ctx.f, ctx.p, ctx.saved
+        f, p = ctx.f, ctx.p
         gW_out, gS_out, gA_out, gQ = grads[:n], grads[n:2 * n], grads[2 * n:3 * n], grads[3 * n]
-        X_last = saved[-1]["X"]
-        gX = [torch.zeros_like(x) for x in X_last]
+        gX = [p["q"].new_zeros(shape) for shape in ctx.X_shapes]
         for gx, gw, gs in zip(gX, gW_out, gS_out):
             if gw is not None:
                 gx[:, 0] = gw.mT
             if gs is not None:
                 gx[:, 1] = gs.mT
-        N = len(saved)
         if gy is None:
-            gy = p["q"].new_zeros(*p["q"].shape[:3], X_last[-1].shape[-1])
-        views = {key: t.unbind(1) for key, t in p.items()}
-        kept = [None] * N
-        gys = gy.unbind(1)
+            gy = p["q"].new_zeros(*p["q"].shape[:3], ctx.X_shapes[-1][-1])
         gQ = gQ if stable and gQ is not None and gQ.numel() else None
         with _no_gc():
-            for i in range(N - 1, -1, -1):
-                final = i == N - 1
-                c = {key: t[i] for key, t in views.items()}
-                if final and stable:
-                    c["kh"] = f["kh"][:, i]
-                kept[i] = {}
-                gX = chunk_backward(c, saved[i], gys[i], gX, gQ if final else None, max_grad_norm, stable, kept[i])
-                if final:
-                    for gx, ga in zip(gX, gA_out):
-                        if ga is not None:
-                            gx[:, 0] += ga.mT
+            if ctx.tape is not None:
+                gA = [None if ga is None else ga.mT for ga in gA_out]
+                gX, st, g_kh = ctx.ext.backward(ctx.tape, gy, gX, gA, gQ, max_grad_norm, stable)
+            else:
+                gX, st, g_kh = _loop_backward(p, f["kh"], ctx.saved, gy, gX, gA_out, gQ, max_grad_norm, stable)
             needs = {key: f[key] is not None and ctx.needs_input_grad[1 + j] for j, key in enumerate(FIELDS)}
-            g = _finish(f, p, saved, kept, gy, n, last, stable, needs)
-        ctx.saved = None
+            g = _finish(f, p, ctx.sv, st, g_kh, gy, n, last, stable, needs)
+        ctx.saved = ctx.tape = ctx.sv = ctx.ext = None
         return (None, *(g.get(key) for key in FIELDS), *(x[:, 0].mT for x in gX), *(x[:, 1].mT for x in gX))
+
+
+def _final_kh(kh, stable):
+    """The final chunk's kh (G, L, Dk) when the loop computes its Q (stable), else None."""
+    return kh[:, -1] if stable and kh is not None else None
+
+
+def _loop_backward(p, kh, saved, gy, gX, gA_out, gQ, max_grad_norm, stable):
+    """The backward over the chunks in reverse, in Python: from gy (G, N, L, Dv), the gradient gX of the state
+    after the final chunk (as X), of its anchor (gA_out, W_l each (G, out_l, in_l) or None) and of its Q (or
+    None). Returns (the gradient of the state before the first chunk, ``chunk_backward``'s kept values stacked
+    over the chunks, the final chunk's gradient of kh or None)."""
+    N = len(saved)
+    views = {key: t.unbind(1) for key, t in p.items()}
+    kept = [None] * N
+    gys = gy.unbind(1)
+    for i in range(N - 1, -1, -1):
+        final = i == N - 1
+        c = {key: t[i] for key, t in views.items()}
+        if final and stable:
+            c["kh"] = kh[:, i]
+        kept[i] = {}
+        gX = chunk_backward(c, saved[i], gys[i], gX, gQ if final else None, max_grad_norm, stable, kept[i])
+        saved[i] = None
+        if final:
+            for gx, ga in zip(gX, gA_out):
+                if ga is not None:
+                    gx[:, 0] += ga.mT
+    g_kh = kept[-1].pop("g_kh", None)
+    return gX, _stack(kept), g_kh
 
 
 def _loop(p, kh, X, max_grad_norm, stable, keep):
@@ -437,6 +473,11 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
         y, W, S, A = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n])
         return y, W, S, A, (out[-1] if stable else None)
     p = prepare(fields, last, n, stable)
+    ext = cpp.module_for(fields["q"])
     with _no_gc():
-        y, X, X_a, Q, _ = _loop(p, fields["kh"], _to_state(W, S), max_grad_norm, stable, keep=False)
+        if ext is not None:
+            y, X, X_a, Q, _, _ = ext.forward(p, _final_kh(fields["kh"], stable), _to_state(W, S), max_grad_norm,
+                                             stable, False)
+        else:
+            y, X, X_a, Q, _ = _loop(p, fields["kh"], _to_state(W, S), max_grad_norm, stable, keep=False)
     return y, _weights(X), [x[:, 1].mT.contiguous() for x in X], _weights(X_a), Q

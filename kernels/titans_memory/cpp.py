@@ -1,0 +1,68 @@
+"""The C++ build of the memory's chunk loop (``csrc/chunk_loop.cpp``) and the switch that picks it.
+
+``chunk_loop.py`` runs its loop over chunks either in Python (the reference, and the fallback) or in one
+call of the C++ extension, which does the same ATen ops per chunk without the interpreter and the autograd
+dispatch between them (issue 12: per-op overhead is the memory's cost on a CPU). The extension is built on
+first use with ``torch.utils.cpp_extension.load`` (g++ and ninja) into torch's extension cache
+($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): about a minute once, then a load of the cached
+library. Importing this module builds nothing.
+
+$TITANS_LNN_MEMORY_LOOP (read at each call): "cpp" (default) runs the C++ loop on CPU tensors of fp32 or fp64
+when the extension builds, and the Python loop otherwise (CUDA tensors, bf16, or a failed build, which warns
+once with the reason); "python" always runs the Python loop.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+
+import torch
+
+LOOP_ENV = "TITANS_LNN_MEMORY_LOOP"
+LOOPS = ("cpp", "python")
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "chunk_loop.cpp"
+_DTYPES = (torch.float32, torch.float64)
+_state: dict = {}  # "module": the loaded extension, or "error": why it could not be built (after one try)
+
+
+def loop_flag() -> str:
+    """$TITANS_LNN_MEMORY_LOOP, checked: "cpp" (default) or "python"."""
+    flag = os.environ.get(LOOP_ENV, "cpp") or "cpp"
+    if flag not in LOOPS:
+        raise ValueError(f"${LOOP_ENV}={flag!r} is invalid: expected 'cpp' (the C++ chunk loop) or 'python'")
+    return flag
+
+
+def load():
+    """The extension module (built on the first call of the process, cached on disk), or None when it cannot
+    be built: then one warning names why, and later calls return None without trying again."""
+    if "module" in _state or "error" in _state:
+        return _state.get("module")
+    try:
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load(name="titans_lnn_chunk_loop", sources=[str(SOURCE)],
+                                    extra_cflags=["-O3"], verbose=False)
+    except Exception as err:  # noqa: BLE001 (a compiler, linker or loader failure of any kind falls back)
+        _state["error"] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"titans-lnn: the C++ chunk loop of the memory could not be built ({_state['error']}); "
+                      f"the Python loop runs instead (set ${LOOP_ENV}=python to silence this)", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    _state["module"] = module
+    return module
+
+
+def build_error() -> str | None:
+    """Why the extension could not be built (after ``load`` failed), else None."""
+    return _state.get("error")
+
+
+def module_for(t: torch.Tensor):
+    """The extension to run the loop on tensors like ``t`` with, or None for the Python loop: None when
+    $TITANS_LNN_MEMORY_LOOP is "python", ``t`` is not on the CPU or not fp32/fp64, or the build failed."""
+    if loop_flag() == "python" or t.device.type != "cpu" or t.dtype not in _DTYPES:
+        return None
+    return load()

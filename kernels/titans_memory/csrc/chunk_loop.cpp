@@ -1,0 +1,484 @@
+// The memory's loop over whole chunks (kernels/titans_memory/chunk_loop.py) in C++ with ATen: the same
+// per-chunk forward (``chunk_forward``) and hand-written backward (``chunk_backward``), op for op, with
+// the whole loop over chunks in one call, so that no Python runs per chunk. The Python loop is the
+// reference; tests/test_memory_cpp.py checks that both give the same values and gradients in fp64.
+//
+// Why: a chunk of the tiny memory is ~95 ops forward and ~190 backward on tensors of (G, 16, 128),
+// each microseconds of overhead and almost no arithmetic; from Python each op also pays the
+// interpreter and the autograd dispatch (issue 12's profile: 22.5% of a training step was Python
+// between the ops). Here the ops run below autograd (nothing is recorded: the backward is explicit).
+//
+// Shapes: G = B*H memories, N chunks, L rows per chunk, n = 1 or 2 layers. The state X is per layer
+// [W_l^T; S_l^T] (G, 2, in_l, out_l). The per-chunk inputs (``prepare``'s dict p) arrive as
+// (G, N, L, ...) and are laid out once as (N, G, L, ...) so that each chunk is contiguous.
+
+#include <torch/extension.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using TensorMap = std::map<std::string, Tensor>;
+
+Tensor vecdot(const Tensor& a, const Tensor& b, int64_t dim = -1) { return at::mul(a, b).sum(dim); }
+
+Tensor mT(const Tensor& t) { return t.transpose(-2, -1); }
+
+// The per-chunk inputs: views of (N, G, L, ...) tensors at chunk i.
+struct Chunk {
+  Tensor q, k, theta, qk, bd, xsq0, r0, qbd, dd2, dl2, mix;
+  Tensor den, tw, ov, knorm, kh;  // stable only (knorm: depth 2; kh: the final chunk, when Q is wanted)
+};
+
+// ``prepare``'s tensors as (N, G, ...) contiguous, so that chunk i is one contiguous slice.
+struct Inputs {
+  TensorMap t;
+  int64_t N = 0;
+
+  Inputs(const TensorMap& p) {
+    for (const auto& kv : p) {
+      if (kv.second.defined()) t[kv.first] = kv.second.transpose(0, 1).contiguous();
+    }
+    N = t.at("q").size(0);
+  }
+
+  Tensor at_chunk(const std::string& name, int64_t i) const {
+    auto it = t.find(name);
+    return it == t.end() ? Tensor() : it->second.select(0, i);
+  }
+
+  Chunk chunk(int64_t i) const {
+    Chunk c;
+    c.q = at_chunk("q", i);
+    c.k = at_chunk("k", i);
+    c.theta = at_chunk("theta", i);
+    c.qk = at_chunk("qk", i);
+    c.bd = at_chunk("bd", i);
+    c.xsq0 = at_chunk("xsq0", i);
+    c.r0 = at_chunk("r0", i);
+    c.qbd = at_chunk("qbd", i);
+    c.dd2 = at_chunk("dd2", i);
+    c.dl2 = at_chunk("dl2", i);
+    c.mix = at_chunk("mix", i);
+    c.den = at_chunk("den", i);
+    c.tw = at_chunk("tw", i);
+    c.ov = at_chunk("ov", i);
+    c.knorm = at_chunk("knorm", i);
+    return c;
+  }
+};
+
+// What ``chunk_backward`` needs from a chunk's forward (``chunk_forward``'s dict sv).
+struct Saved {
+  std::vector<Tensor> X, Ys, xs, ds, xsq, dsq;
+  Tensor th1, th2, cm, sc0, r, cd;
+  Tensor z, s, a, slope, e, sr, hr, hrbd, p1, sc1;                    // depth 2
+  Tensor col, sl2, sa, bend, tsl, t1, eb, teb, rt, khalf, u, d1, d2;  // stable
+  Tensor sqp, scale;                                                   // clip
+};
+
+// The loop's saved intermediates, held by the Python autograd node between forward and backward.
+struct Tape {
+  std::vector<Saved> chunks;
+  std::shared_ptr<Inputs> inputs;
+  Tensor kh;  // (G, L, Dk) of the final chunk, or undefined
+};
+
+// One chunk forward: returns y (G, L, Dv); X becomes the state after the chunk; Q (G, Dk, Dk) when kh is
+// given. The intermediates go to sv when it is not null.
+Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<double> max_grad_norm, bool stable,
+                     Tensor* Q, Saved* sv) {
+  const int64_t n = static_cast<int64_t>(X.size());
+  const int64_t G = c.k.size(0), L = c.k.size(1);
+  const Tensor& k = c.k;
+  Tensor Wt1 = X[0].select(1, 0);  // W_1^T: (G, Dk, out_1)
+  Tensor z, s, a, slope, e, h, r, Wt2;
+  std::vector<Tensor> ds, xs;
+  if (n == 2) {
+    Wt2 = X[1].select(1, 0);  // W_2^T: (G, hidden, Dv)
+    z = at::bmm(k, Wt1);      // (G, L, hidden)
+    s = at::sigmoid(z);
+    h = at::mul(z, s);
+    a = at::rsub(s, 1);
+    slope = at::addcmul(s, h, a);  // silu'(z) = s (1 + z (1 - s))
+    r = at::baddbmm(c.r0, h, Wt2);  // M(k) - v: (G, L, Dv)
+    e = at::bmm(r, mT(Wt2));        // W_2^T r
+    ds = {at::mul(e, slope), r};
+    xs = {k, h};
+  } else {
+    r = at::baddbmm(c.r0, k, Wt1);
+    ds = {r};
+    xs = {k};
+  }
+  std::vector<Tensor> xsq{c.xsq0}, dsq;
+  for (int64_t l = 1; l < n; ++l) xsq.push_back(vecdot(xs[l], xs[l]));
+  for (const auto& d : ds) dsq.push_back(vecdot(d, d));
+  Tensor th1 = c.theta;
+  Tensor col, sl2, sa, bend, tsl, t1, eb, teb, rt, khalf, u, d1, d2;
+  if (stable) {
+    if (n == 2) {
+      col = vecdot(Wt2, Wt2);  // ||W_2[:, j]||^2: (G, hidden)
+      sl2 = at::mul(slope, slope);
+      Tensor reach = vecdot(sl2, col.unsqueeze(1));
+      sa = at::mul(s, a);
+      bend = at::mul(sa, at::add(at::mul(z, at::sub(a, s)), 2));  // silu''(z)
+      tsl = slope.abs().amax(-1);
+      t1 = at::mul(at::mul(dsq[1].sqrt(), tsl), c.knorm);  // |r| max|silu'| |k|
+      eb = at::mul(e, bend);
+      teb = eb.abs().amax(-1);
+      rt = at::add(reach, teb);
+      khalf = at::addcmul(at::add(xsq[1], t1), xsq[0], rt);  // kappa / 2
+    } else {
+      khalf = xsq[0];
+    }
+    u = at::mul(c.tw, khalf);
+    d1 = at::bmm(c.ov, u.unsqueeze(-1)).squeeze(-1).add_(1);
+    d2 = at::add(d1, u);
+    th1 = at::div(c.theta, at::mul(d1, d2));
+  }
+  Tensor th2 = th1, sqp, scale;
+  if (max_grad_norm.has_value()) {
+    sqp = at::mul(dsq[0], xsq[0]);  // ||g||^2 / 4
+    if (n == 2) sqp = at::addcmul(sqp, dsq[1], xsq[1]);
+    scale = at::mul(sqp.rsqrt(), 0.5 * *max_grad_norm).clamp_max_(1);  // (at sqp = 0: inf, clamped to 1)
+    th2 = at::mul(th1, scale);
+  }
+  Tensor cm = at::mul(c.dd2, th2.unsqueeze(1));  // (G, L, L)
+  // Read y_t = M_{W_t}(q_t): the base (beta_t W + dbe_t S) q_t minus the chunk's writes up to t.
+  Tensor sc0 = at::mul(cm, c.qk);
+  const int64_t o0 = X[0].size(-1);
+  Tensor zr = at::bmm(c.qbd, X[0].view({G, -1, o0})).baddbmm_(sc0, ds[0], 1, -1);
+  Tensor y, sr, hr, hrbd, p1, sc1;
+  if (n == 2) {
+    sr = at::sigmoid(zr);
+    hr = at::mul(zr, sr);
+    hrbd = at::mul(hr.unsqueeze(-2), c.bd.unsqueeze(-1)).view({G, L, -1});  // [beta hr, dbe hr]: (G, L, 2 hidden)
+    p1 = at::bmm(hr, mT(h));                                                // (G, L, L)
+    sc1 = at::mul(cm, p1);
+    y = at::baddbmm(c.q, hrbd, X[1].view({G, -1, X[1].size(-1)})).baddbmm_(sc1, r, 1, -1);
+  } else {
+    y = zr;
+  }
+  // State after row ``last``: [W; S]^T <- mix [W; S]^T - Y d, Y = [Cm[last] x; De[last] x]^T (G, 2, in_l, L).
+  Tensor cd = at::mul(c.dl2, th2.unsqueeze(1));  // (G, 2, L)
+  std::vector<Tensor> Ys, X_new;
+  for (int64_t l = 0; l < n; ++l) {
+    const Tensor& x = xs[l];
+    Tensor Y = at::empty({G, 2, x.size(-1), L}, x.options());
+    at::mul_out(Y, mT(x).unsqueeze(1), cd.unsqueeze(2));
+    const int64_t i_l = X[l].size(2), o_l = X[l].size(3);
+    Tensor Xn = at::bmm(c.mix, X[l].view({G, 2, -1})).view({G, 2 * i_l, o_l});
+    X_new.push_back(Xn.baddbmm_(Y.view({G, 2 * i_l, L}), ds[l], 1, -1).view({G, 2, i_l, o_l}));
+    Ys.push_back(Y);
+  }
+  if (Q != nullptr) *Q = at::bmm(mT(c.kh), at::mul(u.unsqueeze(-1), c.kh));
+  if (sv != nullptr) {
+    sv->X = X;
+    sv->Ys = Ys;
+    sv->xs = xs;
+    sv->ds = ds;
+    sv->xsq = xsq;
+    sv->dsq = dsq;
+    sv->th1 = th1;
+    sv->th2 = th2;
+    sv->cm = cm;
+    sv->sc0 = sc0;
+    sv->r = r;
+    sv->cd = cd;
+    sv->z = z;
+    sv->s = s;
+    sv->a = a;
+    sv->slope = slope;
+    sv->e = e;
+    sv->sr = sr;
+    sv->hr = hr;
+    sv->hrbd = hrbd;
+    sv->p1 = p1;
+    sv->sc1 = sc1;
+    sv->col = col;
+    sv->sl2 = sl2;
+    sv->sa = sa;
+    sv->bend = bend;
+    sv->tsl = tsl;
+    sv->t1 = t1;
+    sv->eb = eb;
+    sv->teb = teb;
+    sv->rt = rt;
+    sv->khalf = khalf;
+    sv->u = u;
+    sv->d1 = d1;
+    sv->d2 = d2;
+    sv->sqp = sqp;
+    sv->scale = scale;
+  }
+  X = std::move(X_new);
+  return y;
+}
+
+// d/dx of max_j |x_j| (last dim) times grad: autograd's rule (shared evenly among ties).
+Tensor amax_abs_backward(const Tensor& x, const Tensor& top, const Tensor& grad) {
+  Tensor hit = at::eq(x.abs(), top.unsqueeze(-1));
+  return at::mul(at::mul(x.sign(), hit), at::div(grad, hit.sum(-1)).unsqueeze(-1));
+}
+
+Tensor plus(const Tensor& a, const Tensor& b) { return a.defined() ? at::add(a, b) : b; }
+
+// The per-chunk values that ``_finish`` needs (chunk_loop.py's dict ``keep``).
+using Kept = TensorMap;
+
+// The chain rule through one chunk_forward: from the gradients of y (G, L, Dv), of the state after the chunk
+// (GX) and of Q (undefined unless wanted), the gradient of the state before it. Names with a leading n hold
+// minus a gradient (as in chunk_loop.py).
+std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor& gy, const std::vector<Tensor>& GX,
+                                   const Tensor& gQ, c10::optional<double> max_grad_norm, bool stable, Kept& keep) {
+  const auto& X = sv.X;
+  const auto& Ys = sv.Ys;
+  const auto& xs = sv.xs;
+  const auto& ds = sv.ds;
+  const auto& xsq = sv.xsq;
+  const auto& dsq = sv.dsq;
+  const int64_t n = static_cast<int64_t>(X.size());
+  const Tensor &cm = sv.cm, &th2 = sv.th2, &cd = sv.cd;
+  const int64_t G = gy.size(0), L = gy.size(1);
+  // The state update X' = mix X - Y d.
+  std::vector<Tensor> gX, ngxT, ngd;
+  Tensor g_mix, ngcd;
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t i_l = X[l].size(2), o_l = X[l].size(3);
+    Tensor flat = X[l].view({G, 2, -1}), gflat = GX[l].reshape({G, 2, -1});
+    gX.push_back(at::bmm(mT(c.mix), gflat).view({G, 2, i_l, o_l}));
+    g_mix = g_mix.defined() ? g_mix.baddbmm_(gflat, mT(flat)) : at::bmm(gflat, mT(flat));
+    Tensor g2 = gflat.view({G, 2 * i_l, o_l});
+    Tensor nGY = at::bmm(g2, mT(ds[l])).view({G, 2, i_l, L});
+    ngd.push_back(at::bmm(mT(Ys[l].view({G, 2 * i_l, L})), g2));
+    ngxT.push_back(at::mul(nGY, cd.unsqueeze(2)).sum(1));  // (G, in_l, L)
+    Tensor t = at::mul(nGY, mT(xs[l]).unsqueeze(1)).sum(2);  // (G, 2, L)
+    ngcd = ngcd.defined() ? ngcd.add_(t) : t;
+  }
+  Tensor ng_th2 = at::mul(ngcd, c.dl2).sum(1);
+  keep["ngcd"] = ngcd;
+  keep["g_mix"] = g_mix;
+  // The read, from the last layer back.
+  Tensor ngcm, gz = gy;
+  if (n == 2) {
+    const Tensor &hr = sv.hr, &h = xs[1];
+    const int64_t o1 = X[1].size(-1);
+    Tensor nsc1 = at::bmm(gy, mT(sv.r));
+    ngd[1].baddbmm_(mT(sv.sc1), gy);
+    ngcm = at::mul(nsc1, sv.p1);
+    Tensor ngp = at::mul(nsc1, cm);
+    gX[1].view({G, -1, o1}).baddbmm_(mT(sv.hrbd), gy);
+    Tensor g_hrbd = at::bmm(gy, mT(X[1].view({G, -1, o1}))).view({G, L, 2, -1});  // (G, L, 2, hidden)
+    Tensor ghr = at::mul(g_hrbd, c.bd.unsqueeze(-1)).sum(-2).baddbmm_(ngp, h, 1, -1);
+    ngxT[1].baddbmm_(mT(hr), ngp);
+    const Tensor& sr = sv.sr;
+    gz = at::mul(ghr, at::addcmul(sr, hr, at::rsub(sr, 1)));  // silu'(z_read)
+    keep["g_bd1"] = at::mul(g_hrbd, hr.unsqueeze(2)).sum(-1);  // d/d(beta, dbe) via hrbd: (G, L, 2)
+  }
+  Tensor nsc0 = at::bmm(gz, mT(ds[0]));
+  ngd[0].baddbmm_(mT(sv.sc0), gz);
+  ngcm = ngcm.defined() ? ngcm.addcmul_(nsc0, c.qk) : at::mul(nsc0, c.qk);
+  const int64_t o0 = X[0].size(-1);
+  gX[0].view({G, -1, o0}).baddbmm_(mT(c.qbd), gz);
+  ng_th2 = at::add(ng_th2, vecdot(ngcm, c.dd2, -2));
+  keep["nsc0"] = nsc0;
+  keep["ngcm"] = ngcm;
+  keep["g_qbd"] = at::bmm(gz, mT(X[0].view({G, -1, o0})));
+  // The clip: theta'' = theta' scale(sqp).
+  Tensor ng_th1 = ng_th2;
+  std::vector<Tensor> g_xsq(n);
+  if (max_grad_norm.has_value()) {
+    const Tensor &scale = sv.scale, &sqp = sv.sqp;
+    ng_th1 = at::mul(ng_th2, scale);
+    // d scale / d sqp = -scale / (2 sqp)
+    Tensor gsq = at::where(at::lt(scale, 1), at::div(at::mul(ng_th2, th2), sqp).mul_(0.5), at::zeros({}, scale.options()));
+    for (int64_t i = 0; i < n; ++i) {
+      ngd[i].addcmul_(ds[i], at::mul(gsq, xsq[i]).unsqueeze(-1), -2);
+      g_xsq[i] = at::mul(gsq, dsq[i]);
+    }
+  }
+  keep["ng_th1"] = ng_th1;
+  Tensor g_rt, g_t1;
+  // The stable step: theta' = theta / (d1 d2), d1 = 1 + overlap u, d2 = d1 + u, u = tw kappa / 2.
+  if (stable) {
+    Tensor t = at::mul(ng_th1, sv.th1);
+    Tensor g_d2 = at::div(t, sv.d2);
+    Tensor g_before = at::add(g_d2, at::div(t, sv.d1));
+    Tensor g_u = at::baddbmm(g_d2.unsqueeze(-1), mT(c.ov), g_before.unsqueeze(-1)).squeeze(-1);
+    if (gQ.defined()) {
+      const Tensor& kh = c.kh;
+      g_u = at::add(g_u, vecdot(at::bmm(kh, gQ), kh));
+      keep["g_kh"] = at::mul(sv.u.unsqueeze(-1), at::bmm(kh, at::add(gQ, mT(gQ))));
+    }
+    keep["g_before"] = g_before;
+    keep["g_u"] = g_u;
+    Tensor g_kappa = at::mul(g_u, c.tw);  // d/d(kappa / 2)
+    if (n == 2) {
+      g_xsq[1] = plus(g_xsq[1], g_kappa);
+      g_xsq[0] = plus(g_xsq[0], at::mul(g_kappa, sv.rt));
+      g_rt = at::mul(g_kappa, xsq[0]);  // d/d reach = d/d max|e silu''|
+      g_t1 = g_kappa;
+    } else {
+      g_xsq[0] = plus(g_xsq[0], g_kappa);
+    }
+  }
+  // The anchor's forward and its gradient factors; the weights' gradients go to gX[l][:, 0] (W_l^T).
+  const Tensor& k = c.k;
+  Tensor Wt1 = X[0].select(1, 0);
+  Tensor gr, gz_;
+  if (n == 2) {
+    Tensor Wt2 = X[1].select(1, 0), gWt2 = gX[1].select(1, 0);
+    const Tensor &z = sv.z, &s = sv.s, &a = sv.a, &h = xs[1], &slope = sv.slope, &e = sv.e, &r = sv.r;
+    Tensor gd0 = ngd[0].neg();
+    Tensor ge = at::mul(gd0, slope);
+    Tensor g_slope = at::mul(gd0, e);
+    gr = ngd[1].neg_();
+    Tensor bend;
+    if (stable) {
+      const Tensor &col = sv.col, &tsl = sv.tsl, &t1 = sv.t1;
+      bend = sv.bend;
+      g_slope.addcmul_(slope, at::mul(g_rt.unsqueeze(-1), col.unsqueeze(1)), 2);
+      Tensor g_col = at::bmm(mT(sv.sl2), g_rt.unsqueeze(-1));  // (G, hidden, 1)
+      gWt2.addcmul_(Wt2, g_col, 2);
+      // t1 = sqrt(|r|^2 tsl^2 |k|^2), with a zero gradient where it is 0 (as naive._sqrt)
+      Tensor coef = at::where(at::gt(t1, 0), at::div(g_t1, t1), at::zeros({}, t1.options()));
+      Tensor tsl2 = at::mul(tsl, tsl);
+      gr.addcmul_(r, at::mul(at::mul(coef, tsl2), xsq[0]).unsqueeze(-1));
+      Tensor g_tsl = at::mul(at::mul(at::mul(coef, dsq[1]), tsl), xsq[0]);
+      g_xsq[0] = plus(g_xsq[0], at::mul(at::mul(coef, dsq[1]), tsl2).mul_(0.5));
+      g_slope.add_(amax_abs_backward(slope, tsl, g_tsl));
+      Tensor g_eb = amax_abs_backward(sv.eb, sv.teb, g_rt);
+      ge.addcmul_(g_eb, bend);
+      const Tensor& sa = sv.sa;
+      Tensor t = at::sub(a, s);
+      // d silu''(z) / dz = silu'''(z)
+      Tensor d3 = at::sub(at::mul(t, at::add(at::mul(z, t), 3)), at::mul(z, sa).mul_(2));
+      gz_ = at::mul(at::mul(at::mul(g_eb, e), sa), d3);
+    } else {
+      bend = at::mul(at::mul(s, a), at::add(at::mul(z, at::sub(a, s)), 2));
+    }
+    gr.baddbmm_(ge, Wt2);
+    gWt2.baddbmm_(mT(ge), r);
+    Tensor gh = at::baddbmm(mT(ngxT[1]).neg(), gr, mT(Wt2));
+    if (g_xsq[1].defined()) gh.addcmul_(h, g_xsq[1].unsqueeze(-1), 2);
+    gWt2.baddbmm_(mT(h), gr);
+    Tensor gzz = at::addcmul(at::mul(g_slope, bend), gh, slope);
+    gz_ = gz_.defined() ? gzz.add_(gz_) : gzz;
+  } else {
+    gr = ngd[0].neg_();
+    gz_ = gr;
+  }
+  gX[0].select(1, 0).baddbmm_(mT(k), gz_);
+  keep["gr"] = gr;
+  keep["g_k"] = at::baddbmm(mT(ngxT[0]).neg(), gz_, mT(Wt1));
+  if (g_xsq[0].defined()) keep["g_xsq0"] = g_xsq[0];
+  return gX;
+}
+
+// The forward over all chunks. p: ``prepare``'s dict (each (G, N, L, ...)); kh: (G, L, Dk) of the final chunk
+// or None; X: the state (``_to_state``). Returns (y (G, N, L, Dv), X after the final chunk, X before it, Q of the
+// final chunk or None, the tape for ``backward`` or None, the stacked per-chunk values ``_finish`` reads
+// (th2, cm and, when stable, d1, d2, u, khalf: each (G, N, ...)) or an empty dict).
+py::tuple forward(const TensorMap& p, const c10::optional<Tensor>& kh, std::vector<Tensor> X,
+                  c10::optional<double> max_grad_norm, bool stable, bool keep) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto inputs = std::make_shared<Inputs>(p);
+  const int64_t N = inputs->N;
+  const bool want_q = stable && kh.has_value() && kh->defined();
+  std::shared_ptr<Tape> tape;
+  if (keep) {
+    tape = std::make_shared<Tape>();
+    tape->chunks.resize(N);
+    tape->inputs = inputs;
+    if (want_q) tape->kh = *kh;
+  }
+  std::vector<Tensor> ys, X_a = X;
+  ys.reserve(N);
+  Tensor Q;
+  for (int64_t i = 0; i < N; ++i) {
+    const bool final = i == N - 1;
+    Chunk c = inputs->chunk(i);
+    if (final && want_q) c.kh = *kh;
+    X_a = X;
+    ys.push_back(chunk_forward(c, X, max_grad_norm, stable, final && want_q ? &Q : nullptr,
+                               keep ? &tape->chunks[i] : nullptr));
+  }
+  TensorMap stacked;
+  if (keep) {
+    auto stack = [&](Tensor Saved::*field) {
+      std::vector<Tensor> all;
+      all.reserve(N);
+      for (const auto& sv : tape->chunks) all.push_back(sv.*field);
+      return at::stack(all, 1);
+    };
+    stacked["th2"] = stack(&Saved::th2);
+    stacked["cm"] = stack(&Saved::cm);
+    if (stable) {
+      stacked["d1"] = stack(&Saved::d1);
+      stacked["d2"] = stack(&Saved::d2);
+      stacked["u"] = stack(&Saved::u);
+      stacked["khalf"] = stack(&Saved::khalf);
+    }
+  }
+  py::object q_out = Q.defined() ? py::cast(Q) : py::none();
+  py::object tape_out = keep ? py::cast(tape) : py::none();
+  return py::make_tuple(at::stack(ys, 1), X, X_a, q_out, tape_out, stacked);
+}
+
+// The backward over all chunks, in reverse. gy: (G, N, L, Dv); gX: the gradient of the state after the final
+// chunk (as X); gA: the gradients of the final chunk's anchor W_l^T (G, in_l, out_l), each possibly None; gQ: of
+// its Q, or None. Returns (the gradient of the state before the first chunk, the per-chunk values ``_finish``
+// reads, stacked: each (G, N, ...), the final chunk's g_kh or None).
+py::tuple backward(const std::shared_ptr<Tape>& tape, const Tensor& gy, std::vector<Tensor> gX,
+                   const std::vector<c10::optional<Tensor>>& gA, const c10::optional<Tensor>& gQ,
+                   c10::optional<double> max_grad_norm, bool stable) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Inputs& inputs = *tape->inputs;
+  const int64_t N = inputs.N;
+  Tensor gyt = gy.transpose(0, 1).contiguous();  // (N, G, L, Dv)
+  std::vector<Kept> kept(N);
+  Tensor g_q = stable && gQ.has_value() && gQ->defined() && gQ->numel() ? *gQ : Tensor();
+  for (int64_t i = N - 1; i >= 0; --i) {
+    const bool final = i == N - 1;
+    Chunk c = inputs.chunk(i);
+    if (final && stable) c.kh = tape->kh;
+    gX = chunk_backward(c, tape->chunks[i], gyt.select(0, i), gX, final && c.kh.defined() ? g_q : Tensor(),
+                        max_grad_norm, stable, kept[i]);
+    if (final) {
+      for (size_t l = 0; l < gX.size(); ++l) {
+        if (l < gA.size() && gA[l].has_value() && gA[l]->defined()) gX[l].select(1, 0).add_(*gA[l]);
+      }
+    }
+    tape->chunks[i] = Saved();  // free the chunk's intermediates as soon as they are used
+  }
+  TensorMap stacked;
+  py::object g_kh = py::none();
+  for (const auto& kv : kept[0]) {
+    std::vector<Tensor> all;
+    all.reserve(N);
+    for (auto& kp : kept) {
+      auto it = kp.find(kv.first);
+      if (it != kp.end()) all.push_back(it->second);
+    }
+    if (kv.first == "g_kh") continue;
+    if (static_cast<int64_t>(all.size()) == N) stacked[kv.first] = at::stack(all, 1);
+  }
+  auto it = kept[N - 1].find("g_kh");
+  if (it != kept[N - 1].end()) g_kh = py::cast(it->second);
+  return py::make_tuple(gX, stacked, g_kh);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "titans-lnn: the memory's chunk loop (chunk_loop.py) in C++";
+  py::class_<Tape, std::shared_ptr<Tape>>(m, "Tape");
+  m.def("forward", &forward, "the forward over all chunks", py::arg("p"), py::arg("kh"), py::arg("X"),
+        py::arg("max_grad_norm"), py::arg("stable"), py::arg("keep"));
+  m.def("backward", &backward, "the backward over all chunks, in reverse", py::arg("tape"), py::arg("gy"),
+        py::arg("gX"), py::arg("gA"), py::arg("gQ"), py::arg("max_grad_norm"), py::arg("stable"));
+}
