@@ -1,6 +1,7 @@
 """The memory's fast chunk loop (kernels/titans_memory/chunk_loop.py: a hand-written backward for depth 1
 and 2) == the autograd loop through ``chunked._chunk`` ($TITANS_LNN_MEMORY_BACKWARD=autograd), forward and
-gradients of every input and output, in fp64; it is the path taken by default; and it issues far fewer ops."""
+gradients of every input and output, in fp64, with the loop over chunks in C++ (csrc/chunk_loop.cpp) and in
+Python ($TITANS_LNN_MEMORY_LOOP); it is the path taken by default; and it issues far fewer ops."""
 
 import collections
 
@@ -9,9 +10,33 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titans_lnn.kernels.titans_memory import chunked, memory_update_chunked, memory_update_ref
+from titans_lnn.kernels.titans_memory import chunked, cpp, memory_update_chunked, memory_update_ref
 
 FLAG = chunked.BACKWARD_ENV
+
+
+@pytest.fixture(scope="session")
+def cpp_loop():
+    """The C++ chunk loop, built once per test session (cached on disk by torch afterwards); a failed build
+    fails the tests that ask for it (CI has g++ and ninja)."""
+    ext = cpp.load()
+    assert ext is not None, f"the C++ chunk loop did not build: {cpp.build_error()}"
+    return ext
+
+
+@pytest.fixture(params=["cpp", "python"])
+def loop(request, monkeypatch):
+    """Runs the test with the chunk loop in C++ and in Python; with "cpp", checks that C++ ran wherever the
+    loop did (a call with no whole chunk, T3-C8-off5, runs none)."""
+    monkeypatch.setenv(cpp.LOOP_ENV, request.param)
+    picked = []
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_loop")
+        module_for = cpp.module_for
+        monkeypatch.setattr(cpp, "module_for", lambda t: picked.append(module_for(t)) or picked[-1])
+    yield request.param
+    if request.param == "cpp":
+        assert all(m is not None for m in picked), "the C++ loop was not taken"
 
 
 def _inputs(T, depth, *, B=2, H=2, D=5, hidden=7, seed=0, stable=False, zero_first_layer=False):
@@ -65,7 +90,7 @@ CASES = [(1, 1, 0), (16, 4, 0), (13, 4, 0), (13, 4, 3), (20, 5, 2), (63, 16, 0),
 @pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
 @pytest.mark.parametrize("depth", [1, 2], ids=lambda d: f"depth{d}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-C{}-off{}".format(*c))
-def test_hand_backward_equals_autograd(case, depth, stable, clip, monkeypatch, close):
+def test_hand_backward_equals_autograd(case, depth, stable, clip, loop, monkeypatch, close):
     T, C, offset = case
     tensors, n = _inputs(T, depth, stable=stable)
     monkeypatch.setenv(FLAG, "autograd")
@@ -81,7 +106,7 @@ def test_hand_backward_equals_autograd(case, depth, stable, clip, monkeypatch, c
         _same(a, b, f"grad of input {i}", close)
 
 
-def test_ties_in_the_curvature_max_share_the_gradient_as_autograd(monkeypatch, close):
+def test_ties_in_the_curvature_max_share_the_gradient_as_autograd(loop, monkeypatch, close):
     """A zero first layer makes every hidden unit's silu'(z) equal: max|silu'| is a tie on every token;
     its gradient is shared evenly between the tied units, as autograd's amax does."""
     tensors, n = _inputs(21, 2, stable=True, zero_first_layer=True, seed=3)
@@ -95,7 +120,7 @@ def test_ties_in_the_curvature_max_share_the_gradient_as_autograd(monkeypatch, c
 
 
 @pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
-def test_no_grad_forward_equals_the_reference(stable, close):
+def test_no_grad_forward_equals_the_reference(stable, loop, close):
     """Without a gradient the loop runs without ``ChunkLoop``: the same outputs as the per-token oracle."""
     tensors, n = _inputs(29, 2, stable=stable, seed=1)
     with torch.no_grad():

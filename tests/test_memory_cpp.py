@@ -1,0 +1,137 @@
+"""The memory's chunk loop in C++ (kernels/titans_memory/csrc/chunk_loop.cpp, through cpp.py) == the Python
+loop it ports (chunk_loop.py), forward and every gradient, on awkward sizes; the switch
+$TITANS_LNN_MEMORY_LOOP; the fallback to Python (no build, CUDA, bf16) with one warning; the source file in
+the wheel. (test_memory_speed.py checks both loops against autograd through ``chunked._chunk``.)"""
+
+import pathlib
+import warnings
+
+import pytest
+import tomllib
+import torch
+from test_memory_speed import _grads, _inputs, _run
+from torch.utils import cpp_extension
+
+from titans_lnn.kernels.titans_memory import cpp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cpp_loop():
+    """The C++ chunk loop, built once (``cpp.load`` caches it for the process, torch on disk); a failed build
+    fails the tests that ask for it (CI has g++ and ninja)."""
+    ext = cpp.load()
+    assert ext is not None, f"the C++ chunk loop did not build: {cpp.build_error()}"
+    return ext
+
+
+def _both(tensors, n, C, offset, monkeypatch, **kw):
+    """Outputs and gradients of every input with the C++ loop, then with the Python loop."""
+    res = []
+    for loop in ("cpp", "python"):
+        monkeypatch.setenv(cpp.LOOP_ENV, loop)
+        outs = _run(tensors, n, C, offset, **kw)
+        res.append(([o.detach() for o in outs], _grads(outs, tensors)))
+    return res
+
+
+def _check(a, b, what, close, tol):
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    assert torch.isfinite(a).all(), what
+    close(a, b, tol, what)
+
+
+# (T, C, offset, B, H, D, hidden): one row (T = 1), fewer rows than a chunk, lengths one off a multiple of
+# the chunk, a chunk of 1, an offset into the first chunk, an odd number of memories (B H = 3).
+SIZES = [(1, 16, 0, 1, 1, 4, 6), (5, 16, 0, 2, 1, 3, 5), (63, 16, 0, 1, 3, 6, 9), (65, 16, 0, 3, 1, 5, 7),
+         (17, 1, 0, 1, 2, 4, 4), (130, 16, 7, 1, 2, 8, 12), (33, 8, 5, 2, 2, 5, 11)]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
+@pytest.mark.parametrize("depth", [1, 2], ids=lambda d: f"depth{d}")
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}-C{}-off{}-B{}H{}".format(*s[:5]))
+def test_cpp_loop_equals_python_loop(size, depth, stable, clip, cpp_loop, monkeypatch, close):
+    T, C, offset, B, H, D, hidden = size
+    tensors, n = _inputs(T, depth, B=B, H=H, D=D, hidden=hidden, stable=stable, seed=T)
+    (y_c, g_c), (y_p, g_p) = _both(tensors, n, C, offset, monkeypatch, max_grad_norm=clip, stable=stable)
+    for i, (a, b) in enumerate(zip(y_c, y_p)):
+        _check(a, b, f"output {i}", close, 1e-12)
+    assert any(g is not None and g.abs().max() > 0 for g in g_c)
+    for i, (a, b) in enumerate(zip(g_c, g_p)):
+        _check(a, b, f"grad of input {i}", close, 1e-12)
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
+def test_cpp_loop_in_fp32_matches_fp64(stable, cpp_loop, monkeypatch, close):
+    """fp32 runs in C++ too (bf16 goes to Python), and its outputs and gradients agree with fp64's."""
+    tensors, n = _inputs(70, 2, B=1, H=2, D=16, hidden=32, stable=stable, seed=2)
+    monkeypatch.setenv(cpp.LOOP_ENV, "cpp")
+    outs64 = _run(tensors, n, 16, 3, max_grad_norm=2.0, stable=stable)
+    weights = [torch.randn(o.shape, dtype=torch.float64) for o in outs64]
+    g64 = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs64, weights)), tensors, allow_unused=True)
+    t32 = [t.detach().float().requires_grad_() for t in tensors]
+    assert cpp.module_for(t32[0]) is cpp_loop
+    outs32 = _run(t32, n, 16, 3, max_grad_norm=2.0, stable=stable)
+    g32 = torch.autograd.grad(sum((o * w.float()).sum() for o, w in zip(outs32, weights)), t32, allow_unused=True)
+    for i, (a, b) in enumerate(zip(outs32, outs64)):
+        close(a.double(), b, 1e-4, f"output {i}")
+    for i, (a, b) in enumerate(zip(g32, g64)):
+        if b is not None:
+            close(a.double(), b, 1e-4, f"grad of input {i}")
+
+
+def test_loop_flag_picks_and_checks(cpp_loop, monkeypatch):
+    x = torch.zeros(2, dtype=torch.float64)
+    monkeypatch.delenv(cpp.LOOP_ENV, raising=False)
+    assert cpp.module_for(x) is cpp_loop  # the default
+    assert cpp.module_for(x.float()) is cpp_loop
+    assert cpp.module_for(x.bfloat16()) is None  # bf16: the Python loop
+    assert cpp.module_for(torch.zeros(2, device="meta")) is None  # not the CPU (CUDA): the Python loop
+    monkeypatch.setenv(cpp.LOOP_ENV, "python")
+    assert cpp.module_for(x) is None
+    monkeypatch.setenv(cpp.LOOP_ENV, "c++")
+    with pytest.raises(ValueError, match="TITANS_LNN_MEMORY_LOOP='c\\+\\+' is invalid: expected 'cpp'"):
+        cpp.module_for(x)
+
+
+def test_failed_build_falls_back_to_python_with_one_warning(monkeypatch, close):
+    """A build that fails (no compiler, say) warns once, naming why, and the Python loop gives the results."""
+    tensors, n = _inputs(21, 2, stable=True, seed=4)
+    monkeypatch.setenv(cpp.LOOP_ENV, "python")
+    ref = _run(tensors, n, 8, 0, max_grad_norm=0.5, stable=True)
+    g_ref = _grads(ref, tensors)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("g++: command not found")
+
+    monkeypatch.setattr(cpp, "_state", {})  # as in a fresh process
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv(cpp.LOOP_ENV, "cpp")
+    with pytest.warns(RuntimeWarning, match="could not be built .*g\\+\\+: command not found"):
+        got = _run(tensors, n, 8, 0, max_grad_norm=0.5, stable=True)
+    assert "g++: command not found" in cpp.build_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call: no second warning, no second try
+        again = _run(tensors, n, 8, 0, max_grad_norm=0.5, stable=True)
+    for i, (a, b, c) in enumerate(zip(ref, got, again)):
+        close(b, a, 1e-14, f"output {i}")
+        close(c, a, 1e-14, f"output {i}")
+    for i, (a, b) in enumerate(zip(g_ref, _grads(got, tensors))):
+        if a is not None:
+            close(b, a, 1e-14, f"grad of input {i}")
+
+
+def test_the_cpp_source_ships_in_the_wheel():
+    """csrc/chunk_loop.cpp is built on first use from the installed package: pyproject's package-data must
+    put it in the wheel (a .cpp is not a Python file, so setuptools leaves it out otherwise)."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package = "titans_lnn.kernels.titans_memory"
+    folder = ROOT / cfg["package-dir"]["titans_lnn.kernels"] / "titans_memory"
+    assert cpp.SOURCE == folder / "csrc" / "chunk_loop.cpp" and cpp.SOURCE.is_file()
+    patterns = cfg.get("package-data", {}).get(package, [])
+    shipped = {p for pattern in patterns for p in folder.glob(pattern)}
+    assert cpp.SOURCE in shipped, (patterns, sorted(shipped))
