@@ -14,6 +14,8 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <string>
@@ -88,6 +90,216 @@ struct Tape {
   Tensor kh;  // (G, L, Dk) of the final chunk, or undefined
 };
 
+// Fused elementwise passes. Each replaces a chain of small ATen ops (one dispatch and one allocation each, on
+// tensors of a few thousand elements) with one loop over contiguous data; the formulas are chunk_loop.py's.
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), "chunk_loop.cpp: expected a contiguous tensor, got strides ", t.strides());
+  return t.data_ptr<T>();
+}
+
+// From z (G, L, hidden) and s = sigmoid(z): h = z s, a = 1 - s, slope = silu'(z) = s + h a.
+void anchor_act(const Tensor& z, const Tensor& s, Tensor& h, Tensor& a, Tensor& slope) {
+  h = at::empty_like(z);
+  a = at::empty_like(z);
+  slope = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "anchor_act", [&] {
+    const scalar_t *zp = ptr<scalar_t>(z), *sp = ptr<scalar_t>(s);
+    scalar_t *hp = ptr<scalar_t>(h), *ap = ptr<scalar_t>(a), *lp = ptr<scalar_t>(slope);
+    for (int64_t i = 0, m = z.numel(); i < m; ++i) {
+      const scalar_t hv = zp[i] * sp[i], av = 1 - sp[i];
+      hp[i] = hv;
+      ap[i] = av;
+      lp[i] = sp[i] + hv * av;
+    }
+  });
+}
+
+// Depth 2, per row of (G, L, hidden): d_1 = e silu'(z), ||h||^2, ||d_1||^2 and (stable) the curvature's terms:
+// silu'^2, silu''(z) = s a (2 + z (a - s)), e silu'', reach = silu'^2 . col(W_2), max|silu'|, max|e silu''|.
+struct AnchorRows {
+  Tensor d1, xsq1, dsq0, sl2, sa, bend, eb, reach, tsl, teb;
+};
+
+AnchorRows anchor_rows(const Tensor& z, const Tensor& s, const Tensor& a, const Tensor& h, const Tensor& slope,
+                       const Tensor& e, const Tensor& col, bool stable) {
+  const int64_t G = z.size(0), L = z.size(1), K = z.size(2);
+  AnchorRows o;
+  o.d1 = at::empty_like(z);
+  o.xsq1 = at::empty({G, L}, z.options());
+  o.dsq0 = at::empty({G, L}, z.options());
+  if (stable) {
+    o.sl2 = at::empty_like(z);
+    o.sa = at::empty_like(z);
+    o.bend = at::empty_like(z);
+    o.eb = at::empty_like(z);
+    o.reach = at::empty({G, L}, z.options());
+    o.tsl = at::empty({G, L}, z.options());
+    o.teb = at::empty({G, L}, z.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "anchor_rows", [&] {
+    const scalar_t *zp = ptr<scalar_t>(z), *sp = ptr<scalar_t>(s), *ap = ptr<scalar_t>(a), *hp = ptr<scalar_t>(h),
+                   *lp = ptr<scalar_t>(slope), *ep = ptr<scalar_t>(e);
+    scalar_t *dp = ptr<scalar_t>(o.d1), *xq = ptr<scalar_t>(o.xsq1), *dq = ptr<scalar_t>(o.dsq0);
+    const scalar_t* cp = stable ? ptr<scalar_t>(col) : nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t row = g * L + l, base = row * K;
+        scalar_t sx = 0, sd = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          const scalar_t d = ep[base + j] * lp[base + j];
+          dp[base + j] = d;
+          sx += hp[base + j] * hp[base + j];
+          sd += d * d;
+        }
+        xq[row] = sx;
+        dq[row] = sd;
+        if (!stable) continue;
+        scalar_t *sl2 = ptr<scalar_t>(o.sl2) + base, *sa = ptr<scalar_t>(o.sa) + base,
+                 *bend = ptr<scalar_t>(o.bend) + base, *eb = ptr<scalar_t>(o.eb) + base;
+        const scalar_t* c = cp + g * K;
+        scalar_t reach = 0, tsl = 0, teb = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          const scalar_t sl = lp[base + j], sv = sp[base + j], av = ap[base + j], zv = zp[base + j];
+          const scalar_t q = sl * sl, sav = sv * av;
+          const scalar_t bv = sav * (zv * (av - sv) + 2);
+          const scalar_t ebv = ep[base + j] * bv;
+          sl2[j] = q;
+          sa[j] = sav;
+          bend[j] = bv;
+          eb[j] = ebv;
+          reach += q * c[j];
+          tsl = std::max(tsl, std::abs(sl));
+          teb = std::max(teb, std::abs(ebv));
+        }
+        ptr<scalar_t>(o.reach)[row] = reach;
+        ptr<scalar_t>(o.tsl)[row] = tsl;
+        ptr<scalar_t>(o.teb)[row] = teb;
+      }
+    }
+  });
+  return o;
+}
+
+// The steps of a chunk, per (G, L): kappa / 2, u, d1 = 1 + overlap u, d2, theta' (stable), the clip's sqp and scale,
+// theta''; then Cm = dd2 theta'' (G, L, L), sc0 = Cm qk, cd = dl2 theta'' (G, 2, L).
+struct Steps {
+  Tensor t1, rt, khalf, u, d1, d2, th1, sqp, scale, th2, cm, sc0, cd;
+};
+
+Steps chunk_steps(const Chunk& c, const std::vector<Tensor>& xsq, const std::vector<Tensor>& dsq, const AnchorRows* ar,
+                  c10::optional<double> max_grad_norm, bool stable) {
+  const int64_t n = static_cast<int64_t>(xsq.size());
+  const int64_t G = c.theta.size(0), L = c.theta.size(1);
+  auto opts = c.theta.options();
+  Steps o;
+  const bool clip = max_grad_norm.has_value();
+  if (stable) {
+    if (n == 2) {
+      o.t1 = at::empty({G, L}, opts);
+      o.rt = at::empty({G, L}, opts);
+    }
+    o.khalf = n == 2 ? at::empty({G, L}, opts) : xsq[0];
+    o.u = at::empty({G, L}, opts);
+    o.d1 = at::empty({G, L}, opts);
+    o.d2 = at::empty({G, L}, opts);
+    o.th1 = at::empty({G, L}, opts);
+  } else {
+    o.th1 = c.theta;
+  }
+  if (clip) {
+    o.sqp = at::empty({G, L}, opts);
+    o.scale = at::empty({G, L}, opts);
+    o.th2 = at::empty({G, L}, opts);
+  } else {
+    o.th2 = o.th1;
+  }
+  o.cm = at::empty({G, L, L}, opts);
+  o.sc0 = at::empty({G, L, L}, opts);
+  o.cd = at::empty({G, 2, L}, opts);
+  AT_DISPATCH_FLOATING_TYPES(c.theta.scalar_type(), "chunk_steps", [&] {
+    const scalar_t* theta = ptr<scalar_t>(c.theta);
+    const scalar_t *x0 = ptr<scalar_t>(xsq[0]), *q0 = ptr<scalar_t>(dsq[0]);
+    const scalar_t *x1 = n == 2 ? ptr<scalar_t>(xsq[1]) : nullptr, *q1 = n == 2 ? ptr<scalar_t>(dsq[1]) : nullptr;
+    const scalar_t half_max = clip ? static_cast<scalar_t>(0.5 * *max_grad_norm) : 0;
+    for (int64_t g = 0; g < G; ++g) {
+      scalar_t* th1 = ptr<scalar_t>(o.th1) + g * L;
+      if (stable) {
+        scalar_t* u = ptr<scalar_t>(o.u) + g * L;
+        const scalar_t* tw = ptr<scalar_t>(c.tw) + g * L;
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t row = g * L + l;
+          scalar_t kh = x0[row];
+          if (n == 2) {
+            const scalar_t t1 = std::sqrt(q1[row]) * ptr<scalar_t>(ar->tsl)[row] * ptr<scalar_t>(c.knorm)[row];
+            const scalar_t rt = ptr<scalar_t>(ar->reach)[row] + ptr<scalar_t>(ar->teb)[row];
+            kh = (x1[row] + t1) + x0[row] * rt;
+            ptr<scalar_t>(o.t1)[row] = t1;
+            ptr<scalar_t>(o.rt)[row] = rt;
+            ptr<scalar_t>(o.khalf)[row] = kh;
+          }
+          u[l] = tw[l] * kh;
+        }
+        const scalar_t* ov = ptr<scalar_t>(c.ov) + g * L * L;
+        for (int64_t l = 0; l < L; ++l) {
+          scalar_t acc = 0;
+          for (int64_t j = 0; j < L; ++j) acc += ov[l * L + j] * u[j];
+          const scalar_t d1 = acc + 1, d2 = d1 + u[l];
+          ptr<scalar_t>(o.d1)[g * L + l] = d1;
+          ptr<scalar_t>(o.d2)[g * L + l] = d2;
+          th1[l] = theta[g * L + l] / (d1 * d2);
+        }
+      }
+      scalar_t* th2 = ptr<scalar_t>(o.th2) + g * L;
+      if (clip) {
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t row = g * L + l;
+          scalar_t sqp = q0[row] * x0[row];  // ||g||^2 / 4
+          if (n == 2) sqp += q1[row] * x1[row];
+          const scalar_t scale = std::min<scalar_t>(half_max / std::sqrt(sqp), 1);  // (at sqp = 0: inf -> 1)
+          ptr<scalar_t>(o.sqp)[row] = sqp;
+          ptr<scalar_t>(o.scale)[row] = scale;
+          th2[l] = th1[l] * scale;
+        }
+      }
+      const scalar_t *dd2 = ptr<scalar_t>(c.dd2) + g * L * L, *qk = ptr<scalar_t>(c.qk) + g * L * L,
+                     *dl2 = ptr<scalar_t>(c.dl2) + g * 2 * L;
+      scalar_t *cm = ptr<scalar_t>(o.cm) + g * L * L, *sc0 = ptr<scalar_t>(o.sc0) + g * L * L,
+               *cd = ptr<scalar_t>(o.cd) + g * 2 * L;
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t j = 0; j < L; ++j) {
+          const scalar_t v = dd2[i * L + j] * th2[j];
+          cm[i * L + j] = v;
+          sc0[i * L + j] = v * qk[i * L + j];
+        }
+      }
+      for (int64_t i = 0; i < 2 * L; ++i) cd[i] = dl2[i] * th2[i % L];
+    }
+  });
+  return o;
+}
+
+// The read's hidden layer: hr = silu(zr) (sr = sigmoid(zr)) and hrbd = [beta hr, dbe hr] (G, L, 2 hidden).
+void read_act(const Tensor& zr, const Tensor& sr, const Tensor& bd, Tensor& hr, Tensor& hrbd) {
+  const int64_t G = zr.size(0), L = zr.size(1), K = zr.size(2);
+  hr = at::empty_like(zr);
+  hrbd = at::empty({G, L, 2 * K}, zr.options());
+  AT_DISPATCH_FLOATING_TYPES(zr.scalar_type(), "read_act", [&] {
+    const scalar_t *zp = ptr<scalar_t>(zr), *sp = ptr<scalar_t>(sr), *bp = ptr<scalar_t>(bd);
+    scalar_t *hp = ptr<scalar_t>(hr), *op = ptr<scalar_t>(hrbd);
+    for (int64_t row = 0; row < G * L; ++row) {
+      const scalar_t b0 = bp[2 * row], b1 = bp[2 * row + 1];
+      for (int64_t j = 0; j < K; ++j) {
+        const scalar_t v = zp[row * K + j] * sp[row * K + j];
+        hp[row * K + j] = v;
+        op[row * 2 * K + j] = v * b0;
+        op[row * 2 * K + K + j] = v * b1;
+      }
+    }
+  });
+}
+
 // One chunk forward: returns y (G, L, Dv); X becomes the state after the chunk; Q (G, Dk, Dk) when kh is
 // given. The intermediates go to sv when it is not null.
 Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<double> max_grad_norm, bool stable,
@@ -96,86 +308,54 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
   const int64_t G = c.k.size(0), L = c.k.size(1);
   const Tensor& k = c.k;
   Tensor Wt1 = X[0].select(1, 0);  // W_1^T: (G, Dk, out_1)
-  Tensor z, s, a, slope, e, h, r, Wt2;
-  std::vector<Tensor> ds, xs;
+  Tensor z, s, a, slope, e, h, r, Wt2, col;
+  std::vector<Tensor> ds, xs, xsq{c.xsq0}, dsq;
+  AnchorRows ar;
   if (n == 2) {
     Wt2 = X[1].select(1, 0);  // W_2^T: (G, hidden, Dv)
     z = at::bmm(k, Wt1);      // (G, L, hidden)
     s = at::sigmoid(z);
-    h = at::mul(z, s);
-    a = at::rsub(s, 1);
-    slope = at::addcmul(s, h, a);  // silu'(z) = s (1 + z (1 - s))
+    anchor_act(z, s, h, a, slope);
     r = at::baddbmm(c.r0, h, Wt2);  // M(k) - v: (G, L, Dv)
     e = at::bmm(r, mT(Wt2));        // W_2^T r
-    ds = {at::mul(e, slope), r};
+    if (stable) col = vecdot(Wt2, Wt2).contiguous();  // ||W_2[:, j]||^2: (G, hidden)
+    ar = anchor_rows(z, s, a, h, slope, e, col, stable);
+    ds = {ar.d1, r};
     xs = {k, h};
+    xsq.push_back(ar.xsq1);
+    dsq = {ar.dsq0, vecdot(r, r)};
   } else {
     r = at::baddbmm(c.r0, k, Wt1);
     ds = {r};
     xs = {k};
+    dsq = {vecdot(r, r)};
   }
-  std::vector<Tensor> xsq{c.xsq0}, dsq;
-  for (int64_t l = 1; l < n; ++l) xsq.push_back(vecdot(xs[l], xs[l]));
-  for (const auto& d : ds) dsq.push_back(vecdot(d, d));
-  Tensor th1 = c.theta;
-  Tensor col, sl2, sa, bend, tsl, t1, eb, teb, rt, khalf, u, d1, d2;
-  if (stable) {
-    if (n == 2) {
-      col = vecdot(Wt2, Wt2);  // ||W_2[:, j]||^2: (G, hidden)
-      sl2 = at::mul(slope, slope);
-      Tensor reach = vecdot(sl2, col.unsqueeze(1));
-      sa = at::mul(s, a);
-      bend = at::mul(sa, at::add(at::mul(z, at::sub(a, s)), 2));  // silu''(z)
-      tsl = slope.abs().amax(-1);
-      t1 = at::mul(at::mul(dsq[1].sqrt(), tsl), c.knorm);  // |r| max|silu'| |k|
-      eb = at::mul(e, bend);
-      teb = eb.abs().amax(-1);
-      rt = at::add(reach, teb);
-      khalf = at::addcmul(at::add(xsq[1], t1), xsq[0], rt);  // kappa / 2
-    } else {
-      khalf = xsq[0];
-    }
-    u = at::mul(c.tw, khalf);
-    d1 = at::bmm(c.ov, u.unsqueeze(-1)).squeeze(-1).add_(1);
-    d2 = at::add(d1, u);
-    th1 = at::div(c.theta, at::mul(d1, d2));
-  }
-  Tensor th2 = th1, sqp, scale;
-  if (max_grad_norm.has_value()) {
-    sqp = at::mul(dsq[0], xsq[0]);  // ||g||^2 / 4
-    if (n == 2) sqp = at::addcmul(sqp, dsq[1], xsq[1]);
-    scale = at::mul(sqp.rsqrt(), 0.5 * *max_grad_norm).clamp_max_(1);  // (at sqp = 0: inf, clamped to 1)
-    th2 = at::mul(th1, scale);
-  }
-  Tensor cm = at::mul(c.dd2, th2.unsqueeze(1));  // (G, L, L)
+  Steps st = chunk_steps(c, xsq, dsq, n == 2 ? &ar : nullptr, max_grad_norm, stable);
   // Read y_t = M_{W_t}(q_t): the base (beta_t W + dbe_t S) q_t minus the chunk's writes up to t.
-  Tensor sc0 = at::mul(cm, c.qk);
   const int64_t o0 = X[0].size(-1);
-  Tensor zr = at::bmm(c.qbd, X[0].view({G, -1, o0})).baddbmm_(sc0, ds[0], 1, -1);
+  Tensor zr = at::bmm(c.qbd, X[0].view({G, -1, o0})).baddbmm_(st.sc0, ds[0], 1, -1);
   Tensor y, sr, hr, hrbd, p1, sc1;
   if (n == 2) {
     sr = at::sigmoid(zr);
-    hr = at::mul(zr, sr);
-    hrbd = at::mul(hr.unsqueeze(-2), c.bd.unsqueeze(-1)).view({G, L, -1});  // [beta hr, dbe hr]: (G, L, 2 hidden)
-    p1 = at::bmm(hr, mT(h));                                                // (G, L, L)
-    sc1 = at::mul(cm, p1);
+    read_act(zr, sr, c.bd, hr, hrbd);  // [beta hr, dbe hr]: (G, L, 2 hidden)
+    p1 = at::bmm(hr, mT(h));            // (G, L, L)
+    sc1 = at::mul(st.cm, p1);
     y = at::baddbmm(c.q, hrbd, X[1].view({G, -1, X[1].size(-1)})).baddbmm_(sc1, r, 1, -1);
   } else {
     y = zr;
   }
   // State after row ``last``: [W; S]^T <- mix [W; S]^T - Y d, Y = [Cm[last] x; De[last] x]^T (G, 2, in_l, L).
-  Tensor cd = at::mul(c.dl2, th2.unsqueeze(1));  // (G, 2, L)
   std::vector<Tensor> Ys, X_new;
   for (int64_t l = 0; l < n; ++l) {
     const Tensor& x = xs[l];
     Tensor Y = at::empty({G, 2, x.size(-1), L}, x.options());
-    at::mul_out(Y, mT(x).unsqueeze(1), cd.unsqueeze(2));
+    at::mul_out(Y, mT(x).unsqueeze(1), st.cd.unsqueeze(2));
     const int64_t i_l = X[l].size(2), o_l = X[l].size(3);
     Tensor Xn = at::bmm(c.mix, X[l].view({G, 2, -1})).view({G, 2 * i_l, o_l});
     X_new.push_back(Xn.baddbmm_(Y.view({G, 2 * i_l, L}), ds[l], 1, -1).view({G, 2, i_l, o_l}));
     Ys.push_back(Y);
   }
-  if (Q != nullptr) *Q = at::bmm(mT(c.kh), at::mul(u.unsqueeze(-1), c.kh));
+  if (Q != nullptr) *Q = at::bmm(mT(c.kh), at::mul(st.u.unsqueeze(-1), c.kh));
   if (sv != nullptr) {
     sv->X = X;
     sv->Ys = Ys;
@@ -183,12 +363,12 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
     sv->ds = ds;
     sv->xsq = xsq;
     sv->dsq = dsq;
-    sv->th1 = th1;
-    sv->th2 = th2;
-    sv->cm = cm;
-    sv->sc0 = sc0;
+    sv->th1 = st.th1;
+    sv->th2 = st.th2;
+    sv->cm = st.cm;
+    sv->sc0 = st.sc0;
     sv->r = r;
-    sv->cd = cd;
+    sv->cd = st.cd;
     sv->z = z;
     sv->s = s;
     sv->a = a;
@@ -200,20 +380,20 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
     sv->p1 = p1;
     sv->sc1 = sc1;
     sv->col = col;
-    sv->sl2 = sl2;
-    sv->sa = sa;
-    sv->bend = bend;
-    sv->tsl = tsl;
-    sv->t1 = t1;
-    sv->eb = eb;
-    sv->teb = teb;
-    sv->rt = rt;
-    sv->khalf = khalf;
-    sv->u = u;
-    sv->d1 = d1;
-    sv->d2 = d2;
-    sv->sqp = sqp;
-    sv->scale = scale;
+    sv->sl2 = ar.sl2;
+    sv->sa = ar.sa;
+    sv->bend = ar.bend;
+    sv->tsl = ar.tsl;
+    sv->t1 = st.t1;
+    sv->eb = ar.eb;
+    sv->teb = ar.teb;
+    sv->rt = st.rt;
+    sv->khalf = st.khalf;
+    sv->u = st.u;
+    sv->d1 = st.d1;
+    sv->d2 = st.d2;
+    sv->sqp = st.sqp;
+    sv->scale = st.scale;
   }
   X = std::move(X_new);
   return y;
