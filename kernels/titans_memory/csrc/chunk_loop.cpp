@@ -399,16 +399,263 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
   return y;
 }
 
-// d/dx of max_j |x_j| (last dim) times grad: autograd's rule (shared evenly among ties).
-Tensor amax_abs_backward(const Tensor& x, const Tensor& top, const Tensor& grad) {
-  Tensor hit = at::eq(x.abs(), top.unsqueeze(-1));
-  return at::mul(at::mul(x.sign(), hit), at::div(grad, hit.sum(-1)).unsqueeze(-1));
-}
-
-Tensor plus(const Tensor& a, const Tensor& b) { return a.defined() ? at::add(a, b) : b; }
-
 // The per-chunk values that ``_finish`` needs (chunk_loop.py's dict ``keep``).
 using Kept = TensorMap;
+
+// The state update's gradient, per layer: from nGY = -dL/dY (G, 2, in_l, L), Y = [cd_c x^T]:
+// ngxT = sum_c nGY_c cd_c (G, in_l, L) and ngcd = sum_i nGY[:, :, i] x[:, i] (G, 2, L), added to ``ngcd``.
+Tensor state_grads(const Tensor& nGY, const Tensor& cd, const Tensor& x, Tensor& ngcd) {
+  const int64_t G = nGY.size(0), I = nGY.size(2), L = nGY.size(3);
+  Tensor ngxT = at::empty({G, I, L}, nGY.options());
+  if (!ngcd.defined()) ngcd = at::zeros({G, 2, L}, nGY.options());
+  Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(nGY.scalar_type(), "state_grads", [&] {
+    for (int64_t g = 0; g < G; ++g) {
+      const scalar_t *n0 = ptr<scalar_t>(nGY) + g * 2 * I * L, *n1 = n0 + I * L;
+      const scalar_t *c0 = ptr<scalar_t>(cd) + g * 2 * L, *c1 = c0 + L, *xp = ptr<scalar_t>(xc) + g * L * I;
+      scalar_t *o = ptr<scalar_t>(ngxT) + g * I * L, *t0 = ptr<scalar_t>(ngcd) + g * 2 * L, *t1 = t0 + L;
+      for (int64_t i = 0; i < I; ++i) {
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t a = n0[i * L + l], b = n1[i * L + l], xv = xp[l * I + i];
+          o[i * L + l] = a * c0[l] + b * c1[l];
+          t0[l] += a * xv;
+          t1[l] += b * xv;
+        }
+      }
+    }
+  });
+  return ngxT;
+}
+
+// The steps' gradient, per (G, L), from -dL/dcd (ngcd) and -dL/dCm (ngcm): -dL/dtheta'' through the clip to
+// -dL/dtheta' (ng_th1), the clip's gradients of ||x_l||^2 and ||d_l||^2 (g_xsq; cf_l = gsq ||x_l||^2, with which
+// -dL/dd_l gets -2 cf_l d_l), and (stable) through theta' = theta / (d1 d2) to g_before and g_u (without Q's term).
+struct StepGrads {
+  Tensor ng_th1, g_before, g_u;
+  std::vector<Tensor> g_xsq, cf;
+};
+
+StepGrads step_grads(const Chunk& c, const Saved& sv, const Tensor& ngcd, const Tensor& ngcm,
+                     c10::optional<double> max_grad_norm, bool stable) {
+  const int64_t n = static_cast<int64_t>(sv.X.size());
+  const int64_t G = c.theta.size(0), L = c.theta.size(1);
+  auto opts = c.theta.options();
+  const bool clip = max_grad_norm.has_value();
+  StepGrads o;
+  o.ng_th1 = at::empty({G, L}, opts);
+  if (clip || stable) {
+    for (int64_t i = 0; i < n; ++i) o.g_xsq.push_back(at::zeros({G, L}, opts));
+  }
+  if (clip) {
+    for (int64_t i = 0; i < n; ++i) o.cf.push_back(at::empty({G, L}, opts));
+  }
+  if (stable) {
+    o.g_before = at::empty({G, L}, opts);
+    o.g_u = at::empty({G, L}, opts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(c.theta.scalar_type(), "step_grads", [&] {
+    std::vector<scalar_t> ng2(L);
+    for (int64_t g = 0; g < G; ++g) {
+      const scalar_t *a0 = ptr<scalar_t>(ngcd) + g * 2 * L, *b0 = ptr<scalar_t>(c.dl2) + g * 2 * L;
+      const scalar_t *cm = ptr<scalar_t>(ngcm) + g * L * L, *dd2 = ptr<scalar_t>(c.dd2) + g * L * L;
+      for (int64_t l = 0; l < L; ++l) ng2[l] = a0[l] * b0[l] + a0[L + l] * b0[L + l];
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t l = 0; l < L; ++l) ng2[l] += cm[i * L + l] * dd2[i * L + l];
+      }
+      scalar_t* ng1 = ptr<scalar_t>(o.ng_th1) + g * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t row = g * L + l;
+        ng1[l] = ng2[l];
+        if (!clip) continue;
+        const scalar_t scale = ptr<scalar_t>(sv.scale)[row], sqp = ptr<scalar_t>(sv.sqp)[row];
+        ng1[l] = ng2[l] * scale;
+        // d scale / d sqp = -scale / (2 sqp)
+        const scalar_t gsq = scale < 1 ? ng2[l] * ptr<scalar_t>(sv.th2)[row] / sqp * static_cast<scalar_t>(0.5) : 0;
+        for (int64_t i = 0; i < n; ++i) {
+          ptr<scalar_t>(o.cf[i])[row] = gsq * ptr<scalar_t>(sv.xsq[i])[row];
+          ptr<scalar_t>(o.g_xsq[i])[row] = gsq * ptr<scalar_t>(sv.dsq[i])[row];
+        }
+      }
+      if (!stable) continue;
+      // theta' = theta / (d1 d2), d1 = 1 + overlap u, d2 = d1 + u
+      scalar_t *gb = ptr<scalar_t>(o.g_before) + g * L, *gu = ptr<scalar_t>(o.g_u) + g * L;
+      const scalar_t *th1 = ptr<scalar_t>(sv.th1) + g * L, *d1 = ptr<scalar_t>(sv.d1) + g * L,
+                     *d2 = ptr<scalar_t>(sv.d2) + g * L, *ov = ptr<scalar_t>(c.ov) + g * L * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const scalar_t t = ng1[l] * th1[l], g_d2 = t / d2[l];
+        gu[l] = g_d2;
+        gb[l] = g_d2 + t / d1[l];
+      }
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t j = 0; j < L; ++j) gu[j] += ov[i * L + j] * gb[i];
+      }
+    }
+  });
+  return o;
+}
+
+// Through u = tw kappa / 2 to kappa's terms (stable): adds to g_xsq; for depth 2 returns g_rt (d/d(reach + max|e
+// silu''|)), g_tsl (d/d max|silu'|) and grc (dL/dr gets grc r, from |r| in t1).
+struct KappaGrads {
+  Tensor g_rt, g_tsl, grc;
+};
+
+KappaGrads kappa_grads(const Chunk& c, const Saved& sv, const Tensor& g_u, std::vector<Tensor>& g_xsq) {
+  const int64_t n = static_cast<int64_t>(sv.X.size());
+  const int64_t G = c.theta.size(0), L = c.theta.size(1);
+  KappaGrads o;
+  if (n == 2) {
+    o.g_rt = at::empty({G, L}, c.theta.options());
+    o.g_tsl = at::empty({G, L}, c.theta.options());
+    o.grc = at::empty({G, L}, c.theta.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(c.theta.scalar_type(), "kappa_grads", [&] {
+    const scalar_t *gu = ptr<scalar_t>(g_u), *tw = ptr<scalar_t>(c.tw), *x0 = ptr<scalar_t>(sv.xsq[0]);
+    scalar_t* gx0 = ptr<scalar_t>(g_xsq[0]);
+    for (int64_t row = 0; row < G * L; ++row) {
+      const scalar_t gk = gu[row] * tw[row];  // d/d(kappa / 2)
+      if (n == 1) {
+        gx0[row] += gk;
+        continue;
+      }
+      ptr<scalar_t>(g_xsq[1])[row] += gk;
+      gx0[row] += gk * ptr<scalar_t>(sv.rt)[row];
+      ptr<scalar_t>(o.g_rt)[row] = gk * x0[row];
+      // t1 = sqrt(|r|^2 tsl^2 |k|^2), with a zero gradient where it is 0 (as naive._sqrt)
+      const scalar_t t1 = ptr<scalar_t>(sv.t1)[row], tsl = ptr<scalar_t>(sv.tsl)[row];
+      const scalar_t dsq1 = ptr<scalar_t>(sv.dsq[1])[row];
+      const scalar_t coef = t1 > 0 ? gk / t1 : 0, tsl2 = tsl * tsl;
+      ptr<scalar_t>(o.grc)[row] = coef * tsl2 * x0[row];
+      ptr<scalar_t>(o.g_tsl)[row] = coef * dsq1 * tsl * x0[row];
+      gx0[row] += coef * dsq1 * tsl2 * static_cast<scalar_t>(0.5);
+    }
+  });
+  return o;
+}
+
+template <typename T>
+T sign(T x) {
+  return x > 0 ? T(1) : (x < 0 ? T(-1) : T(0));
+}
+
+// Depth 2, the anchor's hidden layer, per row of (G, L, hidden): from -dL/dd_1 (ngd0), dL/de (ge) and dL/dsilu'
+// (g_slope); stable: with the curvature's terms (max|.| shares its gradient evenly among ties, as autograd's
+// amax) and gzc, the part of dL/dz through silu''(z) (its derivative silu'''); else bend = silu''(z).
+struct AnchorGrads {
+  Tensor ge, g_slope, gzc, bend;
+};
+
+AnchorGrads anchor_grads(const Saved& sv, const Tensor& ngd0, const KappaGrads* kg, bool stable) {
+  const Tensor &z = sv.z, &s = sv.s, &a = sv.a, &slope = sv.slope, &e = sv.e;
+  const int64_t G = z.size(0), L = z.size(1), K = z.size(2);
+  AnchorGrads o;
+  o.ge = at::empty_like(z);
+  o.g_slope = at::empty_like(z);
+  if (stable) {
+    o.gzc = at::empty_like(z);
+    o.bend = sv.bend;
+  } else {
+    o.bend = at::empty_like(z);
+  }
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "anchor_grads", [&] {
+    const scalar_t *zp = ptr<scalar_t>(z), *sp = ptr<scalar_t>(s), *ap = ptr<scalar_t>(a), *lp = ptr<scalar_t>(slope),
+                   *ep = ptr<scalar_t>(e), *np = ptr<scalar_t>(ngd0);
+    scalar_t *gep = ptr<scalar_t>(o.ge), *gsp = ptr<scalar_t>(o.g_slope);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t row = g * L + l, base = row * K;
+        if (!stable) {
+          scalar_t* bend = ptr<scalar_t>(o.bend) + base;
+          for (int64_t j = 0; j < K; ++j) {
+            const scalar_t gd = -np[base + j], sj = sp[base + j], aj = ap[base + j];
+            gep[base + j] = gd * lp[base + j];
+            gsp[base + j] = gd * ep[base + j];
+            bend[j] = sj * aj * (zp[base + j] * (aj - sj) + 2);
+          }
+          continue;
+        }
+        const scalar_t *col = ptr<scalar_t>(sv.col) + g * K, *bend = ptr<scalar_t>(sv.bend) + base,
+                       *eb = ptr<scalar_t>(sv.eb) + base, *sa = ptr<scalar_t>(sv.sa) + base;
+        const scalar_t tsl = ptr<scalar_t>(sv.tsl)[row], teb = ptr<scalar_t>(sv.teb)[row];
+        const scalar_t g_rt = ptr<scalar_t>(kg->g_rt)[row], g_tsl = ptr<scalar_t>(kg->g_tsl)[row];
+        int64_t n_sl = 0, n_eb = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          n_sl += std::abs(lp[base + j]) == tsl;
+          n_eb += std::abs(eb[j]) == teb;
+        }
+        const scalar_t share_sl = g_tsl / static_cast<scalar_t>(n_sl), share_eb = g_rt / static_cast<scalar_t>(n_eb);
+        scalar_t* gzc = ptr<scalar_t>(o.gzc) + base;
+        for (int64_t j = 0; j < K; ++j) {
+          const scalar_t gd = -np[base + j], sl = lp[base + j], ev = ep[base + j], ebv = eb[j];
+          scalar_t gs = gd * ev + 2 * sl * (g_rt * col[j]);
+          if (std::abs(sl) == tsl) gs += sign(sl) * share_sl;
+          const scalar_t g_eb = std::abs(ebv) == teb ? sign(ebv) * share_eb : 0;
+          gep[base + j] = gd * sl + g_eb * bend[j];
+          gsp[base + j] = gs;
+          const scalar_t zv = zp[base + j], t = ap[base + j] - sp[base + j];
+          gzc[j] = g_eb * ev * sa[j] * (t * (zv * t + 3) - 2 * zv * sa[j]);
+        }
+      }
+    }
+  });
+  return o;
+}
+
+// dL/dz of the anchor (depth 2): g_slope silu''(z) + (gh + 2 h g_xsq1) silu'(z) (+ gzc).
+Tensor anchor_gz(const AnchorGrads& ag, const Tensor& gh, const Tensor& h, const Tensor& slope, const Tensor& g_xsq1) {
+  const int64_t G = h.size(0), L = h.size(1), K = h.size(2);
+  Tensor gz = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "anchor_gz", [&] {
+    const scalar_t *gs = ptr<scalar_t>(ag.g_slope), *bend = ptr<scalar_t>(ag.bend), *ghp = ptr<scalar_t>(gh),
+                   *hp = ptr<scalar_t>(h), *lp = ptr<scalar_t>(slope);
+    const scalar_t* gzc = ag.gzc.defined() ? ptr<scalar_t>(ag.gzc) : nullptr;
+    const scalar_t* gx = g_xsq1.defined() ? ptr<scalar_t>(g_xsq1) : nullptr;
+    scalar_t* o = ptr<scalar_t>(gz);
+    for (int64_t row = 0; row < G * L; ++row) {
+      const scalar_t w = gx != nullptr ? 2 * gx[row] : 0;
+      for (int64_t j = row * K; j < (row + 1) * K; ++j) {
+        scalar_t v = gs[j] * bend[j] + (ghp[j] + w * hp[j]) * lp[j];
+        if (gzc != nullptr) v += gzc[j];
+        o[j] = v;
+      }
+    }
+  });
+  return gz;
+}
+
+// The read's hidden layer backward (depth 2): from g_hrbd (G, L, 2 hidden) = dL/d[beta hr, dbe hr]: the part of
+// dL/dhr through hrbd (G, L, hidden) and dL/d(beta, dbe) through it (g_bd1, (G, L, 2)).
+Tensor read_grads(const Tensor& g_hrbd, const Tensor& bd, const Tensor& hr, Tensor& g_bd1) {
+  const int64_t G = hr.size(0), L = hr.size(1), K = hr.size(2);
+  Tensor ghr = at::empty_like(hr);
+  g_bd1 = at::empty({G, L, 2}, hr.options());
+  AT_DISPATCH_FLOATING_TYPES(hr.scalar_type(), "read_grads", [&] {
+    const scalar_t *gp = ptr<scalar_t>(g_hrbd), *bp = ptr<scalar_t>(bd), *hp = ptr<scalar_t>(hr);
+    scalar_t *o = ptr<scalar_t>(ghr), *gb = ptr<scalar_t>(g_bd1);
+    for (int64_t row = 0; row < G * L; ++row) {
+      const scalar_t b0 = bp[2 * row], b1 = bp[2 * row + 1];
+      const scalar_t *g0 = gp + row * 2 * K, *g1 = g0 + K, *h = hp + row * K;
+      scalar_t s0 = 0, s1 = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        o[row * K + j] = g0[j] * b0 + g1[j] * b1;
+        s0 += g0[j] * h[j];
+        s1 += g1[j] * h[j];
+      }
+      gb[2 * row] = s0;
+      gb[2 * row + 1] = s1;
+    }
+  });
+  return ghr;
+}
+
+// In place: ghr becomes dL/dz_read = ghr silu'(z_read) = ghr (sr + hr (1 - sr)).
+void read_gz(Tensor& ghr, const Tensor& sr, const Tensor& hr) {
+  AT_DISPATCH_FLOATING_TYPES(ghr.scalar_type(), "read_gz", [&] {
+    const scalar_t *sp = ptr<scalar_t>(sr), *hp = ptr<scalar_t>(hr);
+    scalar_t* o = ptr<scalar_t>(ghr);
+    for (int64_t j = 0, m = ghr.numel(); j < m; ++j) o[j] *= sp[j] + hp[j] * (1 - sp[j]);
+  });
+}
 
 // The chain rule through one chunk_forward: from the gradients of y (G, L, Dv), of the state after the chunk
 // (GX) and of Q (undefined unless wanted), the gradient of the state before it. Names with a leading n hold
@@ -419,10 +666,8 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
   const auto& Ys = sv.Ys;
   const auto& xs = sv.xs;
   const auto& ds = sv.ds;
-  const auto& xsq = sv.xsq;
-  const auto& dsq = sv.dsq;
   const int64_t n = static_cast<int64_t>(X.size());
-  const Tensor &cm = sv.cm, &th2 = sv.th2, &cd = sv.cd;
+  const Tensor& cm = sv.cm;
   const int64_t G = gy.size(0), L = gy.size(1);
   // The state update X' = mix X - Y d.
   std::vector<Tensor> gX, ngxT, ngd;
@@ -435,11 +680,8 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
     Tensor g2 = gflat.view({G, 2 * i_l, o_l});
     Tensor nGY = at::bmm(g2, mT(ds[l])).view({G, 2, i_l, L});
     ngd.push_back(at::bmm(mT(Ys[l].view({G, 2 * i_l, L})), g2));
-    ngxT.push_back(at::mul(nGY, cd.unsqueeze(2)).sum(1));  // (G, in_l, L)
-    Tensor t = at::mul(nGY, mT(xs[l]).unsqueeze(1)).sum(2);  // (G, 2, L)
-    ngcd = ngcd.defined() ? ngcd.add_(t) : t;
+    ngxT.push_back(state_grads(nGY, sv.cd, xs[l], ngcd));  // (G, in_l, L); ngcd (G, 2, L)
   }
-  Tensor ng_th2 = at::mul(ngcd, c.dl2).sum(1);
   keep["ngcd"] = ngcd;
   keep["g_mix"] = g_mix;
   // The read, from the last layer back.
@@ -452,59 +694,36 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
     ngcm = at::mul(nsc1, sv.p1);
     Tensor ngp = at::mul(nsc1, cm);
     gX[1].view({G, -1, o1}).baddbmm_(mT(sv.hrbd), gy);
-    Tensor g_hrbd = at::bmm(gy, mT(X[1].view({G, -1, o1}))).view({G, L, 2, -1});  // (G, L, 2, hidden)
-    Tensor ghr = at::mul(g_hrbd, c.bd.unsqueeze(-1)).sum(-2).baddbmm_(ngp, h, 1, -1);
+    Tensor g_hrbd = at::bmm(gy, mT(X[1].view({G, -1, o1})));  // (G, L, 2 hidden)
+    Tensor g_bd1;
+    gz = read_grads(g_hrbd, c.bd, hr, g_bd1).baddbmm_(ngp, h, 1, -1);
     ngxT[1].baddbmm_(mT(hr), ngp);
-    const Tensor& sr = sv.sr;
-    gz = at::mul(ghr, at::addcmul(sr, hr, at::rsub(sr, 1)));  // silu'(z_read)
-    keep["g_bd1"] = at::mul(g_hrbd, hr.unsqueeze(2)).sum(-1);  // d/d(beta, dbe) via hrbd: (G, L, 2)
+    read_gz(gz, sv.sr, hr);  // silu'(z_read)
+    keep["g_bd1"] = g_bd1;   // d/d(beta, dbe) via hrbd: (G, L, 2)
   }
   Tensor nsc0 = at::bmm(gz, mT(ds[0]));
   ngd[0].baddbmm_(mT(sv.sc0), gz);
   ngcm = ngcm.defined() ? ngcm.addcmul_(nsc0, c.qk) : at::mul(nsc0, c.qk);
   const int64_t o0 = X[0].size(-1);
   gX[0].view({G, -1, o0}).baddbmm_(mT(c.qbd), gz);
-  ng_th2 = at::add(ng_th2, vecdot(ngcm, c.dd2, -2));
   keep["nsc0"] = nsc0;
   keep["ngcm"] = ngcm;
   keep["g_qbd"] = at::bmm(gz, mT(X[0].view({G, -1, o0})));
-  // The clip: theta'' = theta' scale(sqp).
-  Tensor ng_th1 = ng_th2;
-  std::vector<Tensor> g_xsq(n);
-  if (max_grad_norm.has_value()) {
-    const Tensor &scale = sv.scale, &sqp = sv.sqp;
-    ng_th1 = at::mul(ng_th2, scale);
-    // d scale / d sqp = -scale / (2 sqp)
-    Tensor gsq = at::where(at::lt(scale, 1), at::div(at::mul(ng_th2, th2), sqp).mul_(0.5), at::zeros({}, scale.options()));
-    for (int64_t i = 0; i < n; ++i) {
-      ngd[i].addcmul_(ds[i], at::mul(gsq, xsq[i]).unsqueeze(-1), -2);
-      g_xsq[i] = at::mul(gsq, dsq[i]);
-    }
-  }
-  keep["ng_th1"] = ng_th1;
-  Tensor g_rt, g_t1;
-  // The stable step: theta' = theta / (d1 d2), d1 = 1 + overlap u, d2 = d1 + u, u = tw kappa / 2.
+  // The clip (theta'' = theta' scale(sqp)) and the stable step (theta' = theta / (d1 d2)).
+  StepGrads sg = step_grads(c, sv, ngcd, ngcm, max_grad_norm, stable);
+  for (size_t i = 0; i < sg.cf.size(); ++i) ngd[i].addcmul_(ds[i], sg.cf[i].unsqueeze(-1), -2);
+  keep["ng_th1"] = sg.ng_th1;
+  KappaGrads kg;
   if (stable) {
-    Tensor t = at::mul(ng_th1, sv.th1);
-    Tensor g_d2 = at::div(t, sv.d2);
-    Tensor g_before = at::add(g_d2, at::div(t, sv.d1));
-    Tensor g_u = at::baddbmm(g_d2.unsqueeze(-1), mT(c.ov), g_before.unsqueeze(-1)).squeeze(-1);
+    Tensor g_u = sg.g_u;
     if (gQ.defined()) {
       const Tensor& kh = c.kh;
       g_u = at::add(g_u, vecdot(at::bmm(kh, gQ), kh));
       keep["g_kh"] = at::mul(sv.u.unsqueeze(-1), at::bmm(kh, at::add(gQ, mT(gQ))));
     }
-    keep["g_before"] = g_before;
+    keep["g_before"] = sg.g_before;
     keep["g_u"] = g_u;
-    Tensor g_kappa = at::mul(g_u, c.tw);  // d/d(kappa / 2)
-    if (n == 2) {
-      g_xsq[1] = plus(g_xsq[1], g_kappa);
-      g_xsq[0] = plus(g_xsq[0], at::mul(g_kappa, sv.rt));
-      g_rt = at::mul(g_kappa, xsq[0]);  // d/d reach = d/d max|e silu''|
-      g_t1 = g_kappa;
-    } else {
-      g_xsq[0] = plus(g_xsq[0], g_kappa);
-    }
+    kg = kappa_grads(c, sv, g_u, sg.g_xsq);
   }
   // The anchor's forward and its gradient factors; the weights' gradients go to gX[l][:, 0] (W_l^T).
   const Tensor& k = c.k;
@@ -512,42 +731,19 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
   Tensor gr, gz_;
   if (n == 2) {
     Tensor Wt2 = X[1].select(1, 0), gWt2 = gX[1].select(1, 0);
-    const Tensor &z = sv.z, &s = sv.s, &a = sv.a, &h = xs[1], &slope = sv.slope, &e = sv.e, &r = sv.r;
-    Tensor gd0 = ngd[0].neg();
-    Tensor ge = at::mul(gd0, slope);
-    Tensor g_slope = at::mul(gd0, e);
+    const Tensor &h = xs[1], &r = sv.r;
+    AnchorGrads ag = anchor_grads(sv, ngd[0], stable ? &kg : nullptr, stable);
     gr = ngd[1].neg_();
-    Tensor bend;
     if (stable) {
-      const Tensor &col = sv.col, &tsl = sv.tsl, &t1 = sv.t1;
-      bend = sv.bend;
-      g_slope.addcmul_(slope, at::mul(g_rt.unsqueeze(-1), col.unsqueeze(1)), 2);
-      Tensor g_col = at::bmm(mT(sv.sl2), g_rt.unsqueeze(-1));  // (G, hidden, 1)
+      Tensor g_col = at::bmm(mT(sv.sl2), kg.g_rt.unsqueeze(-1));  // (G, hidden, 1)
       gWt2.addcmul_(Wt2, g_col, 2);
-      // t1 = sqrt(|r|^2 tsl^2 |k|^2), with a zero gradient where it is 0 (as naive._sqrt)
-      Tensor coef = at::where(at::gt(t1, 0), at::div(g_t1, t1), at::zeros({}, t1.options()));
-      Tensor tsl2 = at::mul(tsl, tsl);
-      gr.addcmul_(r, at::mul(at::mul(coef, tsl2), xsq[0]).unsqueeze(-1));
-      Tensor g_tsl = at::mul(at::mul(at::mul(coef, dsq[1]), tsl), xsq[0]);
-      g_xsq[0] = plus(g_xsq[0], at::mul(at::mul(coef, dsq[1]), tsl2).mul_(0.5));
-      g_slope.add_(amax_abs_backward(slope, tsl, g_tsl));
-      Tensor g_eb = amax_abs_backward(sv.eb, sv.teb, g_rt);
-      ge.addcmul_(g_eb, bend);
-      const Tensor& sa = sv.sa;
-      Tensor t = at::sub(a, s);
-      // d silu''(z) / dz = silu'''(z)
-      Tensor d3 = at::sub(at::mul(t, at::add(at::mul(z, t), 3)), at::mul(z, sa).mul_(2));
-      gz_ = at::mul(at::mul(at::mul(g_eb, e), sa), d3);
-    } else {
-      bend = at::mul(at::mul(s, a), at::add(at::mul(z, at::sub(a, s)), 2));
+      gr.addcmul_(r, kg.grc.unsqueeze(-1));
     }
-    gr.baddbmm_(ge, Wt2);
-    gWt2.baddbmm_(mT(ge), r);
+    gr.baddbmm_(ag.ge, Wt2);
+    gWt2.baddbmm_(mT(ag.ge), r);
     Tensor gh = at::baddbmm(mT(ngxT[1]).neg(), gr, mT(Wt2));
-    if (g_xsq[1].defined()) gh.addcmul_(h, g_xsq[1].unsqueeze(-1), 2);
     gWt2.baddbmm_(mT(h), gr);
-    Tensor gzz = at::addcmul(at::mul(g_slope, bend), gh, slope);
-    gz_ = gz_.defined() ? gzz.add_(gz_) : gzz;
+    gz_ = anchor_gz(ag, gh, h, sv.slope, sg.g_xsq.empty() ? Tensor() : sg.g_xsq[1]);
   } else {
     gr = ngd[0].neg_();
     gz_ = gr;
@@ -555,7 +751,7 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
   gX[0].select(1, 0).baddbmm_(mT(k), gz_);
   keep["gr"] = gr;
   keep["g_k"] = at::baddbmm(mT(ngxT[0]).neg(), gz_, mT(Wt1));
-  if (g_xsq[0].defined()) keep["g_xsq0"] = g_xsq[0];
+  if (!sg.g_xsq.empty()) keep["g_xsq0"] = sg.g_xsq[0];
   return gX;
 }
 
