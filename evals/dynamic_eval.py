@@ -1,0 +1,101 @@
+"""Dynamic evaluation: a genome read by a network that keeps training on the bases it has already scored.
+
+Krause et al. 2018 ("Dynamic evaluation of neural sequence models"): the sequence is read in blocks; each
+block is first scored by the current weights (its next-base log-probabilities are kept as they are), then one
+optimiser step is taken on that block's loss, and the next block is read with the updated weights. So the
+network adapts to the genome it reads (its composition, its genes, its repeats: a context of millions of
+bases held in the weights), and no base is ever predicted by weights that were trained on it. The streaming
+state (attention cache, liquid and memory state) is carried from block to block, cut from the autograd graph.
+
+    python -m titans_lnn.evals.genomics --checkpoint runs/dna/model --dynamic-eval 3e-4
+    titans-lnn eval genomics --checkpoint runs/dna/model --dynamic-eval 3e-4 --dynamic-block 512
+
+Block t's loss is the mean over its bases predicted from inside the block (the prediction of the block's
+first base came from the block before, with the weights before that block's step); the loss is the quantity
+scored (for k-mer tokens the log-softmax over the tokens that can follow, :func:`~titans_lnn.evals.genomics.
+candidate_ids`), in nats. At ``lr = 0`` the readings equal a plain streamed pass in blocks of ``block``.
+The caller's model is not changed (a copy adapts).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+
+from titans_lnn.model import TitansLNN
+
+__all__ = ["OPTIMIZERS", "dynamic_base_logprobs"]
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _block_logp(logits: torch.Tensor, pick: torch.Tensor, start: int) -> torch.Tensor:
+    """(L, 4) natural-log p(A, C, G, T) from ``logits`` (L, V) of the tokens from ``start``: ``pick`` (4,) the
+    base ids in the whole vocabulary, or (N, C) the ids that can follow each token (renormalised over them)."""
+    if pick.dim() == 1:
+        return torch.log_softmax(logits, dim=-1)[:, pick]  # (L, 4)
+    rows = pick[start:start + logits.shape[0]]  # (L, C)
+    return torch.log_softmax(logits.gather(1, rows), dim=-1)[:, :4]  # (L, 4)
+
+
+def dynamic_base_logprobs(model: TitansLNN, tokens: np.ndarray, ids: np.ndarray, bases: np.ndarray, *,
+                          lr: float, block: int = 512, optimizer: str = "adam", decay: float = 0.0,
+                          progress: bool = True) -> np.ndarray:
+    """(N, 4) float32: row t the natural-log probabilities of A, C, G, T at position t, having read
+    ``tokens[:t]`` (N,), by a copy of ``model`` that takes one ``optimizer`` step of learning rate ``lr`` after
+    each block of ``block`` tokens is scored (module docstring); row 0 is log(1/4). After each step the weights
+    move ``decay`` (in [0, 1]) of the way back to the model's own (Krause et al.'s decay to the prior: what was
+    learnt on DNA in general is kept while the weights follow the genome being read).
+
+    ``ids`` as :func:`~titans_lnn.evals.genomics.stream_base_logprobs` ((4,) or (N, C)); ``bases`` (N,) 0..3 for
+    A, C, G, T and anything else for bases neither scored nor learnt from (N, separators)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr={lr!r} is invalid: expected a learning rate >= 0")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 2:
+        raise ValueError(f"block={block!r} is invalid: expected a whole number of tokens >= 2 (a block learns from "
+                         f"the bases it predicts from inside itself)")
+    if not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
+        raise ValueError(f"decay={decay!r} is invalid: expected a fraction in [0, 1]")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
+    tokens, bases = np.asarray(tokens), np.asarray(bases)
+    if bases.shape != tokens.shape:
+        raise ValueError(f"bases has shape {bases.shape}: expected {tokens.shape}, one per token")
+    net = copy.deepcopy(model).eval()
+    device = net.embed.weight.device
+    params = [p for p in net.parameters() if p.requires_grad]
+    prior = [p.detach().clone() for p in params]
+    opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr))
+    x = torch.from_numpy(tokens.astype(np.int64))[None]  # (1, N)
+    target = torch.from_numpy(bases.astype(np.int64))  # (N,)
+    pick = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
+    n = x.shape[1]
+    if pick.dim() == 2 and pick.shape[0] != n:
+        raise ValueError(f"ids has shape {tuple(pick.shape)}: expected (4,) or ({n}, C), a row per token")
+    out = np.full((n, 4), -math.log(4), dtype=np.float32)
+    from tqdm.auto import tqdm
+
+    state = None
+    with torch.enable_grad(), tqdm(total=n, unit="tok", unit_scale=True, desc="dynamic eval", disable=not progress,
+                                   leave=False) as bar:
+        for s in range(0, n, block):
+            res = net(x[:, s:s + block].to(device), state=state)
+            logp = _block_logp(res.logits[0].float(), pick, s)  # (L, 4): row i predicts base s + 1 + i
+            L = logp.shape[0]
+            out[s + 1:s + 1 + L] = logp[:n - s - 1].detach().cpu().numpy()  # scored BEFORE the step below
+            state = res.state.detach()
+            inner = target[s + 1:s + L].to(device)  # (L - 1,) the bases predicted from inside this block
+            keep = inner < 4
+            if bool(keep.any()):  # also at lr 0: the same path, a step of zero
+                loss = -logp[:L - 1][keep].gather(1, inner[keep, None]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if decay > 0:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(params, prior, decay)
+            bar.update(L)
+    return out
