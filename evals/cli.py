@@ -4,7 +4,7 @@
     titans-lnn eval niah_single_2 --checkpoint runs/tiny/model --lengths 1k,1m --samples 3 --out out/niah
     titans-lnn eval babilong_qa1 --checkpoint runs/tiny/model --lengths 1k,8k --samples 10
     titans-lnn eval mqar --checkpoint runs/mqar/model --lengths 256,1k --num-kv-pairs 8,32
-    titans-lnn eval genomics --checkpoint runs/dna/model [--data genome.fasta.gz] [--max-tokens 1m]
+    titans-lnn eval genomics --checkpoint runs/dna/model [--data genome.fa.gz] [--max-tokens 1m] [--dynamic-eval 3e-5]
     titans-lnn eval perplexity --checkpoint runs/tiny/model [--data book.txt] [--max-tokens 100k]
     titans-lnn eval passkey --preset debug --lengths 256,512      # random weights: a smoke test
 
@@ -125,6 +125,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="perplexity: the KJV tail held out by training (default: 0.01, training's default)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: eval-results/TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from titans_lnn.evals.dynamic_eval import add_dynamic_arguments
+
+    add_dynamic_arguments(p)  # genomics only
     p.set_defaults(func=run)
     return p
 
@@ -148,6 +151,8 @@ def _check_paths(args: argparse.Namespace) -> str | None:
                 f"{', '.join(BUILTIN_CORPORA)}")
     if args.data is not None and args.task not in ("genomics", "perplexity"):
         return f"argument --data: only genomics and perplexity read --data, not {args.task}"
+    if getattr(args, "dynamic_eval", None) is not None and args.task != "genomics":
+        return f"argument --dynamic-eval: only genomics reads with dynamic evaluation, not {args.task}"
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"argument --out: {args.out!r} is a file: expected a folder (or a path to create one)"
     return None
@@ -192,6 +197,9 @@ def _run(args: argparse.Namespace) -> int:
         if task == "genomics":
             from titans_lnn.evals.genomics import evaluate_genomics as evaluate
             unit, extra = "bits per base", {}
+            if args.dynamic_eval is not None:
+                extra["dynamic"] = dict(lr=args.dynamic_eval, block=args.dynamic_block,
+                                        optimizer=args.dynamic_optimizer, decay=args.dynamic_decay)
         else:
             from titans_lnn.evals.perplexity import evaluate_perplexity as evaluate
             unit, extra = "bits per token", {"val_fraction": args.val_fraction}

@@ -19,15 +19,23 @@ The caller's model is not changed (a copy adapts).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from titans_lnn.model import TitansLNN
+from titans_lnn.tokenizers import Tokenizer
 
-__all__ = ["OPTIMIZERS", "dynamic_base_logprobs"]
+if TYPE_CHECKING:
+    from titans_lnn.evals.genomics import GenomeReading
+
+__all__ = ["OPTIMIZERS", "dynamic_base_logprobs", "read_genome_dynamic", "add_dynamic_arguments", "dynamic_name",
+           "cached_dynamic"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -99,3 +107,57 @@ def dynamic_base_logprobs(model: TitansLNN, tokens: np.ndarray, ids: np.ndarray,
                         torch._foreach_lerp_(params, prior, decay)
             bar.update(L)
     return out
+
+
+def add_dynamic_arguments(p: argparse.ArgumentParser) -> None:
+    """The dynamic-evaluation flags (:mod:`~titans_lnn.evals.dynamic_eval`), shared with ``titans-lnn eval``."""
+    from titans_lnn.cli import integer, number
+
+    p.add_argument("--dynamic-eval", type=number(0, math.inf, open_hi=True), metavar="LR",
+                   help="also read the genome with dynamic evaluation: after each block is scored, one optimiser "
+                        "step of this learning rate on it (e.g. 3e-5 with adam); no base is predicted by weights "
+                        "that saw it")
+    p.add_argument("--dynamic-block", type=integer(2), default=512, help="bases per dynamic-evaluation step "
+                                                                         "(default: 512)")
+    p.add_argument("--dynamic-optimizer", choices=OPTIMIZERS, default="adam",
+                   help="the dynamic evaluation's optimiser (default: adam)")
+    p.add_argument("--dynamic-decay", type=number(0, 1), default=0.0,
+                   help="after each step move the weights this fraction back to the model's own (default: 0)")
+
+
+def dynamic_name(args: argparse.Namespace) -> str:
+    """The row name of a dynamic evaluation with ``args``' settings."""
+    decay = f", decay {args.dynamic_decay:g}" if args.dynamic_decay else ""
+    return (f"network, dynamic evaluation ({args.dynamic_optimizer} lr {args.dynamic_eval:g} per "
+            f"{args.dynamic_block} bases{decay})")
+
+
+def read_genome_dynamic(model: TitansLNN, tokenizer: Tokenizer, data: str | os.PathLike | None, *,
+                        max_tokens: int | None, lr: float, block: int = 512, optimizer: str = "adam",
+                        decay: float = 0.0, progress: bool = True) -> GenomeReading:
+    """:func:`~titans_lnn.evals.genomics.read_genome` with dynamic evaluation (:func:`dynamic_base_logprobs`)."""
+    from titans_lnn.evals.genomics import candidate_ids, load_genome
+
+    reading, tokens = load_genome(tokenizer, data, max_tokens=max_tokens)
+    logp = dynamic_base_logprobs(model, tokens, candidate_ids(tokenizer, tokens), reading.bases, lr=lr, block=block,
+                                 optimizer=optimizer, decay=decay, progress=progress)
+    return reading._replace(logp=logp)
+
+
+def cached_dynamic(args: argparse.Namespace, model: TitansLNN, tok: Tokenizer) -> np.ndarray:
+    """(N, 4) the dynamic evaluation's log-probabilities, from ``--dynamic-cache`` when it holds this genome's."""
+    from titans_lnn.evals.genomics import load_genome
+
+    if args.dynamic_cache and os.path.exists(args.dynamic_cache):
+        reading, _ = load_genome(tok, args.data, max_tokens=args.max_tokens)
+        logp = np.load(args.dynamic_cache)
+        if logp.shape != reading.logp.shape:
+            raise ValueError(f"--dynamic-cache {args.dynamic_cache}: log-probabilities of shape {logp.shape}, but "
+                             f"{reading.data} has {len(reading.bases)} tokens: expected a cache of this genome")
+        return logp
+    logp = read_genome_dynamic(model, tok, args.data, max_tokens=args.max_tokens, lr=args.dynamic_eval,
+                               block=args.dynamic_block, optimizer=args.dynamic_optimizer, decay=args.dynamic_decay,
+                               progress=not args.no_progress).logp
+    if args.dynamic_cache:
+        np.save(args.dynamic_cache, logp)
+    return logp

@@ -218,13 +218,21 @@ def summarise(bits: np.ndarray, edges: Sequence[int]) -> dict:
 
 def evaluate_genomics(model: TitansLNN, tokenizer: Tokenizer, data: str | os.PathLike | None = None, *,
                       max_tokens: int | None = None, chunk_len: int = 2048, edges: Sequence[int] | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, dynamic: dict | None = None) -> dict:
     """Bits per base by position on ``data`` (a FASTA path or a built-in genome name; default
     ``"ecoli-ec590"``), its first ``max_tokens`` tokens. Returns ``{"tokens", "bits", "nll_sum", "bins"}`` as
     :func:`~titans_lnn.evals.perplexity.bits_by_position` (``bits`` = bits per base) plus ``data``,
     ``tokenizer``, ``records`` (record names), ``ambiguous`` (N bases read, not scored) and ``per_record``
-    (one dict per record: ``name``, ``bases``, ``scored``, ``ambiguous``, ``bits``)."""
-    reading = read_genome(model, tokenizer, data, max_tokens=max_tokens, chunk_len=chunk_len, progress=progress)
+    (one dict per record: ``name``, ``bases``, ``scored``, ``ambiguous``, ``bits``).
+
+    ``dynamic``: read with dynamic evaluation instead, ``{"lr", "block", "optimizer", "decay"}`` (the keywords of
+    :func:`~titans_lnn.evals.dynamic_eval.dynamic_base_logprobs`; kept in the result as ``dynamic``)."""
+    if dynamic is None:
+        reading = read_genome(model, tokenizer, data, max_tokens=max_tokens, chunk_len=chunk_len, progress=progress)
+    else:
+        from titans_lnn.evals.dynamic_eval import read_genome_dynamic
+
+        reading = read_genome_dynamic(model, tokenizer, data, max_tokens=max_tokens, progress=progress, **dynamic)
     n = len(reading.bases)
     edges = list(edges) if edges is not None else position_edges(n)
     if edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[-1] < n:
@@ -245,7 +253,7 @@ def evaluate_genomics(model: TitansLNN, tokenizer: Tokenizer, data: str | os.Pat
                            "ambiguous": int((reading.bases[a:a + length] == OTHER).sum()),
                            "bits": float(np.nanmean(part)) if scored else None})
     return {"data": reading.data, "tokenizer": tokenizer.name, "records": list(reading.names), **result,
-            "ambiguous": sum(r["ambiguous"] for r in per_record), "per_record": per_record}
+            "ambiguous": sum(r["ambiguous"] for r in per_record), "per_record": per_record, "dynamic": dynamic}
 
 
 def records_markdown(result: dict) -> str:
@@ -262,7 +270,8 @@ def records_markdown(result: dict) -> str:
 
 def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, kmax: int = 12, lr: float = 0.002,
                       edges: Sequence[int] | None = None, progress: bool = True,
-                      poe_fold: GenomeReading | None = None) -> dict:
+                      poe_fold: GenomeReading | None = None, dynamic: tuple[str, np.ndarray] | None = None,
+                      online_orders: Sequence[int] = ()) -> dict:
     """Order-k Markov models k = 1..kmax fitted on ``train`` (nucleotide ids, one array per record), the network
     of ``reading``, and their online mixtures (module docstring), all scored on the same bases of the genome.
 
@@ -271,6 +280,12 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
     :data:`~titans_lnn.evals.markov.POE_LONG`, without and with the network, its weights fitted on the fold's
     bases with tables counted on the rest of ``train`` (cross-fitted), then fixed; scored with tables counted on
     all of ``train``. Nothing is learnt while reading the scored genome.
+
+    Test-time learning, each as more rows: ``dynamic`` ``(name, logp (N, 4))``, the network's readings under
+    dynamic evaluation (:mod:`~titans_lnn.evals.dynamic_eval`), alone and mixed online with the tables;
+    ``online_orders`` (e.g. 12, 16, 20, 24): tables of the scored genome counted as it is read
+    (:func:`~titans_lnn.evals.markov.online_table_logprobs`), mixed online with the orders 1..kmax, without and
+    with the network (and with the dynamic network when given).
 
     Returns ``{"rows", "tokens", "edges", "best_markov", "kmax", "lr", "seen"}``: ``rows`` one dict per predictor
     (``name``, ``bits``, ``bins`` by position, ``seen``: bits per :data:`SEEN_GROUPS` group), ``seen`` the share of
@@ -315,6 +330,14 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
                         (f"network + Markov 1-{kmax}, mixed online", reading.logp[:, None])):
         t0 = time.perf_counter()
         rows.append(row(name, mix_bits(models, bases, extra, lr=lr)))
+    if dynamic is not None:
+        t0 = time.perf_counter()
+        rows.append(row(dynamic[0], scored_bits(reading, dynamic[1]), against="network alone (ours)"))
+    if online_orders:
+        t0 = time.perf_counter()
+        for name, bits, against in _online_rows(reading, models, online_orders, lr, dynamic):
+            rows.append(row(name, bits, against=against))
+            t0 = time.perf_counter()
     if poe_fold is not None:
         t0 = time.perf_counter()
         for name, bits in _poe_rows(reading, train, models, poe_fold, kmax):
@@ -326,7 +349,32 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
     return {"rows": rows, "tokens": int(common.sum()), "edges": edges, "best_markov": best["name"], "kmax": kmax,
             "lr": lr, "seen": [{"group": g, "share": sh} for g, sh in zip(SEEN_GROUPS, shares)],
             "repeat_k": REPEAT_K, "repeat": [{"group": g, "share": sh} for g, sh in zip(REPEAT_GROUPS, repeats)],
-            "poe_fit_bases": None if poe_fold is None else len(poe_fold.bases)}
+            "poe_fit_bases": None if poe_fold is None else len(poe_fold.bases), "online_orders": list(online_orders)}
+
+
+def _online_rows(reading: GenomeReading, models: list, orders: Sequence[int], lr: float,
+                 dynamic: tuple[str, np.ndarray] | None) -> list[tuple[str, np.ndarray, str]]:
+    """The rows of :func:`markov_comparison` with tables of the scored genome counted as it is read:
+    ``[(name, bits (N,), against), ...]``, mixed online with the fixed tables ``models``; without and with the
+    network (and with ``dynamic``'s network when given); ``against`` names the same row without them."""
+    from titans_lnn.evals.markov import mix_bits, online_table_logprobs
+
+    bad = [k for k in orders if not isinstance(k, int) or not 1 <= k <= 29]
+    if bad:
+        raise ValueError(f"online_orders={list(orders)}: {bad} invalid: expected orders in [1, 29]")
+    kmax = models[-1].k
+    online = np.stack([online_table_logprobs(reading.bases, k)[0] for k in orders], axis=1)  # (N, O, 4)
+    tables = f"Markov 1-{kmax} + this genome's orders {', '.join(map(str, orders))} counted as read"
+    fixed, with_net = f"Markov orders 1-{kmax} mixed online (no network)", f"network + Markov 1-{kmax}, mixed online"
+    out = [(f"{tables}, mixed online (no network)", mix_bits(models, reading.bases, online, lr=lr), fixed),
+           (f"network + {tables}, mixed online",
+            mix_bits(models, reading.bases, np.concatenate([reading.logp[:, None], online], axis=1), lr=lr),
+            with_net)]
+    if dynamic is not None:
+        extra = np.concatenate([dynamic[1][:, None], online], axis=1)
+        out.append((f"{dynamic[0]} + {tables}, mixed online", mix_bits(models, reading.bases, extra, lr=lr),
+                    with_net))
+    return out
 
 
 # Within-genome repeats (rRNA operons, IS elements, REP sequences): a base whose REPEAT_K bases before it occurred
@@ -443,7 +491,10 @@ def comparison_markdown(comparison: dict, title: str) -> str:
 
 def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Path:
     """Bits per base against the context read (log x), one line per main row of :func:`markov_comparison`:
-    the network, the best Markov order (the baseline) and the two mixtures; a dotted line at 2 bits."""
+    the network, the best Markov order (the baseline) and the mixtures; a dotted line at 2 bits. With rows
+    that learn while reading (dynamic evaluation, tables counted as read), a second panel: each one's bits
+    below the same predictor without that learning, on the same bases, by context read (regions of the genome
+    cancel out: what is left is what reading the genome so far bought)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -452,8 +503,12 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
     main_rows = [r for r in comparison["rows"] if "k" not in r or r["name"] == comparison["best_markov"]]
     styles = [dict(color="C3", marker="s", linestyle="--"), dict(color="C0", marker="o", linewidth=2),
               dict(color="C2", marker="^", linestyle="-."), dict(color="C1", marker="."),
-              dict(color="C4", marker="v", linestyle=":"), dict(color="C5", marker="x")]  # in main_rows' order
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+              dict(color="C4", marker="v", linestyle=":"), dict(color="C5", marker="x"),
+              dict(color="C6", marker="D"), dict(color="C7", marker="P"), dict(color="C8", marker="*"),
+              dict(color="C9", marker="h")]  # in main_rows' order
+    learners = [r for r in main_rows if r.get("against")]
+    fig, axes = plt.subplots(1, 2 if learners else 1, figsize=(14 if learners else 7.5, 4.5), squeeze=False)
+    ax = axes[0, 0]
     for r, style in zip(main_rows, styles):
         bins = [b for b in r["bins"] if b["bits"] is not None]
         xs = [math.sqrt(max(b["start"], 1) * b["end"]) for b in bins]  # geometric middle of the bin
@@ -469,6 +524,9 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left")
+    if learners:
+        _gain_panel(axes[0, 1], learners, {r["name"]: r for r in main_rows},
+                    {r["name"]: st for r, st in zip(main_rows, styles)})
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,8 +535,26 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
     return path
 
 
+def _gain_panel(ax, learners: list[dict], by_name: dict, styles: dict) -> None:
+    """Bits per base saved by learning while reading: each learner's row against its ``against`` row, by bin."""
+    for r in learners:
+        base = by_name[r["against"]]
+        pairs = [(b, a) for b, a in zip(r["bins"], base["bins"]) if b["bits"] is not None and a["bits"] is not None]
+        xs = [math.sqrt(max(b["start"], 1) * b["end"]) for b, _ in pairs]
+        ax.plot(xs, [a["bits"] - b["bits"] for b, a in pairs], label=f"{r['name']}\n  vs {r['against']}",
+                **styles[r["name"]])
+    ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("context read (bases)")
+    ax.set_ylabel("bits per base saved (same bases)")
+    ax.set_title("what learning while reading buys, by context read", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+
+
 def main(argv: list[str] | None = None) -> int:
     from titans_lnn.cli import integer, number
+    from titans_lnn.evals.dynamic_eval import add_dynamic_arguments, cached_dynamic, dynamic_name
     from titans_lnn.evals.markov import _records
     from titans_lnn.evals.runner import load_model
     from titans_lnn.tokenizers import NucleotideTokenizer
@@ -506,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poe-fit-bases", type=integer(1000), metavar="N",
                    help="also fit a product of experts (Markov tables and the network, weights fixed after fitting) "
                         "on the first N bases of --train, tables counted on the rest (cross-fitted); e.g. 1000000")
+    p.add_argument("--online-orders", type=_orders, default=ONLINE_ORDERS, metavar="K,K,...",
+                   help="tables of --data itself counted as it is read, mixed online with the K-12 tables (a DNA "
+                        "compressor's adaptive models; 'none' for none) (default: "
+                        + ",".join(map(str, ONLINE_ORDERS)) + ")")
+    add_dynamic_arguments(p)
+    p.add_argument("--dynamic-cache", metavar="FILE.npy", help="as --cache, for the dynamic evaluation's readings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-row timings")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -517,8 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.poe_fit_bases:
             fold = read_genome(model, tok, args.train, max_tokens=args.poe_fit_bases, chunk_len=args.chunk_len,
                                progress=not args.no_progress)
+        dynamic = None
+        if args.dynamic_eval is not None:
+            dynamic = (dynamic_name(args), cached_dynamic(args, model, tok))
         comparison = markov_comparison(reading, train, kmax=args.kmax, lr=args.lr, progress=not args.no_progress,
-                                       poe_fold=fold,
+                                       poe_fold=fold, dynamic=dynamic, online_orders=args.online_orders,
                                        edges=position_edges(len(reading.bases), 128, args.bin_factor))
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"genomics: error: {e}", file=sys.stderr)
@@ -539,6 +624,23 @@ def main(argv: list[str] | None = None) -> int:
     print(table, end="")
     print(f"in {time.perf_counter() - t0:.0f} s; " + ", ".join(str(x) for x in [out / "results.md", *plots]))
     return 0
+
+
+ONLINE_ORDERS = (12, 16, 20, 24)  # tables of the scored genome counted as read: repeats need long, exact contexts
+
+
+def _orders(text: str) -> tuple[int, ...]:
+    """argparse type: 'K,K,...' orders in [1, 29], or 'none'."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        orders = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of orders: expected e.g. 12,16,20,24 or none") \
+            from None
+    if not orders or any(not 1 <= k <= 29 for k in orders):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected orders in [1, 29], e.g. 12,16,20,24, or none")
+    return orders
 
 
 def _cached_reading(args: argparse.Namespace, model: TitansLNN, tok: Tokenizer) -> GenomeReading:

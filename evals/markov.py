@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["kmer_codes", "MarkovModel", "OnlineMixer", "count_selector", "mix_bits", "TrainedMixer", "poe_experts",
-           "n_poe_selectors", "fit_poe", "poe_bits", "markov_table", "main"]
+__all__ = ["kmer_codes", "MarkovModel", "online_table_logprobs", "OnlineMixer", "count_selector", "mix_bits",
+           "TrainedMixer", "poe_experts", "n_poe_selectors", "fit_poe", "poe_bits", "markov_table", "main"]
 
 MAX_ORDER = 30  # a (k+1)-mer's base-4 code must fit in an int64
 
@@ -94,6 +94,42 @@ class MarkovModel:
         total = sum(self._count(context + b) for b in range(4))  # (M,) n(c)
         p = (self._count(code) + self.alpha) / (total + 4 * self.alpha)
         return -np.log2(p)
+
+
+def online_table_logprobs(ids: np.ndarray, k: int, alpha: float = 1 / 16) -> tuple[np.ndarray, np.ndarray]:
+    """An order-``k`` table of the genome being read, counted as it is read (a DNA compressor's adaptive model):
+    ``(logp, count)`` as :meth:`MarkovModel.logprobs`, row t from the (k+1)-mers of ``ids`` (L,) that end
+    before position t only, P(b | c) = (n_<t(c, b) + alpha) / (n_<t(c) + 4 alpha). A context not seen yet gives
+    a uniform row (count 0): in a product of experts it says nothing. Within-genome repeats (rRNA operons, IS
+    elements) are what a long order finds here."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < MAX_ORDER:
+        raise ValueError(f"k={k!r} is invalid: expected an order in [1, {MAX_ORDER - 1}]")
+    if not alpha > 0:
+        raise ValueError(f"alpha={alpha!r} is invalid: expected a smoothing count > 0")
+    ids = np.asarray(ids)
+    L = len(ids)
+    logp = np.full((L, 4), -math.log(4), dtype=np.float32)
+    count = np.full(L, -1, dtype=np.int64)
+    full, full_ok = kmer_codes(ids, k + 1)  # window j: positions j..j+k, the context of j+k and its base
+    ctx, ctx_ok = kmer_codes(ids, k)  # window j: the context of position j+k
+    M = len(full)
+    if M == 0:
+        return logp, count
+    seen = np.flatnonzero(full_ok)  # (S,) windows that count, in position order
+    uniq, dense = np.unique(full[seen], return_inverse=True)
+    keys = np.sort(dense.astype(np.int64) * M + seen)  # (S,) by (code, position): a code's windows in order
+    j = np.flatnonzero(ctx_ok[:M])  # (Q,) windows whose position j + k has a full context
+    n = np.zeros((len(j), 4), dtype=np.int64)
+    for b in range(4):
+        q = ctx[j] * 4 + b  # the (k+1)-mer that appends b
+        qi = np.minimum(np.searchsorted(uniq, q), max(len(uniq) - 1, 0))
+        hit = uniq[qi] == q if len(uniq) else np.zeros(len(q), dtype=bool)
+        before = np.searchsorted(keys, qi * M + j) - np.searchsorted(keys, qi * M)  # windows j' < j with code q
+        n[:, b] = np.where(hit, before, 0)
+    total = n.sum(axis=1)
+    logp[j + k] = np.log((n + alpha) / (total[:, None] + 4 * alpha))
+    count[j + k] = total
+    return logp, count
 
 
 # ----------------------------------------------------------------------------- mixing predictors
