@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from titans_lnn.evals.haystack import Sample, compose, cycle_units, kjv_verses
+from titans_lnn.evals.haystack import NOISE_SENTENCES, Sample, compose, cycle_units, kjv_verses
 
 PEOPLE = ("Mary", "John", "Daniel", "Sandra")
 PEOPLE_QA5 = ("Fred", "Bill", "Jeff", "Mary")
@@ -194,12 +194,31 @@ def make_story(qa: str, seed: int = 0, num_facts: int | None = None) -> tuple[li
     raise RuntimeError(f"no {qa} story with a well-posed question in {num_facts} facts")
 
 
+def qa1_locations(facts: list[str]) -> dict[str, str]:
+    """person -> where a qa1 story (facts "<person> <moved to> the <location>.") leaves them."""
+    where = {}
+    for fact in facts:
+        words = fact.rstrip(".").split()
+        if words[0] not in PEOPLE or words[-1] not in LOCATIONS:
+            raise ValueError(f"qa1_locations: {fact!r} is not a qa1 fact: expected '<person> ... the <location>.'")
+        where[words[0]] = words[-1]
+    return where
+
+
 def make_babilong(qa: str, length: int, depth: float | None = None, seed: int = 0, *,
-                  num_facts: int | None = None, count_tokens: Callable[[str], int] | None = None) -> Sample:
-    """A bAbI ``qa`` story's facts spread in order through KJV text of ``length`` tokens."""
+                  num_facts: int | None = None, count_tokens: Callable[[str], int] | None = None,
+                  filler: str = "kjv") -> Sample:
+    """A bAbI ``qa`` story's facts spread in order through KJV text of ``length`` tokens.
+    Training variants (never evaluated): ``filler="none"`` leaves the KJV out (the header, the facts back
+    to back and the question, whatever ``length`` asks for); ``filler="noise"`` puts the pass key's five
+    repeated sentences ("The grass is green. ...") in its place, which no fact resembles."""
     task = f"babilong_{qa}"
     if depth is not None:
         raise ValueError(f"depth={depth} given, but {task} scatters its facts at random: pass depth=None")
+    units = {"kjv": lambda: cycle_units(verses, start), "none": lambda: iter(()),
+             "noise": lambda: cycle_units(NOISE_SENTENCES, start)}
+    if filler not in units:
+        raise ValueError(f"make_babilong: filler={filler!r} is invalid: expected one of {sorted(units)}")
     facts, question, answer = make_story(qa, seed, num_facts)
     rng = random.Random(f"{task}/{seed}/haystack")
     verses = kjv_verses()
@@ -207,7 +226,8 @@ def make_babilong(qa: str, length: int, depth: float | None = None, seed: int = 
     at = sorted(rng.random() for _ in facts)
     needles = list(zip(at, facts))
     c = compose(task, header=HEADERS[qa], question=f"Question: {question}\nAnswer:", needles=needles,
-                length=length, count_tokens=count_tokens, make_units=lambda: cycle_units(verses, start))
+                length=length, count_tokens=count_tokens,
+                make_units=units[filler])
     meta = {
         "n_tokens": c.n_tokens,
         "facts": facts,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from titans_lnn.config import PRESETS, TitansLNNConfig
-from titans_lnn.evals.babilong import make_babilong
+from titans_lnn.evals.babilong import make_babilong, qa1_locations
 from titans_lnn.evals.tasks import make_sample
 from titans_lnn.model import TitansLNN
 
@@ -63,21 +63,41 @@ def filler_mask(sample, n_chars: int) -> torch.Tensor:
     return mask
 
 
-def _make(task: str, length: int, depth: float | None, seed: int, num_facts: int | None):
-    """``make_sample``, or for a BABILong task with ``num_facts`` a story of that many facts."""
-    if num_facts is None:
+def _make(task: str, length: int, depth: float | None, seed: int, num_facts: int | None, filler: str = "kjv"):
+    """``make_sample``, or for a BABILong task with ``num_facts`` or ``filler`` a story of that many facts
+    (the task's own number by default) in that filler (``make_babilong``)."""
+    if num_facts is None and filler == "kjv":
         return make_sample(task, length, depth, seed=seed)
-    return make_babilong(task.removeprefix("babilong_"), length, depth, seed, num_facts=num_facts)
+    return make_babilong(task.removeprefix("babilong_"), length, depth, seed, num_facts=num_facts, filler=filler)
+
+
+def _answers(sample, ask_all: bool, seed: int) -> list[tuple[str, str]]:
+    """(question text before the answer, answer) pairs that follow the prompt in training: the prompt's
+    own answer, then with ``ask_all`` (BABILong qa1) "Where is <person>?" for every other person of the
+    story, in an order drawn from ``seed``: each answer supervised, several read-outs of one story."""
+    pairs = [("", answer_text(sample))]
+    if ask_all:
+        where = qa1_locations(sample.meta["facts"])
+        asked = sample.meta["question"].removeprefix("Where is ").removesuffix("?")
+        others = sorted(p for p in where if p != asked)
+        random.Random(seed).shuffle(others)
+        pairs += [(f"\nQuestion: Where is {p}?\nAnswer:", where[p]) for p in others]
+    return pairs
 
 
 def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: random.Random, *,
-               with_filler: bool = False, num_facts: int | None = None):
+               with_filler: bool = False, num_facts: int | None = None, filler: str = "kjv", ask_all: bool = False):
     """Prompts of ``task`` followed by their answer, as byte ids; labels only on the answer (B, T);
     with ``with_filler`` also the filler mask (B, T) of :func:`filler_mask`. Seeds are drawn from
     [TRAIN_SEED_BASE, 2 TRAIN_SEED_BASE): never an evaluation prompt. ``num_facts``: a BABILong
-    task's stories get that many facts instead of the task's own number (a curriculum's easier stories)."""
-    if num_facts is not None and not task.startswith("babilong_"):
-        raise ValueError(f"task_batch: num_facts={num_facts!r} given for task {task!r}: expected a babilong_ task")
+    task's stories get that many facts instead of the task's own number (a curriculum's easier stories);
+    ``filler="none"``: its facts back to back, no KJV (``make_babilong``); ``ask_all`` (qa1): after the
+    answer, a question about every other person of the story, each answer labelled (``_answers``)."""
+    if (num_facts is not None or filler != "kjv") and not task.startswith("babilong_"):
+        raise ValueError(f"task_batch: num_facts={num_facts!r}, filler={filler!r} given for task {task!r}: "
+                         "expected a babilong_ task")
+    if ask_all and task != "babilong_qa1":
+        raise ValueError(f"task_batch: ask_all given for task {task!r}: expected babilong_qa1")
     length = rng.randint(min_len, max_len)
     draws = []  # (depth, seed) per row, drawn in the same order as ever
     for _ in range(batch_size):
@@ -85,23 +105,26 @@ def task_batch(task: str, batch_size: int, min_len: int, max_len: int, rng: rand
         draws.append((depth, TRAIN_SEED_BASE + rng.randrange(TRAIN_SEED_BASE)))
     while True:  # a task whose fixed text (header, needles, question) needs more gets a longer batch
         try:
-            samples = [_make(task, length, depth, seed, num_facts) for depth, seed in draws]
+            samples = [_make(task, length, depth, seed, num_facts, filler) for depth, seed in draws]
             break
         except ValueError:
             if length > 64 * max_len:
                 raise
             length *= 2
     xs, ys, fs = [], [], []
-    for sample in samples:
-        answer = answer_text(sample)
-        full = torch.tensor(list((sample.prompt + " " + answer + ".").encode()))
-        labels = torch.full_like(full, -100)
-        first = len(full) - len(answer.encode()) - 2  # the space before the answer
-        labels[first - 1:-1] = full[first:]  # aligned: position t predicts token t + 1
-        xs.append(full[:-1])
-        ys.append(labels[:-1])
-        fs.append(torch.cat([filler_mask(sample, len(sample.prompt)), torch.zeros(len(full) - 1 - len(sample.prompt),
-                                                                                  dtype=torch.bool)]))
+    for sample, (_, seed) in zip(samples, draws):
+        ids, labels = list(sample.prompt.encode()), [-100] * len(sample.prompt)
+        for question, answer in _answers(sample, ask_all, seed):
+            ids += question.encode()
+            labels += [-100] * len(question)
+            reply = (" " + answer + ".").encode()
+            labels[-1] = reply[0]  # aligned: position t predicts token t + 1
+            ids += reply
+            labels += list(reply[1:]) + [-100]
+        xs.append(torch.tensor(ids[:-1]))
+        ys.append(torch.tensor(labels[:-1]))
+        fs.append(torch.cat([filler_mask(sample, len(sample.prompt)),
+                             torch.zeros(len(ids) - 1 - len(sample.prompt), dtype=torch.bool)]))
     n = min(len(x) for x in xs)
     x, y = torch.stack([x[-n:] for x in xs]), torch.stack([y[-n:] for y in ys])
     return (x, y, torch.stack([f[-n:] for f in fs])) if with_filler else (x, y)
@@ -183,7 +206,7 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
                   mix_task: str | None = None,
                   mix_frac: tuple[float, float] = (0.0, 0.0),
                   mix_len: tuple[int, int] = (260, 450), num_facts: tuple[int, int] | None = None,
-                  facts_until: float = 0.5, progress: bool = True,
+                  facts_until: float = 0.5, ask_all: bool = False, fillers: tuple = (), progress: bool = True,
                   on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train on ``task`` (passkey by default); returns the loss per step. The last ``long_frac`` of the
     steps use prompts of ``long_len`` tokens (with a batch cut to keep the tokens per step), so that
@@ -210,7 +233,11 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     tokens, ``long_len`` in the long phase) with a probability going linearly from ``mix_frac[0]`` at
     the first step to ``mix_frac[1]`` at the last ((1, 0): the pass key first, the task by the end).
     A curriculum on BABILong stories: with ``num_facts=(a, b)`` the stories have ``a`` facts at the
-    first step, ``b`` from the fraction ``facts_until`` of the steps on (linear in between).
+    first step, ``b`` from the fraction ``facts_until`` of the steps on (linear in between); ``fillers``,
+    ``((filler, until), ...)`` in order, gives the stories another filler than the KJV until each fraction
+    ``until`` of the steps (``make_babilong``'s "none": the facts back to back, the early ones beyond the
+    question's attention window all the same; "noise": the pass key's sentences); ``ask_all`` (qa1) asks
+    about every person of the story after it, each answer supervised (:func:`task_batch`).
     ``on_step(step)`` is called after each step (progress across processes)."""
     from tqdm import tqdm
 
@@ -232,6 +259,11 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
                          "expected two fact counts >= 1 and a fraction of the steps in [0, 1]")
     if num_facts is not None and not task.startswith("babilong_"):
         raise ValueError(f"train_passkey: num_facts={num_facts!r} given for task {task!r}: expected a babilong_ task")
+    if fillers and (not task.startswith("babilong_") or not all(
+            f in ("none", "noise", "kjv") and 0 <= until <= 1 for f, until in fillers)):
+        raise ValueError(f"train_passkey: fillers={fillers!r} is invalid for task {task!r}: expected "
+                         "(filler, until) pairs of 'none', 'noise' or 'kjv' and a fraction of the steps in [0, 1], "
+                         "for a babilong_ task")
     if write_threshold is not None:  # the config validates it; states and saved weights carry its fingerprint
         model.config = dataclasses.replace(model.config, mem_write_threshold=write_threshold)
         model.fingerprint = model.config.fingerprint
@@ -262,10 +294,11 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
         if mixed:
             x, y, filler = task_batch(mix_task, *((batch_size, *mix_len) if step < long_from
                                                   else (long_batch, *long_len)), mix_rng, with_filler=True)
-        elif step < long_from:
-            x, y, filler = task_batch(task, batch_size, min_len, max_len, rng, with_filler=True, num_facts=facts)
         else:
-            x, y, filler = task_batch(task, long_batch, *long_len, rng, with_filler=True, num_facts=facts)
+            size = (batch_size, min_len, max_len) if step < long_from else (long_batch, *long_len)
+            story = next((f for f, until in fillers if step < until * steps), "kjv")
+            x, y, filler = task_batch(task, *size, rng, with_filler=True, num_facts=facts, ask_all=ask_all,
+                                      filler=story)
         with recorded_write_gates(model) as gates:
             loss = model(x, labels=y).loss
         total = loss

@@ -155,18 +155,21 @@ def test_task_batch_num_facts_sets_the_story_length(monkeypatch):
     made.clear()
     task_batch("babilong_qa1", 2, 700, 700, random.Random(0))
     assert made == []  # the task's own stories come through make_sample
-    with pytest.raises(ValueError, match="num_facts=2 given for task 'passkey'"):
+    with pytest.raises(ValueError, match="num_facts=2, filler='kjv' given for task 'passkey'"):
         task_batch("passkey", 2, 300, 300, random.Random(0), num_facts=2)
 
 
-def _tasks_trained(monkeypatch, steps: int, **kw) -> list[tuple[str, int]]:
-    """(task, facts per story) of every row train_passkey drew, on a toy model for ``steps`` steps."""
+def _tasks_trained(monkeypatch, steps: int, drawn_fillers: list | None = None, **kw) -> list[tuple[str, int]]:
+    """(task, facts per story) of every row train_passkey drew, on a toy model for ``steps`` steps; each
+    row's filler ("kjv", "none" or "noise") appended to ``drawn_fillers`` if given."""
     drawn = []
     real = niah_train._make
 
-    def spy(task, length, depth, seed, num_facts):
+    def spy(task, length, depth, seed, num_facts, filler="kjv"):
         drawn.append((task, num_facts))
-        return real(task, length, depth, seed, num_facts)
+        if drawn_fillers is not None:
+            drawn_fillers.append(filler)
+        return real(task, length, depth, seed, num_facts, filler)
 
     monkeypatch.setattr(niah_train, "_make", spy)
     torch.manual_seed(0)
@@ -278,3 +281,74 @@ def test_ablation_script_trains_a_task_from_a_saved_model(tmp_path):
     assert "420 tokens: " in proc.stdout and "-log p(answer) after haystack" in proc.stdout
     records = json.loads((tmp_path / "r.json").read_text())["records"]
     assert len(records) == 2 and all(len(r["expected"]) == 7 and r["expected"].isdigit() for r in records)
+
+
+def test_bare_story_has_the_facts_and_question_without_kjv():
+    """filler="none": header, the facts back to back and the question (a training variant); "noise": the pass
+    key's sentences instead of the KJV; the same story with each; any other filler rejected."""
+    from titans_lnn.evals.babilong import HEADERS, make_babilong
+
+    bare = make_babilong("qa1", 2000, None, seed=7, filler="none")
+    kjv = make_babilong("qa1", 2000, None, seed=7)
+    assert bare.meta["facts"] == kjv.meta["facts"] and bare.answer == kjv.answer
+    assert bare.prompt == (HEADERS["qa1"] + "\n" + " ".join(bare.meta["facts"]) + "\nQuestion: "
+                           + bare.meta["question"] + "\nAnswer:")
+    assert len(kjv.prompt) > 1900 > len(bare.prompt)
+    noise = make_babilong("qa1", 2000, None, seed=7, filler="noise")
+    assert noise.meta["facts"] == kjv.meta["facts"] and "The grass is green." in noise.prompt
+    from titans_lnn.evals.haystack import NOISE
+
+    rest = noise.prompt[slice(*noise.meta["haystack_span"])]
+    for fact in noise.meta["facts"]:
+        rest = rest.replace(fact, "")
+    assert set(rest.split()) == set(NOISE.split()) and len(noise.prompt) > 1900
+    with pytest.raises(ValueError, match="filler='pg19'"):
+        make_babilong("qa1", 2000, None, seed=7, filler="pg19")
+
+
+def test_qa1_locations_keeps_each_persons_latest_move():
+    from titans_lnn.evals.babilong import qa1_locations
+
+    facts = ["Mary went to the kitchen.", "John moved to the office.", "Mary journeyed to the garden."]
+    assert qa1_locations(facts) == {"Mary": "garden", "John": "office"}
+    with pytest.raises(ValueError, match="'The kitchen is north of the office.' is not a qa1 fact"):
+        qa1_locations(["The kitchen is north of the office."])
+
+
+def test_task_batch_ask_all_labels_every_persons_location():
+    """ask_all: after the prompt's own answer, "Where is <person>?" for every other person of the story, each
+    answer labelled (aligned), the story's latest location of that person; without it one answer."""
+    from titans_lnn.evals.babilong import qa1_locations
+
+    rng_seed = 3
+    x, y = task_batch("babilong_qa1", 3, 500, 500, random.Random(rng_seed), ask_all=True, filler="none")
+    one_x, one_y = task_batch("babilong_qa1", 3, 500, 500, random.Random(rng_seed), filler="none")
+    for row_x, row_y, one in zip(x, y, one_y):
+        text = bytes(row_x.tolist()).decode()
+        story = text[text.index("counts.\n") + 8:text.index("\nQuestion:")]
+        where = qa1_locations(story.replace(". ", ".\n").splitlines())
+        asked = [line.removeprefix("Question: Where is ").removesuffix("?") for line in text.splitlines()
+                 if line.startswith("Question:")]
+        assert sorted(asked) == sorted(where)
+        labelled = bytes(row_y[row_y >= 0].tolist()).decode()
+        assert labelled == "".join(f" {where[p]}." for p in asked)
+        idx = (row_y >= 0).nonzero()[:, 0]
+        idx = idx[idx < len(row_x) - 1]
+        assert torch.equal(row_y[idx], row_x[idx + 1])
+        assert bytes(one[one >= 0].tolist()).decode() == f" {where[asked[0]]}."
+    with pytest.raises(ValueError, match="ask_all given for task 'babilong_qa2'"):
+        task_batch("babilong_qa2", 1, 900, 900, random.Random(0), ask_all=True)
+
+
+def test_train_passkey_fillers_stage_the_haystack(monkeypatch):
+    """fillers (("none", 0.25), ("noise", 0.5)) over 4 steps: no KJV at step 0, the noise sentences at step 1,
+    the KJV after; none given: KJV always."""
+    fillers: list = []
+    kw = dict(task="babilong_qa1", min_len=500, max_len=520, num_facts=(2, 2))
+    _tasks_trained(monkeypatch, 4, fillers, fillers=(("none", 0.25), ("noise", 0.5)), **kw)
+    assert fillers == ["none", "noise", "kjv", "kjv"]
+    plain: list = []
+    _tasks_trained(monkeypatch, 2, plain, **kw)
+    assert plain == ["kjv", "kjv"]
+    with pytest.raises(ValueError, match="fillers=\\(\\('none', 0.5\\),\\) is invalid for task 'passkey'"):
+        _tasks_trained(monkeypatch, 1, fillers=(("none", 0.5),))
