@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from titans_lnn.cli import main
-from titans_lnn.evals.genomics import GenomeReading, base_ids, evaluate_genomics, markov_comparison
+from titans_lnn.evals.genomics import GenomeReading, base_ids, evaluate_genomics
 from titans_lnn.evals.genomics import main as genomics_main
+from titans_lnn.evals.genomics_markov import markov_comparison
 from titans_lnn.evals.markov import MarkovModel, OnlineMixer, count_selector, mix_bits
 from titans_lnn.evals.runner import load_model
 from titans_lnn.tokenizers import NucleotideTokenizer

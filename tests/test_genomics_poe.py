@@ -8,13 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from titans_lnn.evals.genomics import (
-    GenomeReading,
-    comparison_markdown,
-    markov_comparison,
-    repeat_distance,
-    repeat_group,
-)
+from titans_lnn.evals.genomics import GenomeReading
+from titans_lnn.evals.genomics_markov import comparison_markdown, markov_comparison, repeat_distance, repeat_group
 from titans_lnn.evals.markov import MarkovModel, TrainedMixer, fit_poe, n_poe_selectors, poe_bits, poe_experts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*bases scored:UserWarning")
