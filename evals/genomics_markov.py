@@ -101,8 +101,8 @@ def markov_comparison(reading: GenomeReading, train: Sequence[np.ndarray], *, km
             t0 = time.perf_counter()
     if poe_fold is not None:
         t0 = time.perf_counter()
-        for name, bits in _poe_rows(reading, train, models, poe_fold, kmax):
-            rows.append(row(name, bits))
+        for name, bits, against in _poe_rows(reading, train, models, poe_fold, kmax, online_orders):
+            rows.append(row(name, bits, **({"against": against} if against else {})))
             t0 = time.perf_counter()
     total = max(int(common.sum()), 1)
     shares = [float((common & (seen == i)).sum() / total) for i in range(len(SEEN_GROUPS))]
@@ -173,9 +173,12 @@ def repeat_group(distance: np.ndarray) -> np.ndarray:
 
 
 def _poe_rows(reading: GenomeReading, train: Sequence[np.ndarray], models: list, fold: GenomeReading,
-              kmax: int) -> list[tuple[str, np.ndarray]]:
-    """The two trained product-of-experts rows of :func:`markov_comparison`: ``[(name, bits (N,)), ...]``."""
-    from titans_lnn.evals.markov import POE_KREF, POE_LONG, MarkovModel, fit_poe, poe_bits
+              kmax: int, online_orders: Sequence[int] = ()) -> list[tuple[str, np.ndarray, str | None]]:
+    """The trained product-of-experts rows of :func:`markov_comparison`: ``[(name, bits (N,), against), ...]``,
+    without and with the network; with ``online_orders`` a third: the network and tables of the genome being read
+    counted as it is read (on the fold: the fold's bases counted as read, the same procedure), ``against`` the
+    second."""
+    from titans_lnn.evals.markov import POE_KREF, POE_LONG, MarkovModel, fit_poe, online_table_logprobs, poe_bits
 
     n = len(fold.bases)
     if not train or n >= len(train[0]):
@@ -187,13 +190,19 @@ def _poe_rows(reading: GenomeReading, train: Sequence[np.ndarray], models: list,
     apart = [np.asarray(train[0])[n:], *train[1:]]  # every base but the fold's: the tables that predict the fold
     models_apart = [MarkovModel(k).fit(apart) for k in orders]
     full = list(models) + [MarkovModel(k).fit(train) for k in orders if k > kmax]
+    tables = f"Markov 1-{kmax}" + "".join(f", {k}" for k in orders[kmax:])
+    runs = [(f"{tables}: trained product of experts (no network)", None, None, None),
+            (f"network + {tables}: trained product of experts", fold.logp[:, None], reading.logp[:, None], None)]
+    if online_orders:
+        def read(r: GenomeReading) -> np.ndarray:  # (N, 1 + O, 4) the network, then the tables counted as read
+            return np.stack([r.logp, *(online_table_logprobs(r.bases, k)[0] for k in online_orders)], axis=1)
+
+        runs.append((f"network + {tables} + this genome's orders {', '.join(map(str, online_orders))} counted as "
+                     f"read: trained product of experts", read(fold), read(reading), runs[1][0]))
     out = []
-    for fold_extra, extra in ((None, None), (fold.logp[:, None], reading.logp[:, None])):
+    for name, fold_extra, extra, against in runs:
         mixer = fit_poe(models_apart, fold.bases, fold_extra, kref=kref)
-        tables = f"Markov 1-{kmax}" + "".join(f", {k}" for k in orders[kmax:])
-        name = (f"{tables}: trained product of experts (no network)" if fold_extra is None
-                else f"network + {tables}: trained product of experts")
-        out.append((name, poe_bits(mixer, full, reading.bases, extra, kref=kref)))
+        out.append((name, poe_bits(mixer, full, reading.bases, extra, kref=kref), against))
     return out
 
 
@@ -266,7 +275,9 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
               dict(color="C2", marker="^", linestyle="-."), dict(color="C1", marker="."),
               dict(color="C4", marker="v", linestyle=":"), dict(color="C5", marker="x"),
               dict(color="C6", marker="D"), dict(color="C7", marker="P"), dict(color="C8", marker="*"),
-              dict(color="C9", marker="h")]  # in main_rows' order
+              dict(color="C9", marker="h"), dict(color="k", marker="o", linestyle="--"),
+              dict(color="C0", marker="s", linestyle=":"), dict(color="C3", marker="^", linestyle=":"),
+              dict(color="C2", marker="v", linestyle="--")]  # in main_rows' order
     learners = [r for r in main_rows if r.get("against")]
     fig, axes = plt.subplots(1, 2 if learners else 1, figsize=(14 if learners else 7.5, 4.5), squeeze=False)
     ax = axes[0, 0]

@@ -162,7 +162,7 @@ def test_genomics_command_rows_for_dynamic_evaluation_and_tables_read(tmp_path, 
     argv = ["--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path / "test.fa"), "--train",
             str(tmp_path / "train.fa"), "--kmax", "6", "--out", str(tmp_path / "out"), "--no-progress",
             "--online-orders", "8,12", "--dynamic-eval", "0.003", "--dynamic-block", "64",
-            "--dynamic-cache", str(tmp_path / "dyn.npy")]
+            "--dynamic-cache", str(tmp_path / "dyn.npy"), "--poe-fit-bases", "1000"]
     assert genomics_main(argv) == 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {r["name"]: r for r in saved["rows"]}
@@ -171,13 +171,16 @@ def test_genomics_command_rows_for_dynamic_evaluation_and_tables_read(tmp_path, 
     assert rows[dyn]["against"] == "network alone (ours)"
     assert rows[f"{read}, mixed online (no network)"]["against"] == "Markov orders 1-6 mixed online (no network)"
     assert f"| {dyn} + {read}, mixed online |" in (tmp_path / "out" / "results.md").read_text()
+    poe = "network + Markov 1-6, 16, 20, 24: trained product of experts"
+    assert rows["network + Markov 1-6, 16, 20, 24 + this genome's orders 8, 12 counted as read: trained product of "
+                "experts"]["against"] == poe
     # the repeat's second copy: the tables of the genome read recall it, the fixed ones cannot
     assert rows[f"{read}, mixed online (no network)"]["bits"] < rows["Markov orders 1-6 mixed online (no network)"][
         "bits"]
     assert np.load(tmp_path / "dyn.npy").shape == (900, 4)
     assert (tmp_path / "out" / "bits.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
-    assert genomics_main(argv[:-2] + ["--max-tokens", "500", "--dynamic-cache", str(tmp_path / "dyn.npy")]) == 2
+    assert genomics_main(argv[:-4] + ["--max-tokens", "500", "--dynamic-cache", str(tmp_path / "dyn.npy")]) == 2
     assert "--dynamic-cache" in capsys.readouterr().err
 
 
