@@ -5,7 +5,9 @@ offset, max_grad_norm, stable) -> (y, weights, momentum, anchor)``:
 - ``naive.py``: ``memory_update_ref``, the per-token loop with autograd gradients (the specification,
   the tests' oracle), plus the memory MLP (``mlp_forward``), its curvature bound and the stable step;
 - ``chunked.py``: ``memory_update_chunked``, the chunk-parallel closed form in plain PyTorch (its loop over
-  whole chunks in ``chunk_loop.py`` for depth 1 and 2: no autograd recording, a hand-written backward);
+  whole chunks in ``chunk_loop.py`` for depth 1 and 2: no autograd recording, a hand-written backward; that
+  loop runs in C++, ``csrc/chunk_loop.cpp`` built on first use by ``cpp.py``, with the Python loop as its
+  reference and fallback: $TITANS_LNN_MEMORY_LOOP=cpp|python);
 - ``triton.py``: ``memory_update_triton``, the Triton kernel (imported only when dispatched to or
   imported by name, so that this package never imports Triton).
 

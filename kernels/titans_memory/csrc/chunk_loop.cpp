@@ -42,8 +42,8 @@ struct Inputs {
   int64_t N = 0;
 
   Inputs(const TensorMap& p) {
-    for (const auto& kv : p) {
-      if (kv.second.defined()) t[kv.first] = kv.second.transpose(0, 1).contiguous();
+    for (const auto& kv : p) {  // (den is for chunk_loop.py's _finish only)
+      if (kv.second.defined() && kv.first != "den") t[kv.first] = kv.second.transpose(0, 1).contiguous();
     }
     N = t.at("q").size(0);
   }
@@ -86,8 +86,8 @@ struct Saved {
 // The loop's saved intermediates, held by the Python autograd node between forward and backward.
 struct Tape {
   std::vector<Saved> chunks;
+  std::vector<Chunk> views;  // each chunk's inputs (views of ``inputs``), as the forward used them
   std::shared_ptr<Inputs> inputs;
-  Tensor kh;  // (G, L, Dk) of the final chunk, or undefined
 };
 
 // Fused elementwise passes. Each replaces a chain of small ATen ops (one dispatch and one allocation each, on
@@ -817,8 +817,8 @@ py::tuple forward(const TensorMap& p, const c10::optional<Tensor>& kh, std::vect
   if (keep) {
     tape = std::make_shared<Tape>();
     tape->chunks.resize(N);
+    tape->views.reserve(N);
     tape->inputs = inputs;
-    if (want_q) tape->kh = *kh;
   }
   std::vector<Tensor> ys, X_a = X;
   ys.reserve(N);
@@ -827,6 +827,7 @@ py::tuple forward(const TensorMap& p, const c10::optional<Tensor>& kh, std::vect
     const bool final = i == N - 1;
     Chunk c = inputs->chunk(i);
     if (final && want_q) c.kh = *kh;
+    if (keep) tape->views.push_back(c);
     X_a = X;
     ys.push_back(chunk_forward(c, X, max_grad_norm, stable, final && want_q ? &Q : nullptr,
                                keep ? &tape->chunks[i] : nullptr));
@@ -868,8 +869,7 @@ py::tuple backward(const std::shared_ptr<Tape>& tape, const Tensor& gy, std::vec
   Tensor g_q = stable && gQ.has_value() && gQ->defined() && gQ->numel() ? *gQ : Tensor();
   for (int64_t i = N - 1; i >= 0; --i) {
     const bool final = i == N - 1;
-    Chunk c = inputs.chunk(i);
-    if (final && stable) c.kh = tape->kh;
+    const Chunk& c = tape->views[i];
     gX = chunk_backward(c, tape->chunks[i], gyt.select(0, i), gX, final && c.kh.defined() ? g_q : Tensor(),
                         max_grad_norm, stable, kept[i]);
     if (final) {
@@ -878,6 +878,7 @@ py::tuple backward(const std::shared_ptr<Tape>& tape, const Tensor& gy, std::vec
       }
     }
     tape->chunks[i] = Saved();  // free the chunk's intermediates as soon as they are used
+    tape->views[i] = Chunk();
   }
   TensorMap stacked;
   py::object g_kh = py::none();
