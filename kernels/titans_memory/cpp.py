@@ -44,7 +44,7 @@ def load():
         from torch.utils import cpp_extension
 
         module = cpp_extension.load(name="titans_lnn_chunk_loop", sources=[str(SOURCE)],
-                                    extra_cflags=["-O3"], verbose=False)
+                                    extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
     except Exception as err:  # noqa: BLE001 (a compiler, linker or loader failure of any kind falls back)
         _state["error"] = f"{type(err).__name__}: {err}"
         warnings.warn(f"titans-lnn: the C++ chunk loop of the memory could not be built ({_state['error']}); "

@@ -147,6 +147,7 @@ AnchorRows anchor_rows(const Tensor& z, const Tensor& s, const Tensor& a, const 
       for (int64_t l = 0; l < L; ++l) {
         const int64_t row = g * L + l, base = row * K;
         scalar_t sx = 0, sd = 0;
+        _Pragma("omp simd reduction(+ : sx, sd)")
         for (int64_t j = 0; j < K; ++j) {
           const scalar_t d = ep[base + j] * lp[base + j];
           dp[base + j] = d;
@@ -160,6 +161,7 @@ AnchorRows anchor_rows(const Tensor& z, const Tensor& s, const Tensor& a, const 
                  *bend = ptr<scalar_t>(o.bend) + base, *eb = ptr<scalar_t>(o.eb) + base;
         const scalar_t* c = cp + g * K;
         scalar_t reach = 0, tsl = 0, teb = 0;
+        _Pragma("omp simd reduction(+ : reach) reduction(max : tsl, teb)")
         for (int64_t j = 0; j < K; ++j) {
           const scalar_t sl = lp[base + j], sv = sp[base + j], av = ap[base + j], zv = zp[base + j];
           const scalar_t q = sl * sl, sav = sv * av;
@@ -170,8 +172,8 @@ AnchorRows anchor_rows(const Tensor& z, const Tensor& s, const Tensor& a, const 
           bend[j] = bv;
           eb[j] = ebv;
           reach += q * c[j];
-          tsl = std::max(tsl, std::abs(sl));
-          teb = std::max(teb, std::abs(ebv));
+          tsl = std::abs(sl) > tsl ? std::abs(sl) : tsl;
+          teb = std::abs(ebv) > teb ? std::abs(ebv) : teb;
         }
         ptr<scalar_t>(o.reach)[row] = reach;
         ptr<scalar_t>(o.tsl)[row] = tsl;
@@ -332,6 +334,7 @@ Tensor mix_state_backward(const Tensor& mix, const Tensor& X, const Tensor& GX, 
       const scalar_t *g0 = ptr<scalar_t>(gc) + g * 2 * M, *g1 = g0 + M;
       scalar_t *o0 = ptr<scalar_t>(gX) + g * 2 * M, *o1 = o0 + M;
       scalar_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+      _Pragma("omp simd reduction(+ : s00, s01, s10, s11)")
       for (int64_t j = 0; j < M; ++j) {
         o0[j] = m[0] * g0[j] + m[2] * g1[j];
         o1[j] = m[1] * g0[j] + m[3] * g1[j];
@@ -629,6 +632,7 @@ AnchorGrads anchor_grads(const Saved& sv, const Tensor& ngd0, const KappaGrads* 
         const scalar_t tsl = ptr<scalar_t>(sv.tsl)[row], teb = ptr<scalar_t>(sv.teb)[row];
         const scalar_t g_rt = ptr<scalar_t>(kg->g_rt)[row], g_tsl = ptr<scalar_t>(kg->g_tsl)[row];
         int64_t n_sl = 0, n_eb = 0;
+        _Pragma("omp simd reduction(+ : n_sl, n_eb)")
         for (int64_t j = 0; j < K; ++j) {
           n_sl += std::abs(lp[base + j]) == tsl;
           n_eb += std::abs(eb[j]) == teb;
@@ -686,6 +690,7 @@ Tensor read_grads(const Tensor& g_hrbd, const Tensor& bd, const Tensor& hr, Tens
       const scalar_t b0 = bp[2 * row], b1 = bp[2 * row + 1];
       const scalar_t *g0 = gp + row * 2 * K, *g1 = g0 + K, *h = hp + row * K;
       scalar_t s0 = 0, s1 = 0;
+      _Pragma("omp simd reduction(+ : s0, s1)")
       for (int64_t j = 0; j < K; ++j) {
         o[row * K + j] = g0[j] * b0 + g1[j] * b1;
         s0 += g0[j] * h[j];
