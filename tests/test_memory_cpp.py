@@ -4,6 +4,7 @@ $TITANS_LNN_MEMORY_LOOP; the fallback to Python (no build, CUDA, bf16) with one 
 the wheel. (test_memory_speed.py checks both loops against autograd through ``chunked._chunk``.)"""
 
 import pathlib
+import re
 import warnings
 
 import pytest
@@ -125,13 +126,16 @@ def test_failed_build_falls_back_to_python_with_one_warning(monkeypatch, close):
             close(b, a, 1e-14, f"grad of input {i}")
 
 
-def test_the_cpp_source_ships_in_the_wheel():
-    """csrc/chunk_loop.cpp is built on first use from the installed package: pyproject's package-data must
-    put it in the wheel (a .cpp is not a Python file, so setuptools leaves it out otherwise)."""
+def test_the_cpp_sources_ship_in_the_wheel():
+    """csrc/ (chunk_loop.cpp and the headers it includes) is built on first use from the installed package:
+    pyproject's package-data must put every file of it in the wheel (setuptools ships only Python files
+    otherwise)."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     package = "titans_lnn.kernels.titans_memory"
     folder = ROOT / cfg["package-dir"]["titans_lnn.kernels"] / "titans_memory"
     assert cpp.SOURCE == folder / "csrc" / "chunk_loop.cpp" and cpp.SOURCE.is_file()
+    included = set(re.findall(r'#include "([^"]+)"', cpp.SOURCE.read_text()))
+    assert included and all((cpp.CSRC / name).is_file() for name in included), included
     patterns = cfg.get("package-data", {}).get(package, [])
     shipped = {p for pattern in patterns for p in folder.glob(pattern)}
-    assert cpp.SOURCE in shipped, (patterns, sorted(shipped))
+    assert set(cpp.CSRC.iterdir()) <= shipped, (patterns, sorted(shipped))

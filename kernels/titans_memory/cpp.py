@@ -1,11 +1,12 @@
 """The C++ build of the memory's chunk loop (``csrc/chunk_loop.cpp``) and the switch that picks it.
 
 ``chunk_loop.py`` runs its loop over chunks either in Python (the reference, and the fallback) or in one
-call of the C++ extension, which does the same ATen ops per chunk without the interpreter and the autograd
-dispatch between them (issue 12: per-op overhead is the memory's cost on a CPU). The extension is built on
-first use with ``torch.utils.cpp_extension.load`` (g++ and ninja) into torch's extension cache
-($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): about a minute once, then a load of the cached
-library. Importing this module builds nothing.
+call of the C++ extension: the same matmuls per chunk through ATen, without the interpreter and the autograd
+dispatch between them, and the elementwise chains between them fused into loops (issue 12: per-op overhead
+is the memory's cost on a CPU). The extension is built on first use with ``torch.utils.cpp_extension.load``
+(g++ and ninja) into torch's extension cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions):
+~50 s of one core once, then ~0.3 s per process to load the cached library. Importing this module builds
+nothing.
 
 $TITANS_LNN_MEMORY_LOOP (read at each call): "cpp" (default) runs the C++ loop on CPU tensors of fp32 or fp64
 when the extension builds, and the Python loop otherwise (CUDA tensors, bf16, or a failed build, which warns
@@ -14,6 +15,7 @@ once with the reason); "python" always runs the Python loop.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import warnings
@@ -22,7 +24,8 @@ import torch
 
 LOOP_ENV = "TITANS_LNN_MEMORY_LOOP"
 LOOPS = ("cpp", "python")
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "chunk_loop.cpp"
+CSRC = pathlib.Path(__file__).parent / "csrc"
+SOURCE = CSRC / "chunk_loop.cpp"  # includes the headers chunk_fused*.h beside it
 _DTYPES = (torch.float32, torch.float64)
 _state: dict = {}  # "module": the loaded extension, or "error": why it could not be built (after one try)
 
@@ -43,8 +46,8 @@ def load():
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(name="titans_lnn_chunk_loop", sources=[str(SOURCE)],
-                                    extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+        module = cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"],
+                                    verbose=False)
     except Exception as err:  # noqa: BLE001 (a compiler, linker or loader failure of any kind falls back)
         _state["error"] = f"{type(err).__name__}: {err}"
         warnings.warn(f"titans-lnn: the C++ chunk loop of the memory could not be built ({_state['error']}); "
@@ -53,6 +56,15 @@ def load():
         return None
     _state["module"] = module
     return module
+
+
+def _name() -> str:
+    """The extension's name, with a digest of every file in csrc/: torch rebuilds when the .cpp changes but not
+    when only a header does, and a per-version name also keeps two versions of the package apart in the cache."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.[ch]*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"titans_lnn_chunk_loop_{digest.hexdigest()[:12]}"
 
 
 def build_error() -> str | None:
