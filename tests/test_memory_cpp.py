@@ -99,6 +99,22 @@ def test_loop_flag_picks_and_checks(cpp_loop, monkeypatch):
         cpp.module_for(x)
 
 
+def test_mixed_dtypes_take_the_python_loop(cpp_loop, monkeypatch, close):
+    """Gates in fp32 beside fp64 inputs: the Python loop promotes them; the C++ loop is skipped, not failed."""
+    tensors, n = _inputs(20, 2, stable=True, seed=6)
+    mixed = [t.detach().float().requires_grad_() if i == 3 else t for i, t in enumerate(tensors)]  # theta fp32
+    monkeypatch.setenv(cpp.LOOP_ENV, "python")
+    ref = _run(mixed, n, 8, 0, max_grad_norm=0.5, stable=True)
+    g_ref = _grads(ref, mixed)
+    monkeypatch.setenv(cpp.LOOP_ENV, "cpp")
+    got = _run(mixed, n, 8, 0, max_grad_norm=0.5, stable=True)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        close(b, a, 1e-14, f"output {i}")
+    for i, (a, b) in enumerate(zip(g_ref, _grads(got, mixed))):
+        if a is not None:
+            close(b, a, 1e-14, f"grad of input {i}")
+
+
 def test_failed_build_falls_back_to_python_with_one_warning(monkeypatch, close):
     """A build that fails (no compiler, say) warns once, naming why, and the Python loop gives the results."""
     tensors, n = _inputs(21, 2, stable=True, seed=4)

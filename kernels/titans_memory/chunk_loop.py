@@ -378,7 +378,7 @@ class ChunkLoop(torch.autograd.Function):
         f = dict(zip(FIELDS, tensors[:len(FIELDS)]))
         W, S = list(tensors[len(FIELDS):len(FIELDS) + n]), list(tensors[len(FIELDS) + n:])
         p = prepare(f, last, n, stable)
-        ext = cpp.module_for(f["q"])
+        ext = _extension([*tensors[:len(FIELDS)], *W, *S])
         with _no_gc():
             if ext is not None:
                 y, X, X_a, Q, ctx.tape, sv = ext.forward(p, _final_kh(f["kh"], stable), _to_state(W, S),
@@ -416,6 +416,15 @@ class ChunkLoop(torch.autograd.Function):
             g = _finish(f, p, ctx.sv, st, g_kh, gy, n, last, stable, needs)
         ctx.saved = ctx.tape = ctx.sv = ctx.ext = None
         return (None, *(g.get(key) for key in FIELDS), *(x[:, 0].mT for x in gX), *(x[:, 1].mT for x in gX))
+
+
+def _extension(tensors):
+    """The C++ loop (``cpp.module_for``) for these tensors (None entries skipped), or None for the Python loop;
+    also None when their dtypes differ (the Python loop promotes them, the C++ loop's fused passes cannot)."""
+    q = tensors[0]
+    if any(t is not None and t.dtype != q.dtype for t in tensors):
+        return None
+    return cpp.module_for(q)
 
 
 def _final_kh(kh, stable):
@@ -479,7 +488,7 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
         y, W, S, A = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n])
         return y, W, S, A, (out[-1] if stable else None)
     p = prepare(fields, last, n, stable)
-    ext = cpp.module_for(fields["q"])
+    ext = _extension([*tensors, *W, *S])
     with _no_gc():
         if ext is not None:
             y, X, X_a, Q, _, _ = ext.forward(p, _final_kh(fields["kh"], stable), _to_state(W, S), max_grad_norm,
