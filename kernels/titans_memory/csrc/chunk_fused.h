@@ -29,7 +29,7 @@ inline Tensor mT(const Tensor& t) { return t.transpose(-2, -1); }
 // The per-chunk inputs: views of (N, G, L, ...) tensors at chunk i.
 struct Chunk {
   Tensor q, k, theta, qk, bd, xsq0, r0, qbd, dd2, dl2, mix;
-  Tensor den, tw, ov, knorm, kh;  // stable only (knorm: depth 2; kh: the final chunk, when Q is wanted)
+  Tensor tw, ov, knorm, kh;  // stable only (knorm: depth 2; kh: the final chunk, when Q is wanted)
 };
 
 // What ``chunk_backward`` needs from a chunk's forward (``chunk_forward``'s dict sv).
