@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,13 +280,13 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
               dict(color="C0", marker="s", linestyle=":"), dict(color="C3", marker="^", linestyle=":"),
               dict(color="C2", marker="v", linestyle="--")]  # in main_rows' order
     learners = [r for r in main_rows if r.get("against")]
-    fig, axes = plt.subplots(1, 2 if learners else 1, figsize=(14 if learners else 7.5, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if learners else 1, figsize=(15 if learners else 7.5, 8.5), squeeze=False)
     ax = axes[0, 0]
     for r, style in zip(main_rows, styles):
         bins = [b for b in r["bins"] if b["bits"] is not None]
         xs = [math.sqrt(max(b["start"], 1) * b["end"]) for b in bins]  # geometric middle of the bin
         label = r["name"] + (" (the best Markov row, fitted on the training genome)" if "k" in r else "")
-        ax.plot(xs, [b["bits"] for b in bins], label=label, **style)
+        ax.plot(xs, [b["bits"] for b in bins], label=textwrap.fill(label, 90), **style)
     ax.text(0.01, 0.01, f"Markov rows read only the last {comparison['kmax']} bases: their changes from bin to bin "
             "are regions of the genome\n(e.g. stretches shared with the training strain), not context; "
             "only the network reads all that comes before.", transform=ax.transAxes, fontsize=6.5, va="bottom")
@@ -295,11 +296,11 @@ def comparison_plot(comparison: dict, path: str | os.PathLike, title: str) -> Pa
     ax.set_ylabel("bits per base")
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left")
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: the lines stay visible
     if learners:
         _gain_panel(axes[0, 1], learners, {r["name"]: r for r in main_rows},
                     {r["name"]: st for r, st in zip(main_rows, styles)})
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06 if learners else 0.1, right=0.98, top=0.93, bottom=0.42, wspace=0.2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -313,12 +314,12 @@ def _gain_panel(ax, learners: list[dict], by_name: dict, styles: dict) -> None:
         base = by_name[r["against"]]
         pairs = [(b, a) for b, a in zip(r["bins"], base["bins"]) if b["bits"] is not None and a["bits"] is not None]
         xs = [math.sqrt(max(b["start"], 1) * b["end"]) for b, _ in pairs]
-        ax.plot(xs, [a["bits"] - b["bits"] for b, a in pairs], label=f"{r['name']}\n  vs {r['against']}",
-                **styles[r["name"]])
+        label = textwrap.fill(f"{r['name']}, against {r['against']}", 90)
+        ax.plot(xs, [a["bits"] - b["bits"] for b, a in pairs], label=label, **styles[r["name"]])
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("context read (bases)")
     ax.set_ylabel("bits per base saved (same bases)")
     ax.set_title("what learning while reading buys, by context read", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.12))
