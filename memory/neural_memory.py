@@ -41,8 +41,105 @@ import torch.nn.functional as F
 
 from titans_lnn.kernels import memory_update
 from titans_lnn.kernels.titans_memory import mlp_forward
-from titans_lnn.layers import CausalConv, OwnInit, RMSNorm, residual_output
+from titans_lnn.kernels.titans_memory.chunked import unit_rows
+from titans_lnn.layers import CausalConv, OwnInit, RMSNorm, causal_conv, residual_output
 from titans_lnn.state import MemoryState
+
+
+def _conv_forward(x, state, weight, bias):
+    """``layers.causal_conv`` on xx = [state, x] (the same values; the K shifted products in place after the
+    first). x: (B, T, D), state: (B, K-1, D), weight: (D, 1, K), bias: (D,) -> (y (B, T, D), xx)."""
+    K, T = weight.shape[-1], x.shape[1]
+    xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
+    if T <= 32:
+        return causal_conv(xx, weight, bias), xx
+    wt = weight[:, 0].t()  # (K, D)
+    y = torch.addcmul(bias, xx[:, :T], wt[0])
+    for j in range(1, K):
+        y.addcmul_(xx[:, j:j + T], wt[j])
+    return y, xx
+
+
+def _conv(x, state, weight, bias):
+    """``_DepthwiseConv`` where a gradient is wanted, else its forward alone: (y, the new state)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, state, weight, bias)):
+        return _DepthwiseConv.apply(x, state, weight, bias)
+    y, xx = _conv_forward(x, state, weight, bias)
+    return y, xx[:, x.shape[1]:].clone()
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """``layers.causal_conv`` on [state, x] (the same values) with a hand-written backward, for the memory's
+    q, k and v convolutions run as one (3 dim channels). Autograd's backward of the K addcmuls costs 6 K ops
+    on the whole tensor plus K zero-filled slice gradients; this one takes one buffer for the input's
+    gradient and 2 K + 1 ops. x: (B, T, D), state: (B, K-1, D) (the K-1 earlier inputs), weight: (D, 1, K),
+    bias: (D,) -> (y (B, T, D), the new state: the last K-1 inputs (B, K-1, D), a copy)."""
+
+    @staticmethod
+    def forward(ctx, x, state, weight, bias):
+        y, xx = _conv_forward(x, state, weight, bias)
+        ctx.save_for_backward(xx, weight)
+        ctx.state_dtype = state.dtype
+        return y, xx[:, x.shape[1]:].clone()
+
+    @staticmethod
+    def backward(ctx, gy, g_state):
+        xx, weight = ctx.saved_tensors
+        K, T = weight.shape[-1], gy.shape[1]
+        wt = weight[:, 0].t()  # (K, D)
+        gxx = torch.empty_like(xx)  # row s gets sum_j gy[s - j] w_j
+        torch.mul(gy, wt[K - 1], out=gxx[:, K - 1:])
+        gxx[:, :K - 1].zero_()
+        for j in range(K - 1):
+            gxx[:, j:j + T].addcmul_(gy, wt[j])
+        if g_state is not None:
+            gxx[:, T:] += g_state
+        gw = torch.empty_like(wt)  # (K, D): sum over (b, t) of gy[b, t] xx[b, t + j]
+        prod = torch.empty_like(gy)
+        for j in range(K):
+            torch.sum(torch.mul(gy, xx[:, j:j + T], out=prod), dim=(0, 1), out=gw[j])
+        g_x = gxx[:, K - 1:]
+        g_s = gxx[:, :K - 1].to(ctx.state_dtype) if ctx.needs_input_grad[1] else None
+        return g_x, g_s, gw.t()[:, None], gy.sum((0, 1))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``RMSNorm`` for float32/64 (the same values: x rsqrt(mean(x^2) + eps) g) with a hand-written backward
+    (6 ops on the whole tensor where autograd takes about 10). x: (..., D), weight: (D,); ``empty``: makes
+    the uninitialised output of x's shape (any strides: a transposed one saves a copy later)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, empty):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        xhat = x * r
+        ctx.save_for_backward(xhat, r, weight)
+        return torch.mul(xhat, weight, out=empty())
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, weight = ctx.saved_tensors
+        gw = (g * xhat).sum(tuple(range(g.dim() - 1)))
+        gh = g * weight
+        dot = (gh * xhat).mean(-1, keepdim=True)  # (..., 1)
+        return torch.addcmul(gh, xhat, dot, value=-1).mul_(r), gw, None, None
+
+
+def _rms_norm(norm: RMSNorm, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``norm(x)`` through ``_RMSNorm`` for float32/64 x and weight of one dtype (other dtypes through the
+    module). ``transposed``: x is (B, H, T, d) and the result a (B, H, T, d) view of a (B, T, H, d) tensor."""
+    if x.dtype not in (torch.float32, torch.float64) or norm.weight.dtype != x.dtype:
+        return norm(x)
+
+    def empty():
+        if transposed:
+            B, H, T, d = x.shape
+            return torch.empty(B, T, H, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        return _RMSNorm.apply(x, norm.weight, norm.eps, empty)
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return torch.mul(x * r, norm.weight, out=empty())
 
 
 class NeuralMemory(OwnInit, nn.Module):
@@ -141,20 +238,24 @@ class NeuralMemory(OwnInit, nn.Module):
         return x.view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, d)
 
     def _project(self, x: torch.Tensor, state: MemoryState):
-        q, k, v = self.wqkv(self.norm_in(x)).chunk(3, dim=-1)
-        outs, convs = [], []
-        for conv, t, c in zip(self.convs, (q, k, v), (state.conv_q, state.conv_k, state.conv_v)):
-            t, c = conv(t, c)
-            outs.append(self._split(F.silu(t)))
-            convs.append(c)
-        q, k, v = outs
+        """q, k (unit rows) and v, (B, H, T, d) each, and the convolutions' new states: the three
+        projections as one matmul, the three convolutions as one of 3 dim channels (their weights joined
+        at call time; the parameters stay separate), one silu."""
+        weight = torch.cat([c.conv.weight for c in self.convs])  # (3 dim, 1, K)
+        bias = torch.cat([c.conv.bias for c in self.convs])
+        conv_state = torch.cat([state.conv_q, state.conv_k, state.conv_v], dim=-1)  # (B, K-1, 3 dim)
+        qkv = self.wqkv(_rms_norm(self.norm_in, x))  # (B, T, 3 dim)
+        qkv, conv_state = _conv(qkv, conv_state, weight, bias)
+        q, k, v = (self._split(t) for t in F.silu(qkv).split(self.dim, dim=-1))
+        convs = list(conv_state.split(self.dim, dim=-1))
         self._k_context = k.transpose(1, 2).flatten(2)  # (B, T, dim): silu(conv(x W_K)), before normalising
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, convs
+        return unit_rows(q), unit_rows(k), v, convs
 
     def _output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """W_O(norm(y) * gate): y (B, H, T, d) what the memory returned, gate sigmoid(x W_G) (B, T, dim)."""
+        """W_O(norm(y) * gate): y (B, H, T, d) what the memory returned, gate sigmoid(x W_G) (B, T, dim).
+        The norm writes straight into the (B, T, H, d) layout that W_O reads (no transpose copy)."""
         B, H, T, d = y.shape
-        y = self.norm(y.to(gate.dtype)).transpose(1, 2).reshape(B, T, H * d)
+        y = _rms_norm(self.norm, y.to(gate.dtype), transposed=True).transpose(1, 2).reshape(B, T, H * d)
         return self.wo(y * gate)
 
     def gate_values(self, s_theta: torch.Tensor, s_eta: torch.Tensor, s_alpha: torch.Tensor):
