@@ -120,9 +120,10 @@ def add_dynamic_arguments(p: argparse.ArgumentParser) -> None:
     from titans_lnn.cli import integer, number
 
     p.add_argument("--dynamic-eval", type=number(0, math.inf, open_hi=True), metavar="LR",
-                   help="also read the genome with dynamic evaluation: after each block is scored, one optimiser "
-                        "step of this learning rate on it (e.g. 3e-5 with adam); no base is predicted by weights "
-                        "that saw it")
+                   help="read the genome with dynamic evaluation: after each block is scored, one optimiser step "
+                        "of this learning rate on it (e.g. 3e-5 with adam), so no base is predicted by weights that "
+                        "saw it (titans-lnn eval genomics: the figures reported; python -m titans_lnn.evals.genomics: "
+                        "more rows beside the plain network's)")
     p.add_argument("--dynamic-block", type=integer(2), default=512, help="bases per dynamic-evaluation step "
                                                                          "(default: 512)")
     p.add_argument("--dynamic-optimizer", choices=OPTIMIZERS, default="adam",
