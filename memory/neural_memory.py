@@ -60,33 +60,58 @@ def _conv_forward(x, state, weight, bias):
     return y, xx
 
 
-def _conv(x, state, weight, bias):
-    """``_DepthwiseConv`` where a gradient is wanted, else its forward alone: (y, the new state)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, state, weight, bias)):
-        return _DepthwiseConv.apply(x, state, weight, bias)
+def _conv_silu_heads(x, state, weight, bias, heads):
+    """silu(``_conv_forward``) split in three and in heads: x (B, T, 3 D) -> (y (B, T, 3 D) before the silu,
+    xx, out (3, B, heads, T, D / heads) contiguous: q, k, v each a contiguous (B, H, T, d))."""
     y, xx = _conv_forward(x, state, weight, bias)
-    return y, xx[:, x.shape[1]:].clone()
+    B, T, C = y.shape
+    out = torch.empty(3, B, heads, T, C // (3 * heads), dtype=y.dtype, device=y.device)
+    torch.ops.aten.silu.out(_heads_view(y, heads), out=out)
+    return y, xx, out
 
 
-class _DepthwiseConv(torch.autograd.Function):
-    """``layers.causal_conv`` on [state, x] (the same values) with a hand-written backward, for the memory's
-    q, k and v convolutions run as one (3 dim channels). Autograd's backward of the K addcmuls costs 6 K ops
-    on the whole tensor plus K zero-filled slice gradients; this one takes one buffer for the input's
-    gradient and 2 K + 1 ops. x: (B, T, D), state: (B, K-1, D) (the K-1 earlier inputs), weight: (D, 1, K),
-    bias: (D,) -> (y (B, T, D), the new state: the last K-1 inputs (B, K-1, D), a copy)."""
+def _heads_view(t, heads):
+    """(B, T, 3 D) -> the (3, B, heads, T, D / heads) view of it."""
+    B, T, C = t.shape
+    return t.view(B, T, 3, heads, C // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+def _qkv_conv(x, state, weight, bias, heads):
+    """q, k, v = silu(causal conv of [state, x]) in heads, (B, H, T, d) each, and the new state (B, K-1, 3 D):
+    ``_QKVConv`` where a gradient is wanted, else its forward alone."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, state, weight, bias)):
+        return _QKVConv.apply(x, state, weight, bias, heads)
+    _, xx, out = _conv_silu_heads(x, state, weight, bias, heads)
+    return (*out.unbind(0), xx[:, x.shape[1]:].clone())
+
+
+class _QKVConv(torch.autograd.Function):
+    """The memory's q, k and v convolutions run as one (3 D channels: ``layers.causal_conv`` on [state, x],
+    the same values), their silu, and the split into q, k, v in heads, with a hand-written backward.
+    Autograd's backward of these costs ~6 K ops on the whole tensor plus K zero-filled slice gradients, a
+    concatenation of the three gradients and their transposes out of the head layout; this one writes silu's
+    gradient straight into one buffer and takes 2 K + 2 more ops. x: (B, T, 3 D), state: (B, K-1, 3 D) (the
+    K-1 earlier inputs), weight: (3 D, 1, K), bias: (3 D,) -> q, k, v (B, heads, T, D / heads) contiguous,
+    and the new state: the last K-1 inputs (B, K-1, 3 D), a copy."""
 
     @staticmethod
-    def forward(ctx, x, state, weight, bias):
-        y, xx = _conv_forward(x, state, weight, bias)
-        ctx.save_for_backward(xx, weight)
-        ctx.state_dtype = state.dtype
-        return y, xx[:, x.shape[1]:].clone()
+    def forward(ctx, x, state, weight, bias, heads):
+        y, xx, out = _conv_silu_heads(x, state, weight, bias, heads)
+        ctx.save_for_backward(xx, weight, y)
+        ctx.heads, ctx.state_dtype = heads, state.dtype
+        return (*out.unbind(0), xx[:, x.shape[1]:].clone())
 
     @staticmethod
-    def backward(ctx, gy, g_state):
-        xx, weight = ctx.saved_tensors
-        K, T = weight.shape[-1], gy.shape[1]
-        wt = weight[:, 0].t()  # (K, D)
+    def backward(ctx, gq, gk, gv, g_state):
+        xx, weight, y = ctx.saved_tensors
+        K, T = weight.shape[-1], y.shape[1]
+        gy = torch.empty_like(y)  # the gradient of the convolution's output, through silu
+        for g, gpart, ypart in zip((gq, gk, gv), _heads_view(gy, ctx.heads), _heads_view(y, ctx.heads)):
+            if g is None:
+                gpart.zero_()
+            else:
+                torch.ops.aten.silu_backward.grad_input(g, ypart, grad_input=gpart)
+        wt = weight[:, 0].t()  # (K, 3 D)
         gxx = torch.empty_like(xx)  # row s gets sum_j gy[s - j] w_j
         torch.mul(gy, wt[K - 1], out=gxx[:, K - 1:])
         gxx[:, :K - 1].zero_()
@@ -94,13 +119,13 @@ class _DepthwiseConv(torch.autograd.Function):
             gxx[:, j:j + T].addcmul_(gy, wt[j])
         if g_state is not None:
             gxx[:, T:] += g_state
-        gw = torch.empty_like(wt)  # (K, D): sum over (b, t) of gy[b, t] xx[b, t + j]
+        gw = torch.empty_like(wt)  # (K, 3 D): sum over (b, t) of gy[b, t] xx[b, t + j]
         prod = torch.empty_like(gy)
         for j in range(K):
             torch.sum(torch.mul(gy, xx[:, j:j + T], out=prod), dim=(0, 1), out=gw[j])
         g_x = gxx[:, K - 1:]
         g_s = gxx[:, :K - 1].to(ctx.state_dtype) if ctx.needs_input_grad[1] else None
-        return g_x, g_s, gw.t()[:, None], gy.sum((0, 1))
+        return g_x, g_s, gw.t()[:, None], gy.sum((0, 1)), None
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -239,16 +264,15 @@ class NeuralMemory(OwnInit, nn.Module):
 
     def _project(self, x: torch.Tensor, state: MemoryState):
         """q, k (unit rows) and v, (B, H, T, d) each, and the convolutions' new states: the three
-        projections as one matmul, the three convolutions as one of 3 dim channels (their weights joined
-        at call time; the parameters stay separate), one silu."""
+        projections as one matmul, the three convolutions and their silu as one op of 3 dim channels (their
+        weights joined at call time; the parameters stay separate)."""
         weight = torch.cat([c.conv.weight for c in self.convs])  # (3 dim, 1, K)
         bias = torch.cat([c.conv.bias for c in self.convs])
         conv_state = torch.cat([state.conv_q, state.conv_k, state.conv_v], dim=-1)  # (B, K-1, 3 dim)
-        qkv = self.wqkv(_rms_norm(self.norm_in, x))  # (B, T, 3 dim)
-        qkv, conv_state = _conv(qkv, conv_state, weight, bias)
-        q, k, v = (self._split(t) for t in F.silu(qkv).split(self.dim, dim=-1))
+        q, k, v, conv_state = _qkv_conv(self.wqkv(_rms_norm(self.norm_in, x)), conv_state, weight, bias, self.heads)
         convs = list(conv_state.split(self.dim, dim=-1))
-        self._k_context = k.transpose(1, 2).flatten(2)  # (B, T, dim): silu(conv(x W_K)), before normalising
+        # (B, T, dim): silu(conv(x W_K)), before normalising, what gate_context's gates read (a copy: only then)
+        self._k_context = k.transpose(1, 2).flatten(2) if self.gate_context else None
         return unit_rows(q), unit_rows(k), v, convs
 
     def _output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
