@@ -276,7 +276,7 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
         if len(W) <= 2 and _hand_backward() and _chunk_fn() is _chunk:  # chunk_loop.py's loop
             y, W, S, A, spent = _run_loop(inputs, coeffs, W, S, last, max_grad_norm, stable)
             ys.append(y[:, :, :rest])
-            return torch.cat(ys, dim=2), tuple(W), tuple(S), join_anchor(A, spent)
+            return _join(ys), tuple(W), tuple(S), join_anchor(A, spent)
         per_chunk = [None if t is None else t.unbind(2) for t in inputs]
         coeffs = [t.unbind(2) for t in coeffs]
         chunk = _chunk_fn()
@@ -286,7 +286,12 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
             y, W, S, spent = chunk(x, tuple(t[c] for t in coeffs), W, S, A, C - 1 if c < N - 1 else last,
                                    max_grad_norm, None, stable and c == N - 1)
             ys.append(y if c < N - 1 else y[:, :, :last + 1])
-    return torch.cat(ys, dim=2), tuple(W), tuple(S), join_anchor(A, spent)
+    return _join(ys), tuple(W), tuple(S), join_anchor(A, spent)
+
+
+def _join(ys: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces of y (B, H, T_i, Dv) in order along time: a lone piece as it is (no copy)."""
+    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
 
 
 def _run_loop(inputs: _Chunk, coeffs, W, S, last, max_grad_norm, stable):
