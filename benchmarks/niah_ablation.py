@@ -7,6 +7,8 @@
     python benchmarks/niah_ablation.py --load /tmp/old --lengths 4096 --readout 4k,256k --eval-threshold 0.2
     python benchmarks/niah_ablation.py --train penalty_margin=0.05 --lengths 1024,4096 --samples 30 --json /tmp/m.json
     python benchmarks/niah_ablation.py --task niah_single_2 --init /tmp/niah-h1/hybrid/model --steps 400
+    python benchmarks/niah_ablation.py --task babilong_qa1 --steps 700 --lengths 1024,16384 --samples 20 \
+        --set conv_kernel=24 --train 'fillers=[["none", 0.25], ["noise", 0.55]]'
 
 It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL`` with the ``--set`` overrides) for
 ``--steps`` steps on ``--task`` with ``train_passkey`` (``NIAH_TRAIN``, then the task's recipe
