@@ -98,7 +98,7 @@ class _QKVConv(torch.autograd.Function):
     def forward(ctx, x, state, weight, bias, heads):
         y, xx, out = _conv_silu_heads(x, state, weight, bias, heads)
         ctx.save_for_backward(xx, weight, y)
-        ctx.heads, ctx.state_dtype = heads, state.dtype
+        ctx.heads, ctx.dtypes = heads, (x.dtype, state.dtype, weight.dtype, bias.dtype)
         ctx.set_materialize_grads(False)  # an output that the loss does not read gets None, not zeros
         return (*out.unbind(0), xx[:, x.shape[1]:].clone())
 
@@ -113,20 +113,21 @@ class _QKVConv(torch.autograd.Function):
             else:
                 torch.ops.aten.silu_backward.grad_input(g, ypart, grad_input=gpart)
         wt = weight[:, 0].t()  # (K, 3 D)
-        gxx = torch.empty_like(xx)  # row s gets sum_j gy[s - j] w_j
+        # In gy's dtype (y's: x, state and the weights promoted), each gradient cast to its input's at the end.
+        gxx = torch.empty(xx.shape, dtype=gy.dtype, device=gy.device)  # row s gets sum_j gy[s - j] w_j
         torch.mul(gy, wt[K - 1], out=gxx[:, K - 1:])
         gxx[:, :K - 1].zero_()
         for j in range(K - 1):
             gxx[:, j:j + T].addcmul_(gy, wt[j])
         if g_state is not None:
             gxx[:, T:] += g_state
-        gw = torch.empty_like(wt)  # (K, 3 D): sum over (b, t) of gy[b, t] xx[b, t + j]
+        gw = torch.empty(wt.shape, dtype=gy.dtype, device=gy.device)  # (K, 3 D): sum_(b, t) gy[b, t] xx[b, t + j]
         prod = torch.empty_like(gy)
         for j in range(K):
             torch.sum(torch.mul(gy, xx[:, j:j + T], out=prod), dim=(0, 1), out=gw[j])
-        g_x = gxx[:, K - 1:]
-        g_s = gxx[:, :K - 1].to(ctx.state_dtype) if ctx.needs_input_grad[1] else None
-        return g_x, g_s, gw.t()[:, None], gy.sum((0, 1)), None
+        x_dtype, state_dtype, w_dtype, b_dtype = ctx.dtypes
+        g_s = gxx[:, :K - 1].to(state_dtype) if ctx.needs_input_grad[1] else None
+        return gxx[:, K - 1:].to(x_dtype), g_s, gw.t()[:, None].to(w_dtype), gy.sum((0, 1)).to(b_dtype), None
 
 
 class _RMSNorm(torch.autograd.Function):
