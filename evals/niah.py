@@ -126,7 +126,7 @@ def _train_job(name: str, variant: str, task: str, steps: int, warm_start: int, 
     """One model's training: returns its metadata (the model goes to ``model_dir``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = TitansLNN(niah_config(variant, match))
+    model = TitansLNN(niah_config(variant, match, recipe_for(task).model))
     t0 = time.perf_counter()
     report = (lambda step: progress.__setitem__(name, step)) if progress is not None else None
     losses = train_task(model, task, steps, warm_start=warm_start, seed=seed, on_step=report)
@@ -362,9 +362,12 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.seed} * 10^6 + 1000 * length index + sample (training seeds >= 2^31).\n")
     if args.task != "passkey":
         warm = f", after {args.warm_start} steps of the pass key's recipe" if args.warm_start else ""
-        summary += (f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}{warm}.\n")
+        model = f"; model fields {recipe.model} (replacing the preset's)" if recipe.model else ""
+        summary += (f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}{warm}"
+                    f"{model}.\n")
     (out / "summary.md").write_text(summary)
-    summary_path.write_text(json.dumps({"meta": meta, "wall_s": wall, "model": NIAH_MODEL, "task": args.task},
+    summary_path.write_text(json.dumps({"meta": meta, "wall_s": wall, "model": {**NIAH_MODEL, **recipe.model},
+                                        "task": args.task},
                                        indent=2))
     print(summary)
     print(f"outputs: {out.resolve()} (summary.md, hybrid/ and baseline/ with results.json, results.md, heatmap.png)")

@@ -44,7 +44,9 @@ class TaskRecipe:
     ``train`` holds :func:`~titans_lnn.evals.niah_train.train_passkey` keywords that replace the
     pass key's (``NIAH_TRAIN`` and the function's defaults: ``min_len``, ``max_len``, ``long_len``,
     ``batch_size``, ...); ``note`` says how the recipe was chosen (printed in the summary);
-    ``warm_start`` pass-key steps come first (:func:`train_task`).
+    ``warm_start`` pass-key steps come first (:func:`train_task`); ``model`` holds fields of the
+    main job's model config (``NIAH_MODEL``, the preset "niah") that this task's models (both sides)
+    replace, e.g. ``dict(conv_kernel=24)`` (a warm start then trains the pass key on that model too).
     """
 
     steps: int  # training steps of each model on the task
@@ -54,6 +56,7 @@ class TaskRecipe:
     train: dict = field(default_factory=dict)
     note: str = ""
     warm_start: int = 0  # pass-key steps (its own recipe, NIAH_TRAIN) before the task's: see train_task
+    model: dict = field(default_factory=dict)  # NIAH_MODEL fields replaced for this task's models
 
 
 # Sized by measured cost (CPU seconds per step, see each note) to fit ~15 min on 2 idle cores with evaluation;

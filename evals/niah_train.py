@@ -320,18 +320,20 @@ def train_passkey(model: TitansLNN, steps: int, *, task: str = "passkey", batch_
     return losses
 
 
-def niah_config(variant: str, match: str = "mal") -> TitansLNNConfig:
-    """The main job's model of ``variant``. Attention-only variants get a wider MLP so that their
-    parameter count matches the ``match`` hybrid's (within one MLP step): the same size, no memory."""
-    config = TitansLNNConfig(variant=variant, **NIAH_MODEL)
+def niah_config(variant: str, match: str = "mal", overrides: dict | None = None) -> TitansLNNConfig:
+    """The main job's model of ``variant`` (``NIAH_MODEL`` with ``overrides``: a task recipe's own model
+    fields). Attention-only variants get a wider MLP so that their parameter count matches the ``match``
+    hybrid's (within one MLP step): the same size, no memory."""
+    fields = {**NIAH_MODEL, **(overrides or {})}
+    config = TitansLNNConfig(variant=variant, **fields)
     if "memory" in config.parts:
         return config
-    target = TitansLNN(TitansLNNConfig(variant=match, **NIAH_MODEL)).num_parameters()
+    target = TitansLNN(TitansLNNConfig(variant=match, **fields)).num_parameters()
 
     def size(mult: float) -> int:
-        return TitansLNN(TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})).num_parameters()
+        return TitansLNN(TitansLNNConfig(variant=variant, **{**fields, "mlp_mult": mult})).num_parameters()
 
-    mult, n = NIAH_MODEL["mlp_mult"], size(NIAH_MODEL["mlp_mult"])
+    mult, n = fields["mlp_mult"], size(fields["mlp_mult"])
     while abs((wider := size(mult + 0.25)) - target) < abs(n - target):  # sizes grow with mult
         mult, n = mult + 0.25, wider
-    return TitansLNNConfig(variant=variant, **{**NIAH_MODEL, "mlp_mult": mult})
+    return TitansLNNConfig(variant=variant, **{**fields, "mlp_mult": mult})

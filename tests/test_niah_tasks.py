@@ -352,3 +352,21 @@ def test_train_passkey_fillers_stage_the_haystack(monkeypatch):
     assert plain == ["kjv", "kjv"]
     with pytest.raises(ValueError, match="fillers=\\(\\('none', 0.5\\),\\) is invalid for task 'passkey'"):
         _tasks_trained(monkeypatch, 1, fillers=(("none", 0.5),))
+
+
+def test_recipe_model_fields_reach_both_models(monkeypatch, tmp_path):
+    """TaskRecipe.model replaces fields of the main job's model for that task: the trained hybrid is saved with
+    them, and the baseline is sized against the hybrid built with them."""
+    from titans_lnn.evals import niah, niah_tasks
+
+    recipe = niah_tasks.TaskRecipe(steps=1, lengths=(1024,), samples=10, max_new_tokens=10,
+                                   model=dict(conv_kernel=3, mem_heads=2),
+                                   train=dict(min_len=500, max_len=520, batch_size=1, long_frac=0.0))
+    monkeypatch.setitem(niah_tasks.TASK_RECIPES, "babilong_qa1", recipe)
+    niah._train_job("hybrid", "mal", "babilong_qa1", 1, 0, 0, 1, str(tmp_path / "m"), "mal", None)
+    config = TitansLNN.from_pretrained(tmp_path / "m").config
+    assert (config.conv_kernel, config.mem_heads) == (3, 2)
+    assert niah_config("mal").conv_kernel == niah_train.NIAH_MODEL["conv_kernel"] != 3  # the preset unchanged
+    hybrid = TitansLNN(niah_config("mal", overrides=recipe.model)).num_parameters()
+    baseline = niah_config("swa", overrides=recipe.model)
+    assert baseline.conv_kernel == 3 and abs(TitansLNN(baseline).num_parameters() - hybrid) < 0.05 * hybrid
