@@ -85,8 +85,8 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
              "run (15.6 min at load 4-6): hybrid 9, 10, 6, 3, 1 of 10 at 1K, 4K, 16K, 64K, 128K (loss 0.026), "
              "baseline 0, 1, 0, 4, 0 (the prior 'bedroom'). With the preset's width 8 the same recipe reached "
              "4, 4, 3, 3, 1 of 10 (loss 0.153): the query read after 'Answer: ' matched the keys of every "
-             "person's facts alike (cos 0.46 other vs 0.42 same person); a key that sees 'Mary went to the "
-             "kitchen' and a query that sees 'Mary?\nAnswer: ' need no attention to bind. The last recipe: "
+             "person's facts alike (cos 0.46 other vs 0.42 same person); at width 24 (the key sees 'Mary went "
+             "to the kit', the query 'Mary?\\nAnswer: ') 0.06 vs 0.46: bound without attention. The last recipe: "
              "the prior 'bathroom', 9/50. Beyond 16K the read-out falls (13 nats at 64K)",
     ),
 }
