@@ -8,9 +8,10 @@
     python benchmarks/niah_ablation.py --train penalty_margin=0.05 --lengths 1024,4096 --samples 30 --json /tmp/m.json
     python benchmarks/niah_ablation.py --task niah_single_2 --init /tmp/niah-h1/hybrid/model --steps 400
     python benchmarks/niah_ablation.py --task babilong_qa1 --steps 700 --lengths 1024,16384 --samples 20 \
-        --set conv_kernel=24 --train 'fillers=[["none", 0.25], ["noise", 0.55]]'
+        --set conv_kernel=8 --train 'fillers=[["none", 0.25], ["noise", 0.55]]'
 
-It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL`` with the ``--set`` overrides) for
+It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL``, the task recipe's ``model`` fields, then the
+``--set`` overrides) for
 ``--steps`` steps on ``--task`` with ``train_passkey`` (``NIAH_TRAIN``, then the task's recipe
 ``TASK_RECIPES``, then the ``--train`` overrides), on one thread, from scratch or from the weights
 of ``--init`` (a warm start), or loads a saved one with ``--load``; then prints the training loss,
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             model = TitansLNN.from_pretrained(args.init)
             print(f"warm start from {args.init}")
         else:
-            model = TitansLNN(TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **dict(args.set)}))
+            model = TitansLNN(TitansLNNConfig(variant="mal", **{**NIAH_MODEL, **recipe_for(args.task).model,
+                                                                **dict(args.set)}))
         t0 = time.perf_counter()
         recipe = TASK_RECIPES[args.task].train if args.task in TASK_RECIPES else {}
         train = {**NIAH_TRAIN, **recipe, **dict(args.train)}
