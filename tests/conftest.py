@@ -58,3 +58,14 @@ class _Counter(torch.nn.Module):
 def counter_model():
     """The stand-in model above: its greedy output is known, so stop strings and scoring can be tested."""
     return _Counter()
+
+
+@pytest.fixture(scope="session")
+def cpp_loop():
+    """The memory's C++ chunk loop, built once per test session (torch caches it on disk afterwards); a failed
+    build fails the tests that ask for it (CI has g++ and ninja)."""
+    from titans_lnn.kernels.titans_memory import cpp
+
+    ext = cpp.load()
+    assert ext is not None, f"the C++ chunk loop did not build: {cpp.build_error()}"
+    return ext

@@ -18,14 +18,6 @@ from titans_lnn.kernels.titans_memory import cpp
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def cpp_loop():
-    """The C++ chunk loop, built once (``cpp.load`` caches it for the process, torch on disk); a failed build
-    fails the tests that ask for it (CI has g++ and ninja)."""
-    ext = cpp.load()
-    assert ext is not None, f"the C++ chunk loop did not build: {cpp.build_error()}"
-    return ext
-
 
 def _both(tensors, n, C, offset, monkeypatch, **kw):
     """Outputs and gradients of every input with the C++ loop, then with the Python loop."""

@@ -15,14 +15,6 @@ from titans_lnn.kernels.titans_memory import chunked, cpp, memory_update_chunked
 FLAG = chunked.BACKWARD_ENV
 
 
-@pytest.fixture(scope="session")
-def cpp_loop():
-    """The C++ chunk loop, built once per test session (cached on disk by torch afterwards); a failed build
-    fails the tests that ask for it (CI has g++ and ninja)."""
-    ext = cpp.load()
-    assert ext is not None, f"the C++ chunk loop did not build: {cpp.build_error()}"
-    return ext
-
 
 @pytest.fixture(params=["cpp", "python"])
 def loop(request, monkeypatch):
