@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from titans_lnn import TitansLNN
+from titans_lnn import TitansLNN, TitansLNNConfig
 from titans_lnn.cli import main
 from titans_lnn.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from titans_lnn.training.cli import parse_set
@@ -261,13 +261,32 @@ def test_cli_train_help_documents_every_flag(capsys):
         assert flag in text
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_activation_checkpointing_gives_the_plain_gradients_in_float64(variant):
+    """forward(..., checkpoint_len=n) == the plain pass: the loss and every parameter's gradient, in float64."""
+    torch.manual_seed(0)
+    model = TitansLNN(TitansLNNConfig.from_preset("debug", variant=variant)).double()
+    ids, labels = torch.randint(0, 256, (2, 24)), torch.randint(0, 256, (2, 24))
+
+    def grads(**kw):
+        model.zero_grad()
+        loss = model(ids, labels=labels, **kw).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss, plain), (loss_ck, ckpt) = grads(), grads(checkpoint_len=7)
+    assert loss_ck == pytest.approx(loss, rel=1e-13, abs=0) and plain.keys() == ckpt.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_activation_checkpointing_trains_the_same_model(corpus, tmp_path):
     """--checkpoint-len recomputes activations in the backward pass: the same gradients, so the same weights."""
     plain = train(config(corpus, tmp_path / "plain", steps=3, seq_len=24, eval_every=3))
     ckpt = train(config(corpus, tmp_path / "ckpt", steps=3, seq_len=24, eval_every=3, checkpoint_len=7))
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
     a, b = weights(plain.model_dir), weights(ckpt.model_dir)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=name)
+    for name in a:  # fp32: pieces of 7 tokens sum in another order (measured: 1.5e-5 at most after 3 Adam steps)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=name)
     with pytest.raises(ValueError, match="checkpoint_len"):
         config(corpus, tmp_path / "bad", checkpoint_len=0)
