@@ -78,7 +78,12 @@ def _heads_view(t, heads):
 
 def _qkv_conv(x, state, weight, bias, heads):
     """q, k, v = silu(causal conv of [state, x]) in heads, (B, H, T, d) each, and the new state (B, K-1, 3 D):
-    ``_QKVConv`` where a gradient is wanted, else its forward alone."""
+    ``_QKVConv`` where a gradient is wanted, else its forward alone; plain autograd ops under torch.compile
+    (dynamo traces neither ``out=`` views nor the hand-written backward)."""
+    if torch.compiler.is_compiling():
+        xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
+        q, k, v = _heads_view(F.silu(causal_conv(xx, weight, bias)), heads).unbind(0)
+        return q.contiguous(), k.contiguous(), v.contiguous(), xx[:, x.shape[1]:]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, state, weight, bias)):
         return _QKVConv.apply(x, state, weight, bias, heads)
     _, xx, out = _conv_silu_heads(x, state, weight, bias, heads)
@@ -154,8 +159,8 @@ class _RMSNorm(torch.autograd.Function):
 def _rms_norm(norm: RMSNorm, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """``norm(x)`` through ``_RMSNorm`` for float32/64 x and weight of one dtype (other dtypes through the
     module). ``transposed``: x is (B, H, T, d) and the result a (B, H, T, d) view of a (B, T, H, d) tensor."""
-    if x.dtype not in (torch.float32, torch.float64) or norm.weight.dtype != x.dtype:
-        return norm(x)
+    if x.dtype not in (torch.float32, torch.float64) or norm.weight.dtype != x.dtype or torch.compiler.is_compiling():
+        return norm(x)  # (the module under torch.compile: dynamo traces neither out= views nor the backward)
 
     def empty():
         if transposed:

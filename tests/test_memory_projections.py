@@ -112,3 +112,18 @@ def test_unit_rows_and_rms_norm_gradcheck():
         rms = lambda t, w, tr=transposed: nm._rms_norm(norm, t, tr)  # noqa: E731 (w: norm.weight, perturbed in place)
         assert torch.autograd.gradcheck(rms, (y, norm.weight), **TIGHT)
         torch.testing.assert_close(nm._rms_norm(norm, y, transposed), norm(y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T, split", [(45, None), (7, 3)])
+def test_the_paths_taken_under_torch_compile_equal_the_fast_ones(T, split, monkeypatch):
+    """Under torch.compile the memory takes plain autograd ops (no out= views, no hand-written backwards, the
+    Python chunk loop): the same outputs, states and gradients (is_compiling patched to True in eager)."""
+    kw = dict(depth=2, gate_context=True)
+    x = torch.randn(2, T, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+    fast = _run(_module(0, **kw), x, split, True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = _run(_module(0, **kw), x, split, True)
+    for a, b in zip(fast, traced, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

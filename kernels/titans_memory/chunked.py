@@ -94,7 +94,10 @@ class _UnitRows(torch.autograd.Function):
 
 def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, dim=-1, eps=eps)``: x (..., D) -> (..., D) contiguous, rows of unit length (a row
-    shorter than eps divided by eps), with ``_UnitRows``' backward where a gradient is wanted."""
+    shorter than eps divided by eps), with ``_UnitRows``' backward where a gradient is wanted (``F.normalize``
+    itself under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return F.normalize(x, dim=-1, eps=eps)
     if torch.is_grad_enabled() and x.requires_grad:
         return _UnitRows.apply(x, eps)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps)

@@ -74,7 +74,8 @@ def build_error() -> str | None:
 
 def module_for(t: torch.Tensor):
     """The extension to run the loop on tensors like ``t`` with, or None for the Python loop: None when
-    $TITANS_LNN_MEMORY_LOOP is "python", ``t`` is not on the CPU or not fp32/fp64, or the build failed."""
-    if loop_flag() == "python" or t.device.type != "cpu" or t.dtype not in _DTYPES:
+    $TITANS_LNN_MEMORY_LOOP is "python", ``t`` is not on the CPU or not fp32/fp64, the build failed, or
+    torch.compile is tracing (dynamo traces the Python loop, not the extension)."""
+    if torch.compiler.is_compiling() or loop_flag() == "python" or t.device.type != "cpu" or t.dtype not in _DTYPES:
         return None
     return load()
