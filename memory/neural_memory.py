@@ -81,8 +81,8 @@ def _qkv_conv(x, state, weight, bias, heads):
     ``_QKVConv`` where a gradient is wanted, else its forward alone; plain autograd ops under torch.compile
     (dynamo traces neither ``out=`` views nor the hand-written backward)."""
     if torch.compiler.is_compiling():
-        xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
-        q, k, v = _heads_view(F.silu(causal_conv(xx, weight, bias)), heads).unbind(0)
+        y, xx = _conv_forward(x, state, weight, bias)
+        q, k, v = _heads_view(F.silu(y), heads).unbind(0)
         return q.contiguous(), k.contiguous(), v.contiguous(), xx[:, x.shape[1]:]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, state, weight, bias)):
         return _QKVConv.apply(x, state, weight, bias, heads)

@@ -379,15 +379,8 @@ class ChunkLoop(torch.autograd.Function):
         W, S = list(tensors[len(FIELDS):len(FIELDS) + n]), list(tensors[len(FIELDS) + n:])
         p = prepare(f, last, n, stable)
         ext = _extension([*tensors[:len(FIELDS)], *W, *S])
-        with _no_gc():
-            if ext is not None:
-                y, X, X_a, Q, ctx.tape, sv = ext.forward(p, _final_kh(f["kh"], stable), _to_state(W, S),
-                                                         max_grad_norm, stable, True)
-                ctx.saved = None
-            else:
-                y, X, X_a, Q, ctx.saved = _loop(p, f["kh"], _to_state(W, S), max_grad_norm, stable, keep=True)
-                sv = _stack(ctx.saved, ("th2", "cm", "d1", "d2", "u", "khalf"))
-                ctx.tape = None
+        y, X, X_a, Q, tape, ctx.saved = _run_loop(ext, p, f["kh"], W, S, max_grad_norm, stable, keep=True)
+        ctx.tape, sv = tape or (None, _stack(ctx.saved, ("th2", "cm", "d1", "d2", "u", "khalf")))
         ctx.meta, ctx.f, ctx.p, ctx.sv, ctx.ext, ctx.X_shapes = meta, f, p, sv, ext, [x.shape for x in X]
         S = [x[:, 1].mT.contiguous() for x in X]
         return (y, *_weights(X), *S, *_weights(X_a), W[0].new_zeros(0) if Q is None else Q)
@@ -425,6 +418,19 @@ def _extension(tensors):
     if any(t is not None and t.dtype != q.dtype for t in tensors):
         return None
     return cpp.module_for(q)
+
+
+def _run_loop(ext, p, kh, W, S, max_grad_norm, stable, keep):
+    """The forward over the chunks in C++ (``ext``) or in Python (``_loop``; ext None), GC paused. Returns y, X
+    after the final chunk, its anchor, its Q, then what the backward needs (``keep``): the C++ loop's
+    (tape, saved values stacked over the chunks) or None, and the Python loop's per-chunk list or None."""
+    with _no_gc():
+        if ext is not None:
+            y, X, X_a, Q, tape, sv = ext.forward(p, _final_kh(kh, stable), _to_state(W, S), max_grad_norm, stable,
+                                                 keep)
+            return y, X, X_a, Q, (tape, sv), None
+        y, X, X_a, Q, saved = _loop(p, kh, _to_state(W, S), max_grad_norm, stable, keep=keep)
+        return y, X, X_a, Q, None, saved
 
 
 def _final_kh(kh, stable):
@@ -489,10 +495,5 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
         return y, W, S, A, (out[-1] if stable else None)
     p = prepare(fields, last, n, stable)
     ext = _extension([*tensors, *W, *S])
-    with _no_gc():
-        if ext is not None:
-            y, X, X_a, Q, _, _ = ext.forward(p, _final_kh(fields["kh"], stable), _to_state(W, S), max_grad_norm,
-                                             stable, False)
-        else:
-            y, X, X_a, Q, _ = _loop(p, fields["kh"], _to_state(W, S), max_grad_norm, stable, keep=False)
+    y, X, X_a, Q, _, _ = _run_loop(ext, p, fields["kh"], W, S, max_grad_norm, stable, keep=False)
     return y, _weights(X), [x[:, 1].mT.contiguous() for x in X], _weights(X_a), Q
