@@ -6,7 +6,8 @@ Kinds: ``liquid`` (a liquid core, forward), ``memory`` (a neural memory, forward
 ``model`` (a whole model: ``infer``, where ours streams in pieces and a competitor reads in one call;
 ``prefill``, one call; ``train``, optimizer steps), ``stream`` (the tiny MAC reads a corpus in one
 streamed pass, time and memory read after every piece), ``decode`` (ms per generated token after a
-streamed prompt, batch 1 and 8). Each measurement is warm (a warm-up call
+streamed prompt, batch 1 and 8), ``longtrain`` (one training pass over a long sequence with activation
+checkpointing, and its gradients vs the plain pass's on a short one). Each measurement is warm (a warm-up call
 first), the median of up to ``repeats`` calls within ``budget_s``, with the peak RSS of this process
 (and ``torch.cuda.max_memory_allocated`` on CUDA). A size whose predicted time passes ``max_run_s``
 is skipped. Every measurement is printed as soon as it is taken, as one line ``RESULT {json}``, so a
@@ -302,7 +303,40 @@ def job_decode(spec, device):
                     rec["profile"] = profile_table(lambda g=generate: g(n_new), device)
                 emit(rec)
 
-JOBS = {"liquid": job_liquid, "memory": job_memory, "model": job_model, "stream": job_stream, "decode": job_decode}
+def job_longtrain(spec, device):
+    """One training pass (forward, loss, backward) of the tiny MAC over one sequence of ``T`` tokens with
+    activation checkpointing in segments of ``segment`` tokens: time, peak RSS (this process' only run of
+    that size, taken first), gradient norm. Then the checkpointed gradients against the plain pass's on a
+    short sequence (``check_T`` tokens, segments of ``check_segment``): the largest difference relative to
+    the largest gradient entry, over every parameter."""
+    m = bench_models.model("ours-mac", device)
+    emit({"params": bench_models.num_parameters(m)})
+    T, seg = spec["T"], spec["segment"]
+    ids = torch.randint(0, m.config.vocab_size, (1, T + 1), device=device)
+    sync = _sync(device)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    loss = m(ids[:, :T], labels=ids[:, 1:], checkpoint_len=seg).loss
+    loss.backward()
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    grad_norm = torch.stack([p.grad.double().norm() for p in m.parameters() if p.grad is not None]).norm().item()
+    emit({"T": T, "pass": f"train, checkpoint {seg}", "status": "ok", "time_s": wall, "cpu_s": cpu,
+          "tokens_per_s": T / wall, "peak_rss_mib": peak_rss_mib(), "loss": loss.item(), "grad_norm": grad_norm})
+
+    n, c = spec["check_T"], spec["check_segment"]
+    grads = []
+    for checkpoint_len in (None, c):
+        m.zero_grad(set_to_none=True)
+        m(ids[:, :n], labels=ids[:, 1:n + 1], checkpoint_len=checkpoint_len).loss.backward()
+        grads.append([p.grad.detach().clone() for p in m.parameters() if p.grad is not None])
+    scale = max(g.abs().max().item() for g in grads[0])
+    diff = max((a - b).abs().max().item() for a, b in zip(*grads))
+    emit({"T": n, "pass": f"gradients, checkpoint {c} vs plain", "status": "ok", "max_rel_diff": diff / scale,
+          "params_compared": len(grads[0])})
+
+
+JOBS = {"liquid": job_liquid, "memory": job_memory, "model": job_model, "stream": job_stream, "decode": job_decode,
+        "longtrain": job_longtrain}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,10 @@ from bench_common import fit_exponent, fmt_rate, k
 from bench_runner import Ctx, launch
 from bench_sections import GB, PROFILE_T, new_section, profile_note, verdict
 
+# Streaming inference speed of the tiny MAC on the CPU suite (2 cores): the performance issue's goal, read next
+# to the compute bound (the table's last columns).
+STREAM_SPEED = {"cpu": 10_000}
+
 
 def _bound_cells(s: dict) -> list[str]:
     """MFLOP/token, matmul GFLOP/s, bound tokens/s, fraction of the bound (blank for results without them)."""
@@ -48,8 +52,10 @@ def run_streams(ctx: Ctx, specs: list[dict]) -> list[dict]:
 
 def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
     fit_min = ctx.sizes["stream_fit_min"]
+    speed = STREAM_SPEED.get(ctx.suite)
     sec = new_section(5, "streaming", "Streaming at scale: the tiny MAC reads text and a genome in one pass",
-                      "1M tokens with peak RSS < 2 GB; time exponent 16K -> 1M <= 1.05; the whole E. coli genome")
+                      "1M tokens with peak RSS < 2 GB; time exponent 16K -> 1M <= 1.05; the whole E. coli genome"
+                      + (f"; >= {fmt_rate(speed)} tokens/s on the KJV pass" if speed else ""))
     rows, checks, fit = [], [], None
     for s in streams:
         if s.get("status") != "ok":
@@ -73,6 +79,8 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
             p, c, r2 = fit_exponent([x for x, _ in pts], [t for _, t in pts])
             fit = dict(exponent=p, coefficient=c, r2=r2, Ts=[x for x, _ in pts])
             checks.append(p <= 1.05)
+        if speed:
+            checks.append(kjv["tokens_per_s"] >= speed)
     genome = next((s for s in streams if s["corpus"].startswith("ecoli")), None)
     if genome and genome.get("status") == "ok":
         checks.append(genome["tokens"] >= genome["corpus_tokens"])  # the whole genome was read

@@ -8,7 +8,8 @@
 Sections: 0 the kernel suite (kernels.py); 1 liquid core vs ncps CfC; 2 neural memory vs titans-pytorch;
 3 whole model vs titans-pytorch's MemoryAsContextTransformer; 4 full attention vs the hybrid, scaling
 exponents; 5 streaming 1M tokens of text and the E. coli genome in fixed memory; 6 generation, ms per
-new token after a 1K and a 1M-token prompt (bench_decode.py). Writes RESULTS.md,
+new token after a 1K and a 1M-token prompt (bench_decode.py); 7 one training pass over 64K tokens with
+activation checkpointing, peak RSS and gradients vs the plain pass. Writes RESULTS.md,
 results.json and plots/*.png into --out (default: benchmarks/). The competitors come with the
 ``bench`` extra (pip install -e '.[bench]'); a section whose competitor is missing is skipped and
 recorded as such.
@@ -42,7 +43,7 @@ from bench_runner import HERE, SIZES, Ctx
 
 from titans_lnn.cli import plain
 
-ALL_SECTIONS = (0, 1, 2, 3, 4, 5, 6)
+ALL_SECTIONS = (0, 1, 2, 3, 4, 5, 6, 7)
 QUICK_OUT = Path(tempfile.gettempdir()) / "titans-lnn-bench-quick"
 
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for RESULTS.md, results.json and plots/ (default: benchmarks/; with --quick "
                         f"{QUICK_OUT}, so that a smoke test never overwrites the committed results)")
     p.add_argument("--sections", type=parse_sections, default=list(ALL_SECTIONS),
-                   help="comma-separated section numbers to run (default: 0,1,2,3,4,5,6)")
+                   help="comma-separated section numbers to run (default: 0,1,2,3,4,5,6,7)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, median kept (default 3)")
     p.add_argument("--mem-budget-gb", type=float, default=20.0,
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {0: bench_sections.kernels_section, 1: bench_sections.liquid_section, 2: bench_sections.memory_section,
                3: bench_sections.model_section, 4: bench_sections.scaling_section,
-               6: bench_decode.decode_section}
+               6: bench_decode.decode_section, 7: bench_sections.long_training_section}
     sections = []
     for sid in args.sections:
         t0 = time.perf_counter()

@@ -17,7 +17,8 @@ For the hybrid, a diagnostic stream writes how much of the filler the memory wro
 needle still reads out after 1K..1M tokens of filler. ``--steps``, ``--lengths`` and ``--samples``
 default to the task's recipe (``TASK_RECIPES`` in ``niah_tasks.py``; the pass key's: 1000 steps, 1K..1M,
 10 samples), which also sets its training lengths, answer budget and warm start: a task whose recipe
-has one (``--warm-start``) trains both models on the pass key first, by the pass key's own recipe.
+has one (``--warm-start``) trains both models on the pass key first, by the pass key's own recipe, and a
+task whose recipe has a finishing stage trains both models for its steps after ``--steps``.
 
 Outputs in ``--out`` (default ``niah-results/``): ``summary.md`` (accuracy per length with n and
 a 95% Wilson interval, diagnostics, wall time), ``summary.json``, and per model ``model/``,
@@ -132,7 +133,8 @@ def _train_job(name: str, variant: str, task: str, steps: int, warm_start: int, 
     losses = train_task(model, task, steps, warm_start=warm_start, seed=seed, on_step=report)
     model.save_pretrained(model_dir)
     return {"variant": variant, "task": task, "parameters": model.num_parameters(), "steps": steps,
-            "warm_start_steps": warm_start, "train_seconds": round(time.perf_counter() - t0, 1),
+            "warm_start_steps": warm_start, "finish_steps": recipe_for(task).finish_steps,
+            "train_seconds": round(time.perf_counter() - t0, 1),
             "train_loss_first": losses[0], "train_loss_last20": sum(losses[-20:]) / len(losses[-20:])}
 
 
@@ -319,9 +321,12 @@ def run(args: argparse.Namespace) -> int:
                 training.append(name)
         if training:
             warm = f" after {args.warm_start} pass-key steps" if args.warm_start else ""
+            finish = f", then {recipe.finish_steps} finishing steps" if recipe.finish_steps else ""
             print(f"training {', '.join(f'{n} ({models[n]})' for n in training)} on {args.task}: {args.steps} steps "
-                  f"each{warm}, {workers} processes x {threads} threads; each model is evaluated when it is trained")
-        train_bar = tqdm(total=(args.warm_start + args.steps) * len(training), desc="train", unit="step",
+                  f"each{warm}{finish}, {workers} processes x {threads} threads; each model is evaluated when it "
+                  "is trained")
+        train_bar = tqdm(total=(args.warm_start + args.steps + recipe.finish_steps) * len(training), desc="train",
+                         unit="step",
                          disable=args.no_progress or not training)
         eval_total = sum(args.lengths) * len(depths) * len(models)
         eval_bar = tqdm(total=eval_total, desc="evaluate", unit="tok", unit_scale=True, disable=args.no_progress)
@@ -363,8 +368,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task != "passkey":
         warm = f", after {args.warm_start} steps of the pass key's recipe" if args.warm_start else ""
         model = f"; model fields {recipe.model} (replacing the preset's)" if recipe.model else ""
+        finish = f"; then a finishing stage {recipe.finish}" if recipe.finish else ""
         summary += (f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}{warm}"
-                    f"{model}.\n")
+                    f"{finish}{model}.\n")
     (out / "summary.md").write_text(summary)
     summary_path.write_text(json.dumps({"meta": meta, "wall_s": wall, "model": {**NIAH_MODEL, **recipe.model},
                                         "task": args.task},

@@ -46,7 +46,10 @@ class TaskRecipe:
     ``batch_size``, ...); ``note`` says how the recipe was chosen (printed in the summary);
     ``warm_start`` pass-key steps come first (:func:`train_task`); ``model`` holds fields of the
     main job's model config (``NIAH_MODEL``, the preset "niah") that this task's models (both sides)
-    replace, e.g. ``dict(conv_kernel=24)`` (a warm start then trains the pass key on that model too).
+    replace, e.g. ``dict(conv_kernel=24)`` (a warm start then trains the pass key on that model too);
+    ``finish`` is a last stage after the task's steps: its ``steps`` more steps of the task with its
+    keywords on top of the task's (e.g. the filler's largest write gate penalised once the facts are
+    bound to their names), empty for none.
     """
 
     steps: int  # training steps of each model on the task
@@ -57,6 +60,11 @@ class TaskRecipe:
     note: str = ""
     warm_start: int = 0  # pass-key steps (its own recipe, NIAH_TRAIN) before the task's: see train_task
     model: dict = field(default_factory=dict)  # NIAH_MODEL fields replaced for this task's models
+    finish: dict = field(default_factory=dict)  # a last stage: dict(steps=N, **train_passkey keywords)
+
+    @property
+    def finish_steps(self) -> int:
+        return self.finish.get("steps", 0)
 
 
 # Sized by measured cost (CPU seconds per step, see each note) to fit ~15 min on 2 idle cores with evaluation;
@@ -78,6 +86,7 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
         model=dict(conv_kernel=24),
         train=dict(min_len=600, max_len=900, long_len=(1024, 2048), long_frac=0.2, ask_all=True,
                    fillers=(("none", 0.4),), num_facts=(1, 8), facts_until=0.25),
+        finish=dict(steps=300, max_penalty=1.0, threshold_start=1.0, fillers=(), num_facts=(8, 8), lr=1e-3),
         note="from scratch, 700 steps, memory convolutions of width 24 (model: conv_kernel=24, both sides): the "
              "stories' facts back to back without KJV for the first 40% of the steps (1 -> 8 facts over the first "
              "25%), then 150-450 tokens of KJV between and around the 8 facts, 1-2K tokens over the last 20%; "
@@ -123,7 +132,9 @@ def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | Non
     With a warm start (``warm_start`` steps, by default the recipe's) the model first learns the pass
     key with the main job's own recipe (``NIAH_TRAIN``: the memory learns to write a number and read it
     after "is"), then ``steps`` steps of the task (``NIAH_TRAIN``, then ``recipe.train``), each stage
-    seeded with ``seed``. ``on_step(step)`` counts the steps of both stages."""
+    seeded with ``seed``; then the recipe's ``finish`` stage, if any (its steps, its keywords over the
+    task's, seeded with ``seed`` too).
+    ``on_step(step)`` counts the steps of every stage."""
     recipe = recipe_for(task)
     warm_start = recipe.warm_start if warm_start is None else warm_start
     if not isinstance(warm_start, int) or warm_start < 0:
@@ -135,6 +146,12 @@ def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | Non
     report = (lambda step: on_step(done + step)) if on_step is not None else None
     losses += train_passkey(model, steps, task=task, seed=seed, progress=progress, on_step=report,
                             **{**NIAH_TRAIN, **recipe.train})
+    if recipe.finish_steps:
+        done = len(losses)
+        report = (lambda step: on_step(done + step)) if on_step is not None else None
+        finish = {key: value for key, value in recipe.finish.items() if key != "steps"}
+        losses += train_passkey(model, recipe.finish_steps, task=task, seed=seed, progress=progress,
+                                on_step=report, **{**NIAH_TRAIN, **recipe.train, **finish})
     return losses
 
 

@@ -221,6 +221,30 @@ def test_train_task_warm_starts_on_the_pass_key(monkeypatch):
     assert len(losses) == 5 and steps == [1, 2, 3, 4, 5]
 
 
+def test_train_task_finishing_stage_runs_after_the_task_with_its_keywords(monkeypatch):
+    """A recipe's ``finish``: after the task's steps, its ``steps`` more of the task, its keywords over the
+    task's (the others kept); ``on_step`` counts on through it; a recipe without one trains no more."""
+    from titans_lnn.evals import niah_tasks
+
+    recipe = niah_tasks.TaskRecipe(steps=2, lengths=(1024,), samples=10, max_new_tokens=12,
+                                   train=dict(min_len=500, max_len=520, batch_size=1, long_frac=0.0),
+                                   finish=dict(steps=2, max_penalty=1.0, lr=1e-3))
+    monkeypatch.setitem(niah_tasks.TASK_RECIPES, "babilong_qa1", recipe)
+    calls, steps = [], []
+    real = niah_tasks.train_passkey
+
+    def spy(model, n, **kw):
+        calls.append((kw.get("task"), n, kw.get("max_penalty", 0.0), kw.get("lr"), kw.get("min_len")))
+        return real(model, n, **kw)
+
+    monkeypatch.setattr(niah_tasks, "train_passkey", spy)
+    torch.manual_seed(0)
+    losses = niah_tasks.train_task(TitansLNN(niah_config("mal")), "babilong_qa1", 3, on_step=steps.append)
+    assert calls == [("babilong_qa1", 3, 0.0, None, 500), ("babilong_qa1", 2, 1.0, 1e-3, 500)]
+    assert len(losses) == 5 and steps == [1, 2, 3, 4, 5]
+    assert recipe.finish_steps == 2 and niah_tasks.TaskRecipe(1, (1,), 1, 1).finish_steps == 0
+
+
 @pytest.mark.parametrize("start", [0.0, 0.5, 1.0])
 def test_threshold_start_sets_the_write_threshold_before_its_ramp(start):
     """Before ``threshold_from`` the memories skip writes below ``threshold_start`` x the config's threshold
