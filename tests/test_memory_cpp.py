@@ -43,11 +43,19 @@ SIZES = [(1, 16, 0, 1, 1, 4, 6), (5, 16, 0, 2, 1, 3, 5), (63, 16, 0, 1, 3, 6, 9)
          (17, 1, 0, 1, 2, 4, 4), (130, 16, 7, 1, 2, 8, 12), (33, 8, 5, 2, 2, 5, 11)]
 
 
+@pytest.fixture(params=[True, False], ids=["blas", "aten"])
+def blas(request, cpp_loop):
+    """The C++ loop's matmuls straight to BLAS (blas.h), or through the ATen ops: both must equal Python."""
+    was = cpp_loop.use_blas(request.param)
+    yield request.param
+    cpp_loop.use_blas(was)
+
+
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
 @pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
 @pytest.mark.parametrize("depth", [1, 2], ids=lambda d: f"depth{d}")
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}-C{}-off{}-B{}H{}".format(*s[:5]))
-def test_cpp_loop_equals_python_loop(size, depth, stable, clip, cpp_loop, monkeypatch, close):
+def test_cpp_loop_equals_python_loop(size, depth, stable, clip, blas, cpp_loop, monkeypatch, close):
     T, C, offset, B, H, D, hidden = size
     tensors, n = _inputs(T, depth, B=B, H=H, D=D, hidden=hidden, stable=stable, seed=T)
     (y_c, g_c), (y_p, g_p) = _both(tensors, n, C, offset, monkeypatch, max_grad_norm=clip, stable=stable)
@@ -58,8 +66,18 @@ def test_cpp_loop_equals_python_loop(size, depth, stable, clip, cpp_loop, monkey
         _check(a, b, f"grad of input {i}", close, 1e-12)
 
 
+def test_blas_is_found_where_torch_ships_it(cpp_loop):
+    """x86-64 Linux wheels of torch carry MKL, whose sgemm_/dgemm_ the loop calls directly; were they not
+    found, the loop would still be right (the ATen ops) but slower: this says so."""
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not torch.backends.mkl.is_available():
+        pytest.skip("the direct BLAS path is checked on x86-64 Linux builds with MKL")
+    assert cpp_loop.blas_found()
+
+
 @pytest.mark.parametrize("stable", [False, True], ids=["plain", "stable"])
-def test_cpp_loop_in_fp32_matches_fp64(stable, cpp_loop, monkeypatch, close):
+def test_cpp_loop_in_fp32_matches_fp64(stable, blas, cpp_loop, monkeypatch, close):
     """fp32 runs in C++ too (bf16 goes to Python), and its outputs and gradients agree with fp64's."""
     tensors, n = _inputs(70, 2, B=1, H=2, D=16, hidden=32, stable=stable, seed=2)
     monkeypatch.setenv(cpp.LOOP_ENV, "cpp")

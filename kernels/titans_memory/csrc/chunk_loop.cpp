@@ -1,7 +1,7 @@
 // The memory's loop over whole chunks (kernels/titans_memory/chunk_loop.py) in C++: the same per-chunk
 // forward (``chunk_forward``) and hand-written backward (``chunk_backward``), with the whole loop over chunks
-// in one call, so that no Python runs per chunk. The matmuls go through ATen; the elementwise chains between
-// them are fused into loops (chunk_fused.h, chunk_fused_backward.h). The Python loop is the reference;
+// in one call, so that no Python runs per chunk. The matmuls go straight to BLAS (blas.h); the elementwise
+// chains between them are fused into loops (chunk_fused.h, chunk_fused_backward.h). The Python loop is the reference;
 // tests/test_memory_cpp.py checks that both give the same values and gradients in fp64.
 //
 // Why: a chunk of the tiny memory was ~95 ops forward and ~190 backward on tensors of (G, 16, 128),
@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "blas.h"
 #include "chunk_fused.h"
 #include "chunk_fused_backward.h"
 
@@ -86,11 +87,11 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
   AnchorRows ar;
   if (n == 2) {
     Wt2 = X[1].select(1, 0);  // W_2^T: (G, hidden, Dv)
-    z = at::bmm(k, Wt1);      // (G, L, hidden)
+    z = blas_bmm(k, Wt1);     // (G, L, hidden)
     s = at::sigmoid(z);
     anchor_act(z, s, h, a, slope);
-    r = at::baddbmm(c.r0, h, Wt2);  // M(k) - v: (G, L, Dv)
-    e = at::bmm(r, mT(Wt2));        // W_2^T r
+    r = blas_baddbmm(c.r0, h, Wt2);  // M(k) - v: (G, L, Dv)
+    e = blas_bmm(r, mT(Wt2));        // W_2^T r
     if (stable) col = vecdot(Wt2, Wt2).contiguous();  // ||W_2[:, j]||^2: (G, hidden)
     ar = anchor_rows(z, s, a, h, slope, e, col, stable);
     ds = {ar.d1, r};
@@ -98,7 +99,7 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
     xsq.push_back(ar.xsq1);
     dsq = {ar.dsq0, vecdot(r, r)};
   } else {
-    r = at::baddbmm(c.r0, k, Wt1);
+    r = blas_baddbmm(c.r0, k, Wt1);
     ds = {r};
     xs = {k};
     dsq = {vecdot(r, r)};
@@ -106,14 +107,14 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
   Steps st = chunk_steps(c, xsq, dsq, n == 2 ? &ar : nullptr, max_grad_norm, stable);
   // Read y_t = M_{W_t}(q_t): the base (beta_t W + dbe_t S) q_t minus the chunk's writes up to t.
   const int64_t o0 = X[0].size(-1);
-  Tensor zr = at::bmm(c.qbd, X[0].view({G, -1, o0})).baddbmm_(st.sc0, ds[0], 1, -1);
+  Tensor zr = blas_acc(blas_bmm(c.qbd, X[0].view({G, -1, o0})), st.sc0, ds[0], 1, -1);
   Tensor y, sr, hr, hrbd, p1, sc1;
   if (n == 2) {
     sr = at::sigmoid(zr);
     read_act(zr, sr, c.bd, hr, hrbd);  // [beta hr, dbe hr]: (G, L, 2 hidden)
-    p1 = at::bmm(hr, mT(h));            // (G, L, L)
+    p1 = blas_bmm(hr, mT(h));           // (G, L, L)
     sc1 = at::mul(st.cm, p1);
-    y = at::baddbmm(c.q, hrbd, X[1].view({G, -1, X[1].size(-1)})).baddbmm_(sc1, r, 1, -1);
+    y = blas_acc(blas_baddbmm(c.q, hrbd, X[1].view({G, -1, X[1].size(-1)})), sc1, r, 1, -1);
   } else {
     y = zr;
   }
@@ -125,10 +126,10 @@ Tensor chunk_forward(const Chunk& c, std::vector<Tensor>& X, c10::optional<doubl
     at::mul_out(Y, mT(x).unsqueeze(1), st.cd.unsqueeze(2));
     const int64_t i_l = X[l].size(2), o_l = X[l].size(3);
     Tensor Xn = mix_state(c.mix, X[l]).view({G, 2 * i_l, o_l});
-    X_new.push_back(Xn.baddbmm_(Y.view({G, 2 * i_l, L}), ds[l], 1, -1).view({G, 2, i_l, o_l}));
+    X_new.push_back(blas_acc(Xn, Y.view({G, 2 * i_l, L}), ds[l], 1, -1).view({G, 2, i_l, o_l}));
     Ys.push_back(Y);
   }
-  if (Q != nullptr) *Q = at::bmm(mT(c.kh), at::mul(st.u.unsqueeze(-1), c.kh));
+  if (Q != nullptr) *Q = blas_bmm(mT(c.kh), at::mul(st.u.unsqueeze(-1), c.kh));
   if (sv != nullptr) {
     sv->X = X;
     sv->Ys = Ys;
@@ -194,8 +195,8 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
     const int64_t i_l = X[l].size(2), o_l = X[l].size(3);
     gX.push_back(mix_state_backward(c.mix, X[l], GX[l], g_mix));
     Tensor g2 = GX[l].reshape({G, 2 * i_l, o_l});
-    Tensor nGY = at::bmm(g2, mT(ds[l])).view({G, 2, i_l, L});
-    ngd.push_back(at::bmm(mT(Ys[l].view({G, 2 * i_l, L})), g2));
+    Tensor nGY = blas_bmm(g2, mT(ds[l])).view({G, 2, i_l, L});
+    ngd.push_back(blas_bmm(mT(Ys[l].view({G, 2 * i_l, L})), g2));
     ngxT.push_back(state_grads(nGY, sv.cd, xs[l], ngcd));  // (G, in_l, L); ngcd (G, 2, L)
   }
   keep["ngcd"] = ngcd;
@@ -205,26 +206,26 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
   if (n == 2) {
     const Tensor &hr = sv.hr, &h = xs[1];
     const int64_t o1 = X[1].size(-1);
-    Tensor nsc1 = at::bmm(gy, mT(sv.r));
-    ngd[1].baddbmm_(mT(sv.sc1), gy);
+    Tensor nsc1 = blas_bmm(gy, mT(sv.r));
+    blas_acc(ngd[1], mT(sv.sc1), gy);
     ngcm = at::mul(nsc1, sv.p1);
     Tensor ngp = at::mul(nsc1, cm);
-    gX[1].view({G, -1, o1}).baddbmm_(mT(sv.hrbd), gy);
-    Tensor g_hrbd = at::bmm(gy, mT(X[1].view({G, -1, o1})));  // (G, L, 2 hidden)
+    blas_acc(gX[1].view({G, -1, o1}), mT(sv.hrbd), gy);
+    Tensor g_hrbd = blas_bmm(gy, mT(X[1].view({G, -1, o1})));  // (G, L, 2 hidden)
     Tensor g_bd1;
-    gz = read_grads(g_hrbd, c.bd, hr, g_bd1).baddbmm_(ngp, h, 1, -1);
-    ngxT[1].baddbmm_(mT(hr), ngp);
+    gz = blas_acc(read_grads(g_hrbd, c.bd, hr, g_bd1), ngp, h, 1, -1);
+    blas_acc(ngxT[1], mT(hr), ngp);
     read_gz(gz, sv.sr, hr);  // silu'(z_read)
     keep["g_bd1"] = g_bd1;   // d/d(beta, dbe) via hrbd: (G, L, 2)
   }
-  Tensor nsc0 = at::bmm(gz, mT(ds[0]));
-  ngd[0].baddbmm_(mT(sv.sc0), gz);
+  Tensor nsc0 = blas_bmm(gz, mT(ds[0]));
+  blas_acc(ngd[0], mT(sv.sc0), gz);
   ngcm = ngcm.defined() ? ngcm.addcmul_(nsc0, c.qk) : at::mul(nsc0, c.qk);
   const int64_t o0 = X[0].size(-1);
-  gX[0].view({G, -1, o0}).baddbmm_(mT(c.qbd), gz);
+  blas_acc(gX[0].view({G, -1, o0}), mT(c.qbd), gz);
   keep["nsc0"] = nsc0;
   keep["ngcm"] = ngcm;
-  keep["g_qbd"] = at::bmm(gz, mT(X[0].view({G, -1, o0})));
+  keep["g_qbd"] = blas_bmm(gz, mT(X[0].view({G, -1, o0})));
   // The clip (theta'' = theta' scale(sqp)) and the stable step (theta' = theta / (d1 d2)).
   StepGrads sg = step_grads(c, sv, ngcd, ngcm, max_grad_norm, stable);
   for (size_t i = 0; i < sg.cf.size(); ++i) ngd[i].addcmul_(ds[i], sg.cf[i].unsqueeze(-1), -2);
@@ -234,8 +235,8 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
     Tensor g_u = sg.g_u;
     if (gQ.defined()) {
       const Tensor& kh = c.kh;
-      g_u = at::add(g_u, vecdot(at::bmm(kh, gQ), kh));
-      keep["g_kh"] = at::mul(sv.u.unsqueeze(-1), at::bmm(kh, at::add(gQ, mT(gQ))));
+      g_u = at::add(g_u, vecdot(blas_bmm(kh, gQ), kh));
+      keep["g_kh"] = at::mul(sv.u.unsqueeze(-1), blas_bmm(kh, at::add(gQ, mT(gQ))));
     }
     keep["g_before"] = sg.g_before;
     keep["g_u"] = g_u;
@@ -251,22 +252,22 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
     AnchorGrads ag = anchor_grads(sv, ngd[0], stable ? &kg : nullptr, stable);
     gr = ngd[1].neg_();
     if (stable) {
-      Tensor g_col = at::bmm(mT(sv.sl2), kg.g_rt.unsqueeze(-1));  // (G, hidden, 1)
+      Tensor g_col = blas_bmm(mT(sv.sl2), kg.g_rt.unsqueeze(-1));  // (G, hidden, 1)
       gWt2.addcmul_(Wt2, g_col, 2);
       gr.addcmul_(r, kg.grc.unsqueeze(-1));
     }
-    gr.baddbmm_(ag.ge, Wt2);
-    gWt2.baddbmm_(mT(ag.ge), r);
-    Tensor gh = at::baddbmm(mT(ngxT[1]).neg(), gr, mT(Wt2));
-    gWt2.baddbmm_(mT(h), gr);
+    blas_acc(gr, ag.ge, Wt2);
+    blas_acc(gWt2, mT(ag.ge), r);
+    Tensor gh = blas_baddbmm(mT(ngxT[1]), gr, mT(Wt2), -1, 1);
+    blas_acc(gWt2, mT(h), gr);
     gz_ = anchor_gz(ag, gh, h, sv.slope, sg.g_xsq.empty() ? Tensor() : sg.g_xsq[1]);
   } else {
     gr = ngd[0].neg_();
     gz_ = gr;
   }
-  gX[0].select(1, 0).baddbmm_(mT(k), gz_);
+  blas_acc(gX[0].select(1, 0), mT(k), gz_);
   keep["gr"] = gr;
-  keep["g_k"] = at::baddbmm(mT(ngxT[0]).neg(), gz_, mT(Wt1));
+  keep["g_k"] = blas_baddbmm(mT(ngxT[0]), gz_, mT(Wt1), -1, 1);
   if (!sg.g_xsq.empty()) keep["g_xsq0"] = sg.g_xsq[0];
   return gX;
 }
@@ -369,6 +370,16 @@ py::tuple backward(const std::shared_ptr<Tape>& tape, const Tensor& gy, std::vec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "titans-lnn: the memory's chunk loop (chunk_loop.py) in C++";
+  m.def(
+      "use_blas",
+      [](bool on) {
+        const bool was = blas_enabled();
+        blas_enabled() = on;
+        return was;
+      },
+      "call BLAS directly for the loop's matmuls (when found; else ATen); returns the previous setting",
+      py::arg("on"));
+  m.def("blas_found", &blas_found, "whether the gemm routines were found in torch's BLAS");
   py::class_<Tape, std::shared_ptr<Tape>>(m, "Tape");
   m.def("forward", &forward, "the forward over all chunks", py::arg("p"), py::arg("kh"), py::arg("X"),
         py::arg("max_grad_norm"), py::arg("stable"), py::arg("keep"));
