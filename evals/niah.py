@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -123,17 +124,19 @@ def spread_depths(samples: int) -> list[float]:
 
 
 def _train_job(name: str, variant: str, task: str, steps: int, warm_start: int, seed: int, threads: int,
-               model_dir: str, match: str, progress) -> dict:
+               model_dir: str, match: str, progress, finish_steps: int | None = None) -> dict:
     """One model's training: returns its metadata (the model goes to ``model_dir``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = TitansLNN(niah_config(variant, match, recipe_for(task).model))
     t0 = time.perf_counter()
     report = (lambda step: progress.__setitem__(name, step)) if progress is not None else None
-    losses = train_task(model, task, steps, warm_start=warm_start, seed=seed, on_step=report)
+    finish_steps = recipe_for(task).finish_steps if finish_steps is None else finish_steps
+    losses = train_task(model, task, steps, warm_start=warm_start, finish_steps=finish_steps, seed=seed,
+                        on_step=report)
     model.save_pretrained(model_dir)
     return {"variant": variant, "task": task, "parameters": model.num_parameters(), "steps": steps,
-            "warm_start_steps": warm_start, "finish_steps": recipe_for(task).finish_steps,
+            "warm_start_steps": warm_start, "finish_steps": finish_steps,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "train_loss_first": losses[0], "train_loss_last20": sum(losses[-20:]) / len(losses[-20:])}
 
@@ -272,6 +275,11 @@ def run(args: argparse.Namespace) -> int:
     args.lengths = args.lengths or list(recipe.lengths)
     args.samples = args.samples or recipe.samples
     args.warm_start = recipe.warm_start if args.warm_start is None else args.warm_start
+    args.finish_steps = recipe.finish_steps if args.finish_steps is None else args.finish_steps
+    if args.finish_steps and not recipe.finish:
+        print(f"titans-lnn niah: error: --finish-steps {args.finish_steps}: task {args.task!r} has no finishing "
+              "stage in its recipe (TASK_RECIPES in evals/niah_tasks.py); expected 0 or no flag", file=sys.stderr)
+        return 2
     depths = args.depths if args.depths else spread_depths(args.samples)
     if args.task.startswith("babilong_"):
         depths = [None] * len(depths)
@@ -317,15 +325,15 @@ def run(args: argparse.Namespace) -> int:
                 submit_evals(name)
             else:
                 jobs[pool.submit(_train_job, name, variant, args.task, args.steps, args.warm_start, args.seed, threads,
-                                 str(dirs[name]), args.variant, progress)] = ("train", name, 0)
+                                 str(dirs[name]), args.variant, progress, args.finish_steps)] = ("train", name, 0)
                 training.append(name)
         if training:
             warm = f" after {args.warm_start} pass-key steps" if args.warm_start else ""
-            finish = f", then {recipe.finish_steps} finishing steps" if recipe.finish_steps else ""
+            finish = f", then {args.finish_steps} finishing steps" if args.finish_steps else ""
             print(f"training {', '.join(f'{n} ({models[n]})' for n in training)} on {args.task}: {args.steps} steps "
                   f"each{warm}{finish}, {workers} processes x {threads} threads; each model is evaluated when it "
                   "is trained")
-        train_bar = tqdm(total=(args.warm_start + args.steps + recipe.finish_steps) * len(training), desc="train",
+        train_bar = tqdm(total=(args.warm_start + args.steps + args.finish_steps) * len(training), desc="train",
                          unit="step",
                          disable=args.no_progress or not training)
         eval_total = sum(args.lengths) * len(depths) * len(models)
@@ -368,7 +376,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task != "passkey":
         warm = f", after {args.warm_start} steps of the pass key's recipe" if args.warm_start else ""
         model = f"; model fields {recipe.model} (replacing the preset's)" if recipe.model else ""
-        finish = f"; then a finishing stage {recipe.finish}" if recipe.finish else ""
+        finish = (f"; then a finishing stage {({**recipe.finish, 'steps': args.finish_steps})}"
+                  if args.finish_steps else "")
         summary += (f"\nRecipe of {args.task} (evals/niah_tasks.py): {recipe.note}; training {recipe.train}{warm}"
                     f"{finish}{model}.\n")
     (out / "summary.md").write_text(summary)
@@ -393,6 +402,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warm-start", type=integer(0), default=None, metavar="STEPS",
                    help="pass-key steps (its own recipe) before the task's (default: the task's recipe; "
                         "niah_single_2 starts from the pass key)")
+    p.add_argument("--finish-steps", type=integer(0), default=None, metavar="STEPS",
+                   help="steps of the recipe's finishing stage after the task's (default: the task's recipe; "
+                        "babilong_qa1 300; 0 skips it)")
     p.add_argument("--lengths", type=_parse_lengths, default=None,
                    help="comma-separated prompt lengths in tokens (bytes), k = 1024, m = 1024^2 (default: the "
                         "task's recipe; passkey 1k,4k,16k,64k,256k,1m)")

@@ -90,13 +90,16 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
         note="from scratch, 700 steps, memory convolutions of width 24 (model: conv_kernel=24, both sides): the "
              "stories' facts back to back without KJV for the first 40% of the steps (1 -> 8 facts over the first "
              "25%), then 150-450 tokens of KJV between and around the 8 facts, 1-2K tokens over the last 20%; "
-             "after each story a question about every person, each answer supervised (ask_all). This default "
-             "run (15.6 min at load 4-6): hybrid 9, 10, 6, 3, 1 of 10 at 1K, 4K, 16K, 64K, 128K (loss 0.026), "
-             "baseline 0, 1, 0, 4, 0 (the prior 'bedroom'). With the preset's width 8 the same recipe reached "
-             "4, 4, 3, 3, 1 of 10 (loss 0.153): the query read after 'Answer: ' matched the keys of every "
-             "person's facts alike (cos 0.46 other vs 0.42 same person); at width 24 (the key sees 'Mary went "
-             "to the kit', the query 'Mary?\\nAnswer: ') 0.06 vs 0.46: bound without attention. The last recipe: "
-             "the prior 'bathroom', 9/50. Beyond 16K the read-out falls (13 nats at 64K)",
+             "after each story a question about every person, each answer supervised (ask_all); then 300 "
+             "finishing steps on 8-fact KJV stories (lr 1e-3) with the full write threshold and each row's largest "
+             "KJV write gate penalised (max_penalty). This default run (18.4 min, load 1-3): hybrid 10, 10, 9, 9, 9 of "
+             "10 at 1K, 4K, 16K, 64K, 128K (loss 0.014), read-out 0.00 nats to 128K, 0.02-0.03% of KJV written; "
+             "20 more prompts each at 16K and 128K: 29/30 at both; baseline 0, 1, 0, 4, 0 (the prior). Without "
+             "the finishing stage 9, 10, 6, 3, 1 (the first memory wrote 7.5-9.1% of KJV: the read-out fell to "
+             "13 nats at 64K); the max penalty over the whole run instead: 7, 8, 7, 6 (facts bound less well); "
+             "both penalties from step 525 on: 10, 10, 8, 4. Width 8 (the preset's): 4, 4, 3, 3, 1 (the query "
+             "after 'Answer: ' matched every person's facts alike, cos 0.46 other vs 0.42 same person; width 24: "
+             "0.06 vs 0.46)",
     ),
 }
 
@@ -125,15 +128,16 @@ def recipe_for(task: str) -> TaskRecipe:
                       note=f"not tuned: {fixed} tokens of fixed text, training lengths derived from it")
 
 
-def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | None = None, seed: int = 0,
-               progress: bool = False, on_step: Callable[[int], None] | None = None) -> list[float]:
+def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | None = None,
+               finish_steps: int | None = None, seed: int = 0, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train ``model`` on ``task`` by its recipe; returns the loss per step (the warm start's first).
 
     With a warm start (``warm_start`` steps, by default the recipe's) the model first learns the pass
     key with the main job's own recipe (``NIAH_TRAIN``: the memory learns to write a number and read it
     after "is"), then ``steps`` steps of the task (``NIAH_TRAIN``, then ``recipe.train``), each stage
-    seeded with ``seed``; then the recipe's ``finish`` stage, if any (its steps, its keywords over the
-    task's, seeded with ``seed`` too).
+    seeded with ``seed``; then the recipe's ``finish`` stage, if any (``finish_steps`` steps, by default
+    the recipe's; its keywords over the task's, seeded with ``seed`` too).
     ``on_step(step)`` counts the steps of every stage."""
     recipe = recipe_for(task)
     warm_start = recipe.warm_start if warm_start is None else warm_start
@@ -146,11 +150,15 @@ def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | Non
     report = (lambda step: on_step(done + step)) if on_step is not None else None
     losses += train_passkey(model, steps, task=task, seed=seed, progress=progress, on_step=report,
                             **{**NIAH_TRAIN, **recipe.train})
-    if recipe.finish_steps:
+    finish_steps = recipe.finish_steps if finish_steps is None else finish_steps
+    if finish_steps and not recipe.finish:
+        raise ValueError(f"train_task: finish_steps={finish_steps!r} for task {task!r}, whose recipe has no "
+                         "finishing stage: expected 0 or None")
+    if finish_steps:
         done = len(losses)
         report = (lambda step: on_step(done + step)) if on_step is not None else None
         finish = {key: value for key, value in recipe.finish.items() if key != "steps"}
-        losses += train_passkey(model, recipe.finish_steps, task=task, seed=seed, progress=progress,
+        losses += train_passkey(model, finish_steps, task=task, seed=seed, progress=progress,
                                 on_step=report, **{**NIAH_TRAIN, **recipe.train, **finish})
     return losses
 

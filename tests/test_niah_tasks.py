@@ -12,7 +12,7 @@ from titans_lnn import TitansLNN
 from titans_lnn.cli import main
 from titans_lnn.evals import niah_train
 from titans_lnn.evals.niah import NIAH_STEPS, niah_config
-from titans_lnn.evals.niah_tasks import TASK_RECIPES, recipe_for, task_overhead, task_readout
+from titans_lnn.evals.niah_tasks import TASK_RECIPES, recipe_for, task_overhead, task_readout, train_task
 from titans_lnn.evals.niah_train import TRAIN_SEED_BASE, memory_modules, task_batch
 
 TASKS = ("niah_single_2", "babilong_qa1")
@@ -91,12 +91,16 @@ def test_niah_command_runs_each_task(tmp_path, monkeypatch, task, lengths):
     """End to end at toy size; the evaluated prompts' seeds are below TRAIN_SEED_BASE and none is a
     seed training drew (the training draws replayed here with the run's --seed)."""
     out = tmp_path / task
+    finish = ["--finish-steps", "1"] if recipe_for(task).finish else []
     assert main(["niah", "--task", task, "--steps", "2", "--lengths", lengths, "--samples", "2", "--out", str(out),
-                 "--no-progress", "--chunk-len", "128", "--workers", "1", "--threads", "1", "--warm-start", "1"]) == 0
+                 "--no-progress", "--chunk-len", "128", "--workers", "1", "--threads", "1", "--warm-start", "1",
+                 *finish]) == 0
     summary = (out / "summary.md").read_text()
     meta = json.loads((out / "summary.json").read_text())["meta"]
     assert meta["hybrid"]["warm_start_steps"] == meta["baseline"]["warm_start_steps"] == 1
+    assert meta["hybrid"]["finish_steps"] == meta["baseline"]["finish_steps"] == len(finish) // 2
     assert "after 1 steps of the pass key's recipe" in summary
+    assert ("then a finishing stage" in summary) == bool(finish)
     assert f"{task} accuracy" in summary and "Wilson" in summary and summary.count("n=2") == 4
     assert f"Recipe of {task}" in summary and "haystack tokens written" in summary
     assert (out / "hybrid" / "readout.png").stat().st_size > 0
@@ -113,6 +117,14 @@ def test_niah_command_runs_each_task(tmp_path, monkeypatch, task, lengths):
         task_batch(task, 16, train["min_len"], train["max_len"], rng)
     train_seeds = {seed for _, seed in made}
     assert len(train_seeds) == 32 and min(train_seeds) >= TRAIN_SEED_BASE and not eval_seeds & train_seeds
+
+
+def test_finish_steps_without_a_finishing_stage_is_refused(tmp_path, capsys):
+    """--finish-steps on a task whose recipe has no finishing stage: a clear error before any training."""
+    assert main(["niah", "--task", "niah_single_2", "--finish-steps", "5", "--out", str(tmp_path / "n")]) == 2
+    assert "--finish-steps 5" in capsys.readouterr().err and not (tmp_path / "n" / "hybrid").exists()
+    with pytest.raises(ValueError, match="finish_steps=5"):
+        train_task(TitansLNN(niah_config("mal")), "niah_single_2", 1, finish_steps=5)
 
 
 def test_niah_command_rejects_an_unknown_task(tmp_path, capsys):
