@@ -143,6 +143,10 @@ def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | Non
     warm_start = recipe.warm_start if warm_start is None else warm_start
     if not isinstance(warm_start, int) or warm_start < 0:
         raise ValueError(f"train_task: warm_start={warm_start!r} is invalid: expected a number of steps >= 0")
+    finish_steps = recipe.finish_steps if finish_steps is None else finish_steps
+    if finish_steps and not recipe.finish:
+        raise ValueError(f"train_task: finish_steps={finish_steps!r} for task {task!r}, whose recipe has no "
+                         "finishing stage: expected 0 or None")
     losses: list[float] = []
     if warm_start:
         losses += train_passkey(model, warm_start, seed=seed, progress=progress, on_step=on_step, **NIAH_TRAIN)
@@ -150,10 +154,6 @@ def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | Non
     report = (lambda step: on_step(done + step)) if on_step is not None else None
     losses += train_passkey(model, steps, task=task, seed=seed, progress=progress, on_step=report,
                             **{**NIAH_TRAIN, **recipe.train})
-    finish_steps = recipe.finish_steps if finish_steps is None else finish_steps
-    if finish_steps and not recipe.finish:
-        raise ValueError(f"train_task: finish_steps={finish_steps!r} for task {task!r}, whose recipe has no "
-                         "finishing stage: expected 0 or None")
     if finish_steps:
         done = len(losses)
         report = (lambda step: on_step(done + step)) if on_step is not None else None

@@ -123,7 +123,7 @@ def test_finish_steps_without_a_finishing_stage_is_refused(tmp_path, capsys):
     """--finish-steps on a task whose recipe has no finishing stage: a clear error before any training."""
     assert main(["niah", "--task", "niah_single_2", "--finish-steps", "5", "--out", str(tmp_path / "n")]) == 2
     assert "--finish-steps 5" in capsys.readouterr().err and not (tmp_path / "n" / "hybrid").exists()
-    with pytest.raises(ValueError, match="finish_steps=5"):
+    with pytest.raises(ValueError, match="finish_steps=5"):  # before the warm start's 1,000 steps
         train_task(TitansLNN(niah_config("mal")), "niah_single_2", 1, finish_steps=5)
 
 
