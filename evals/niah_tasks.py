@@ -68,7 +68,8 @@ class TaskRecipe:
 
 
 # Sized by measured cost (CPU seconds per step, see each note): with evaluation, 18.4 min on 2 cores for qa1 and
-# 32.2 for S-NIAH-2 (its pass-key warm start); their accuracy is in the notes where measured. The pass key's recipe lives in niah_train.py.
+# 32.2 for S-NIAH-2 (its pass-key warm start); their accuracy is in the notes where measured. The pass key's
+# recipe lives in niah_train.py.
 TASK_RECIPES: dict[str, TaskRecipe] = {
     "niah_single_2": TaskRecipe(
         steps=400, lengths=(1024, 4096, 16384, 65536), samples=10, max_new_tokens=10, warm_start=NIAH_STEPS,
