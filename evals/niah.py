@@ -40,7 +40,14 @@ from pathlib import Path
 import torch
 
 from titans_lnn.cli import integer
-from titans_lnn.evals.niah_tasks import readout_figure, readout_job, readout_md, recipe_for, train_task
+from titans_lnn.evals.niah_tasks import (
+    finish_steps_for,
+    readout_figure,
+    readout_job,
+    readout_md,
+    recipe_for,
+    train_task,
+)
 from titans_lnn.evals.niah_train import (
     NIAH_MODEL,
     NIAH_STEPS,
@@ -131,7 +138,7 @@ def _train_job(name: str, variant: str, task: str, steps: int, warm_start: int, 
     model = TitansLNN(niah_config(variant, match, recipe_for(task).model))
     t0 = time.perf_counter()
     report = (lambda step: progress.__setitem__(name, step)) if progress is not None else None
-    finish_steps = recipe_for(task).finish_steps if finish_steps is None else finish_steps
+    finish_steps = finish_steps_for(task, finish_steps)
     losses = train_task(model, task, steps, warm_start=warm_start, finish_steps=finish_steps, seed=seed,
                         on_step=report)
     model.save_pretrained(model_dir)
@@ -275,10 +282,10 @@ def run(args: argparse.Namespace) -> int:
     args.lengths = args.lengths or list(recipe.lengths)
     args.samples = args.samples or recipe.samples
     args.warm_start = recipe.warm_start if args.warm_start is None else args.warm_start
-    args.finish_steps = recipe.finish_steps if args.finish_steps is None else args.finish_steps
-    if args.finish_steps and not recipe.finish:
-        print(f"titans-lnn niah: error: --finish-steps {args.finish_steps}: task {args.task!r} has no finishing "
-              "stage in its recipe (TASK_RECIPES in evals/niah_tasks.py); expected 0 or no flag", file=sys.stderr)
+    try:  # fail now, not after training
+        args.finish_steps = finish_steps_for(args.task, args.finish_steps)
+    except ValueError as e:
+        print(f"titans-lnn niah: error: --finish-steps {args.finish_steps}: {e}", file=sys.stderr)
         return 2
     depths = args.depths if args.depths else spread_depths(args.samples)
     if args.task.startswith("babilong_"):

@@ -31,8 +31,8 @@ from titans_lnn.evals.tasks import TASKS, make_sample
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import ByteTokenizer
 
-__all__ = ["TASK_RECIPES", "TaskRecipe", "chance_nats", "readout_figure", "readout_md", "recipe_for",
-           "task_overhead", "task_readout", "train_task"]
+__all__ = ["TASK_RECIPES", "TaskRecipe", "chance_nats", "finish_steps_for", "readout_figure", "readout_md",
+           "recipe_for", "task_overhead", "task_readout", "train_task"]
 
 PASSKEY_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)  # the main job's default: 1K .. 1M
 
@@ -131,6 +131,17 @@ def recipe_for(task: str) -> TaskRecipe:
                       note=f"not tuned: {fixed} tokens of fixed text, training lengths derived from it")
 
 
+def finish_steps_for(task: str, finish_steps: int | None = None) -> int:
+    """The steps of ``task``'s finishing stage: ``finish_steps``, or the recipe's when None. A ValueError
+    when steps are asked of a task whose recipe has no finishing stage."""
+    recipe = recipe_for(task)
+    finish_steps = recipe.finish_steps if finish_steps is None else finish_steps
+    if finish_steps and not recipe.finish:
+        raise ValueError(f"finish_steps={finish_steps!r} for task {task!r}, whose recipe has no finishing stage "
+                         "(TASK_RECIPES in evals/niah_tasks.py): expected 0 or None")
+    return finish_steps
+
+
 def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | None = None,
                finish_steps: int | None = None, seed: int = 0, progress: bool = False,
                on_step: Callable[[int], None] | None = None) -> list[float]:
@@ -146,23 +157,20 @@ def train_task(model: TitansLNN, task: str, steps: int, *, warm_start: int | Non
     warm_start = recipe.warm_start if warm_start is None else warm_start
     if not isinstance(warm_start, int) or warm_start < 0:
         raise ValueError(f"train_task: warm_start={warm_start!r} is invalid: expected a number of steps >= 0")
-    finish_steps = recipe.finish_steps if finish_steps is None else finish_steps
-    if finish_steps and not recipe.finish:
-        raise ValueError(f"train_task: finish_steps={finish_steps!r} for task {task!r}, whose recipe has no "
-                         "finishing stage: expected 0 or None")
+    finish_steps = finish_steps_for(task, finish_steps)
     losses: list[float] = []
+
+    def after(done: int):  # on_step, counted on from the steps already done
+        return (lambda step: on_step(done + step)) if on_step is not None else None
+
     if warm_start:
         losses += train_passkey(model, warm_start, seed=seed, progress=progress, on_step=on_step, **NIAH_TRAIN)
-    done = len(losses)
-    report = (lambda step: on_step(done + step)) if on_step is not None else None
-    losses += train_passkey(model, steps, task=task, seed=seed, progress=progress, on_step=report,
+    losses += train_passkey(model, steps, task=task, seed=seed, progress=progress, on_step=after(len(losses)),
                             **{**NIAH_TRAIN, **recipe.train})
     if finish_steps:
-        done = len(losses)
-        report = (lambda step: on_step(done + step)) if on_step is not None else None
         finish = {key: value for key, value in recipe.finish.items() if key != "steps"}
         losses += train_passkey(model, finish_steps, task=task, seed=seed, progress=progress,
-                                on_step=report, **{**NIAH_TRAIN, **recipe.train, **finish})
+                                on_step=after(len(losses)), **{**NIAH_TRAIN, **recipe.train, **finish})
     return losses
 
 

@@ -100,10 +100,7 @@ inline Tensor& gemm_into(Tensor& out, const Tensor& a, const Tensor& b, double b
                   b.size(1) == K && b.size(2) == N && M > 0 && N > 0 && K > 0 && out.stride(2) == 1 &&
                   (M == 1 || out.stride(1) >= N) && out.stride(1) <= INT_MAX && as_blas(a, ta, lda) &&
                   as_blas(b, tb, ldb);
-  if (!ok) {
-    if (beta == 0) return at::bmm_out(out, a, b).mul_(alpha);
-    return out.baddbmm_(a, b, beta, alpha);
-  }
+  if (!ok) return out.baddbmm_(a, b, beta, alpha);  // (beta 0: ATen ignores out's old values too)
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int ldc = static_cast<int>(M == 1 ? N : out.stride(1));
   AT_DISPATCH_FLOATING_TYPES(dtype, "gemm_into", [&] {

@@ -7,9 +7,9 @@
 // Why: a chunk of the tiny memory was ~95 ops forward and ~190 backward on tensors of (G, 16, 128),
 // each microseconds of overhead and almost no arithmetic; from Python each op also paid the
 // interpreter and the autograd dispatch (issue 12's profile: 22.5% of a training step was Python
-// between the ops). Here ~20 ATen compute ops (matmuls mostly) run per chunk forward and ~30 backward,
-// besides the fused loops and their outputs' allocations, below autograd (nothing is recorded: the backward
-// is explicit). Python's loop issued 67 and 126 (views not counted; the tiny memory's shapes).
+// between the ops). Here ~20 compute calls (matmuls mostly, straight to BLAS) run per chunk forward and ~30
+// backward, besides the fused loops and their outputs' allocations, below autograd (nothing is recorded: the
+// backward is explicit). Python's loop issued 67 and 126 (views not counted; the tiny memory's shapes).
 //
 // Shapes: G = B*H memories, N chunks, L rows per chunk, n = 1 or 2 layers. The state X is per layer
 // [W_l^T; S_l^T] (G, 2, in_l, out_l). The per-chunk inputs (``prepare``'s dict p) arrive as
