@@ -9,6 +9,7 @@
     python benchmarks/niah_ablation.py --task niah_single_2 --init /tmp/niah-h1/hybrid/model --steps 400
     python benchmarks/niah_ablation.py --task babilong_qa1 --steps 700 --lengths 1024,16384 --samples 20 \
         --set conv_kernel=8 --train 'fillers=[["none", 0.25], ["noise", 0.55]]'
+    python benchmarks/niah_ablation.py --task babilong_qa1 --load niah-results/hybrid/model --lengths 1024 --binding
 
 It trains the MAL hybrid of ``titans-lnn niah`` (``NIAH_MODEL``, the task recipe's ``model`` fields, then the
 ``--set`` overrides) for
@@ -19,8 +20,9 @@ the fraction of haystack tokens each memory layer writes (theta > 1e-6, over 3,0
 task's haystack), and the task's accuracy on ``--samples`` fresh prompts per length (depths 5%..95%,
 evaluation seeds of the main job: every run scores the same prompts) with a 95% Wilson interval and
 its misses by kind (one wrong digit, the key's digits in another order, other; ``--json`` keeps every
-answer). ``--readout`` adds the needle's -log p(answer) after that much haystack (``needle_readout``
-for the pass key, ``task_readout`` for the others),
+answer). ``--binding`` (qa1) adds, per memory, how well its read query picks the asked person's facts
+(:func:`~titans_lnn.evals.niah_tasks.qa1_binding`). ``--readout`` adds the needle's -log p(answer) after
+that much haystack (``needle_readout`` for the pass key, ``task_readout`` for the others),
 once as trained and once per ``--silence`` layer (that memory writes nothing on the filler: the
 layer whose silence keeps the key is the one that stores it). ``--eval-threshold`` sets every
 memory's write threshold for the evaluation only (above or below the trained one). The closing
@@ -40,7 +42,7 @@ import torch
 from titans_lnn import TitansLNN, TitansLNNConfig
 from titans_lnn.cli import plain
 from titans_lnn.evals.niah import _parse_lengths, eval_seed, needle_readout, spread_depths
-from titans_lnn.evals.niah_tasks import TASK_RECIPES, recipe_for, task_readout
+from titans_lnn.evals.niah_tasks import TASK_RECIPES, qa1_binding, recipe_for, task_readout
 from titans_lnn.evals.niah_train import NIAH_MODEL, NIAH_TRAIN, memory_modules, train_passkey
 from titans_lnn.evals.runner import evaluate_samples
 from titans_lnn.evals.scoring import wilson_interval
@@ -98,12 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="also read out with this memory layer (0-based) writing nothing on the filler (repeatable)")
     p.add_argument("--eval-threshold", type=float, default=None, metavar="X",
                    help="every memory's write threshold during the evaluation (fraction of max_lr, in [0, 1))")
+    p.add_argument("--binding", action="store_true",
+                   help="babilong_qa1: per memory, the read query's cosine with the asked person's fact keys vs the "
+                        "others' (qa1_binding, 40 stories without KJV)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write every evaluated sample (expected, got, miss kind) and the loss curve there")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="save the trained model there (for titans-lnn niah --reuse or evaluation-time ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.binding and args.task != "babilong_qa1":
+        p.error(f"argument --binding: measures babilong_qa1's binding, not {args.task!r}'s: use --task babilong_qa1")
     if args.eval_threshold is not None and not 0 <= args.eval_threshold < 1:
         p.error(f"argument --eval-threshold: {args.eval_threshold} is outside [0, 1): expected a fraction of max_lr")
     losses = []
@@ -152,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n} tokens: {sum(r['correct'] for r in records)}/{len(records)} correct [{lo:.2f}, {hi:.2f}]; "
               f"misses: {dict(kinds) or 'none'}", flush=True)
         report["records"].extend(records)
+    if args.binding:
+        report["binding"] = qa1_binding(model)
+        print("binding, cos(query, key) asked person / others per memory layer: " + "; ".join(
+            f"{d['same']:.2f} / {d['other']:.2f}" for d in report["binding"]["layers"]))
     silences = [()] + [(i,) for i in args.silence]  # as trained, then each layer silent on the filler
     if args.readout and args.task != "passkey":
         d = task_readout(model, args.task, args.readout)

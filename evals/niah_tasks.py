@@ -31,8 +31,8 @@ from titans_lnn.evals.tasks import TASKS, make_sample
 from titans_lnn.model import TitansLNN
 from titans_lnn.tokenizers import ByteTokenizer
 
-__all__ = ["TASK_RECIPES", "TaskRecipe", "chance_nats", "finish_steps_for", "readout_figure", "readout_md",
-           "recipe_for", "task_overhead", "task_readout", "train_task"]
+__all__ = ["TASK_RECIPES", "TaskRecipe", "chance_nats", "finish_steps_for", "qa1_binding", "readout_figure",
+           "readout_md", "recipe_for", "task_overhead", "task_readout", "train_task"]
 
 PASSKEY_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)  # the main job's default: 1K .. 1M
 
@@ -86,7 +86,7 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
         steps=700, lengths=(1024, 4096, 16384, 65536, 131072), samples=10, max_new_tokens=12,
         model=dict(conv_kernel=24),
         train=dict(min_len=600, max_len=900, long_len=(1024, 2048), long_frac=0.2, ask_all=True,
-                   fillers=(("none", 0.4),), num_facts=(1, 8), facts_until=0.25),
+                   fillers=(("none", 0.4),), num_facts=(1, 8), facts_until=0.25, lr=6e-3),
         finish=dict(steps=300, max_penalty=1.0, threshold_start=1.0, fillers=(), num_facts=(8, 8), lr=1e-3),
         note="from scratch, 700 steps, memory convolutions of width 24 (model: conv_kernel=24, both sides): the "
              "stories' facts back to back without KJV for the first 40% of the steps (1 -> 8 facts over the first "
@@ -253,6 +253,49 @@ def task_readout(model: TitansLNN, task: str, distances: list[int], *, seed: int
         out["correct"].append(bool((scores.argmax(-1) == target_ids).all()))
         out["filler_written"].append([round(w / seen, 6) for w in written])
     return out
+
+
+def qa1_binding(model: TitansLNN, stories: int = 40, *, seed: int = 0) -> dict:
+    """Whether each memory binds a place to its person (BABILong qa1): on ``stories`` 8-fact stories
+    without KJV (evaluation-range seeds), the cosine between the read query at the answer (after
+    "Answer: ") and the key each fact is written with (the fact's token of largest write gate), for
+    the asked person's facts (``same``) and the others' (``other``), mean over facts and heads. A
+    memory that binds has ``same`` near 1 and ``other`` near 0; one that stores "a place" has both alike.
+    Returns ``{"stories", "layers": [{"same", "other", "n_same", "n_other"}, ...]}`` (one per memory)."""
+    from titans_lnn.evals.babilong import make_babilong
+
+    if not isinstance(stories, int) or stories < 1:
+        raise ValueError(f"qa1_binding: stories={stories!r} is invalid: expected a whole number >= 1")
+    memories = memory_modules(model)
+    inputs: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda module, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, m in enumerate(memories)]
+    base = random.Random(f"binding/{seed}").randrange(2**30)  # an evaluation-range seed
+    sums = [{"same": [], "other": []} for _ in memories]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for j in range(stories):
+                sample = make_babilong("qa1", 1024, None, base + j, num_facts=8, filler="none")  # no filler: any length
+                prompt = sample.prompt + " "  # the answer's first byte is read here
+                model(torch.tensor([list(prompt.encode())]))
+                person = sample.meta["question"].split()[-1].rstrip("?")
+                for i, m in enumerate(memories):
+                    q, k, _, _ = m._project(inputs[i], m.init_state(1, dtype=inputs[i].dtype))  # (1, H, T, d)
+                    gate = m.last_theta[0]  # (H, T): the gates this pass wrote with
+                    for fact, at in zip(sample.meta["facts"], sample.meta["needle_offsets"]):
+                        t = at + gate[:, at:at + len(fact)].argmax(-1)  # (H,): each head's largest write
+                        cos = (k[0, torch.arange(m.heads), t] * q[0, :, -1]).sum(-1).mean().item()
+                        sums[i]["same" if fact.split()[0] == person else "other"].append(cos)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    layers = [{"same": round(sum(d["same"]) / max(1, len(d["same"])), 4),
+               "other": round(sum(d["other"]) / max(1, len(d["other"])), 4),
+               "n_same": len(d["same"]), "n_other": len(d["other"])} for d in sums]
+    return {"stories": stories, "layers": layers}
 
 
 def readout_job(model_dir: str, task: str, distances: list[int], seed: int, threads: int) -> dict:

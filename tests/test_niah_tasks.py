@@ -4,6 +4,7 @@ their training batches, seeds, recipes, read-out diagnostics and the command at 
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -406,3 +407,82 @@ def test_recipe_model_fields_reach_both_models(monkeypatch, tmp_path):
     hybrid = TitansLNN(niah_config("mal", overrides=recipe.model)).num_parameters()
     baseline = niah_config("swa", overrides=recipe.model)
     assert baseline.conv_kernel == 3 and abs(TitansLNN(baseline).num_parameters() - hybrid) < 0.05 * hybrid
+
+
+def _person_keys(model):
+    """Replace each memory's q and k by the one-hot of a person (the rest of _project as it is): at a
+    fact's tokens the person the fact is about, at the answer the person asked about. A memory with
+    these keys binds perfectly: qa1_binding must then measure 1 for the asked person, 0 for the others."""
+    from titans_lnn.evals.babilong import PEOPLE
+
+    seen: dict = {}
+    model.register_forward_pre_hook(lambda module, args: seen.__setitem__("text", bytes(args[0][0].tolist()).decode()))
+
+    def person_at(text: str, t: int) -> int:
+        asked = re.search(r"Where is (\w+)\?", text[:t + 1])
+        if asked:
+            return PEOPLE.index(asked.group(1))
+        start = max(text.rfind(". ", 0, t + 1) + 2, text.rfind("\n", 0, t + 1) + 1)
+        word = text[start:].split(" ", 1)[0]
+        return PEOPLE.index(word) if word in PEOPLE else len(PEOPLE)
+
+    for m in niah_train.memory_modules(model):
+        project = m._project
+
+        def fake(x, state, project=project, m=m):
+            q, k, v, convs = project(x, state)
+            ids = torch.tensor([person_at(seen["text"], t) for t in range(x.shape[1])])
+            onehot = torch.nn.functional.one_hot(ids, q.shape[-1]).to(q.dtype)  # (T, d)
+            onehot = onehot[None, None].expand(x.shape[0], m.heads, -1, -1)
+            return onehot, onehot, v, convs
+
+        m._project = fake
+
+
+def test_qa1_binding_measures_a_perfect_binding_and_its_absence():
+    """qa1_binding: with keys and queries that name the person, 1 for the asked person's facts and 0 for
+    the others', every fact counted once (8 per story, as many "same" as the stories' facts about the
+    asked person); the model's mode and hooks as they were; a bad story count refused."""
+    from titans_lnn.evals.babilong import make_babilong
+    from titans_lnn.evals.niah_tasks import qa1_binding
+
+    torch.manual_seed(0)
+    model = TitansLNN(niah_config("mal")).train()
+    plain = qa1_binding(model, 3)
+    assert model.training and not model._forward_pre_hooks
+    assert all(d["n_same"] + d["n_other"] == 24 and -1 <= d["same"] <= 1 and -1 <= d["other"] <= 1
+               for d in plain["layers"]) and len(plain["layers"]) == 2
+    _person_keys(model)
+    bound = qa1_binding(model, 3)
+    assert [(d["same"], d["other"]) for d in bound["layers"]] == [(1.0, 0.0)] * 2
+    base = random.Random("binding/0").randrange(2**30)
+    asked = 0
+    for j in range(3):
+        story = make_babilong("qa1", 1024, None, base + j, num_facts=8, filler="none")
+        person = story.meta["question"].split()[-1].rstrip("?")
+        asked += sum(fact.split()[0] == person for fact in story.meta["facts"])
+    assert [d["n_same"] for d in bound["layers"]] == [asked] * 2 and 0 < asked < 24
+    with pytest.raises(ValueError, match="stories=0"):
+        qa1_binding(model, 0)
+
+
+def test_ablation_script_reports_the_binding(tmp_path):
+    """benchmarks/niah_ablation.py --binding: qa1_binding's two figures per memory printed and kept in --json;
+    refused for a task other than babilong_qa1, naming it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    TitansLNN(niah_config("mal")).save_pretrained(tmp_path / "m")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "niah_ablation.py"
+    run = [sys.executable, str(script), "--load", str(tmp_path / "m"), "--lengths", "600", "--samples", "1",
+           "--binding"]
+    proc = subprocess.run(run + ["--task", "babilong_qa1", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    layers = json.loads((tmp_path / "r.json").read_text())["binding"]["layers"]
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("binding, cos(query, key)"))
+    assert line.endswith("; ".join(f"{d['same']:.2f} / {d['other']:.2f}" for d in layers)) and len(layers) == 2
+    proc = subprocess.run(run + ["--task", "passkey"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--binding" in proc.stderr and "'passkey'" in proc.stderr
