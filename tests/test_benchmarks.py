@@ -165,6 +165,8 @@ def test_competitor_sections_at_tiny_sizes(bench, tmp_path):
     assert set(mem["data"]["ratios"]) == {"titans-default", "titans-chunked"}
     assert all(r["status"] == "ok" for rs in model["data"]["records"].values() for r in rs)
     assert model["data"]["params"]["titans-mac"] > 1_000_000  # matched sizes: both near 1.5M parameters
+    inference = model["measured"].split("(inference: ")[1]  # each ratio named by the variant it is against
+    assert inference.startswith("ours / MAC ") and "; ours / MAC 1-stream " in inference
     bench["report"].write(tmp_path, _meta(), sections)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## 2. Neural memory vs titans-pytorch" in text and "## 3. Whole model vs titans-pytorch" in text
