@@ -67,7 +67,7 @@ class TaskRecipe:
         return self.finish.get("steps", 0)
 
 
-# Sized by measured cost (CPU seconds per step, see each note): with evaluation, 18.4 min on 2 cores for qa1 and
+# Sized by measured cost (CPU seconds per step, see each note): with evaluation, 13.6-18.4 min on 2 cores for qa1 and
 # 32.2 for S-NIAH-2 (its pass-key warm start); their accuracy is in the notes where measured. The pass key's
 # recipe lives in niah_train.py.
 TASK_RECIPES: dict[str, TaskRecipe] = {
@@ -88,21 +88,22 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
         train=dict(min_len=600, max_len=900, long_len=(1024, 2048), long_frac=0.2, ask_all=True,
                    fillers=(("none", 0.4),), num_facts=(1, 8), facts_until=0.25, lr=6e-3),
         finish=dict(steps=300, max_penalty=1.0, threshold_start=1.0, fillers=(), num_facts=(8, 8), lr=1e-3),
-        note="from scratch, 700 steps, memory convolutions of width 24 (model: conv_kernel=24, both sides): the "
-             "stories' facts back to back without KJV for the first 40% of the steps (1 -> 8 facts over the first "
-             "25%), then 150-450 tokens of KJV between and around the 8 facts, 1-2K tokens over the last 20%; "
-             "after each story a question about every person, each answer supervised (ask_all); then 300 "
-             "finishing steps on 8-fact KJV stories (lr 1e-3) with the full write threshold and each row's largest "
-             "KJV write gate penalised (max_penalty). This default run (18.4 min, load 1-3): hybrid 10, 10, 9, 9, 9 of "
-             "10 at 1K, 4K, 16K, 64K, 128K (loss 0.014), read-out 0.00 nats to 128K, 0.02-0.03% of KJV written; "
-             "20 more prompts each at 16K and 128K: 29/30 at both; baseline 0, 1, 0, 4, 0 (the prior). Not yet "
-             "reliable: --seed 1 and 2 give 6 and 3 of 10 at 16K (the facts not bound in the first 700 steps: loss "
-             "0.116, 0.146; the read-out flat with distance). Without "
-             "the finishing stage 9, 10, 6, 3, 1 (the first memory wrote 7.5-9.1% of KJV: the read-out fell to "
-             "13 nats at 64K); the max penalty over the whole run instead: 7, 8, 7, 6 (facts bound less well); "
-             "both penalties from step 525 on: 10, 10, 8, 4. Width 8 (the preset's): 4, 4, 3, 3, 1 (the query "
-             "after 'Answer: ' matched every person's facts alike, cos 0.46 other vs 0.42 same person; width 24: "
-             "0.06 vs 0.46)",
+        note="from scratch, 700 steps at learning rate 6e-3, memory convolutions of width 24 (model: conv_kernel=24, "
+             "both sides): the stories' facts back to back without KJV for the first 40% of the steps (1 -> 8 "
+             "facts over the first 25%), then 150-450 tokens of KJV between and around the 8 facts, 1-2K tokens "
+             "over the last 20%; after each story a question about every person, each answer supervised "
+             "(ask_all); then 300 finishing steps on 8-fact KJV stories (lr 1e-3) with the full write threshold "
+             "and each row's largest KJV write gate penalised (max_penalty). The default command with --seed 0, "
+             "1, 2 (three at once, 39 min each at load 6-7): hybrid 10/10/9/10/10, 8/10/10/9/9 and 10/10/10/10/9 "
+             "of 10 at 1K, 4K, 16K, 64K, 128K (loss 0.001, 0.035, 0.011), no KJV token written; baseline 0-3 of "
+             "10 (the prior). At lr 3e-3 only seed 0 bound the facts (6 and 3 of 10 at 16K with seeds 1 and 2: "
+             "their loss stayed at the answer prior, 0.15-0.17, through the 700 steps; at 6e-3 each seed left it "
+             "between steps 375 and 500 in benchmarks/niah_ablation.py). Without the finishing stage (lr 3e-3) "
+             "9, 10, 6, 3, 1 (the first "
+             "memory wrote 7.5-9.1% of KJV: the read-out fell to 13 nats at 64K); the max penalty over the whole "
+             "run instead: 7, 8, 7, 6 (facts bound less well); both penalties from step 525 on: 10, 10, 8, 4. "
+             "Width 8 (the preset's): 4, 4, 3, 3, 1 (the query after 'Answer: ' matched every person's facts "
+             "alike, cos 0.46 other vs 0.42 same person; width 24: 0.06 vs 0.46)",
     ),
 }
 
