@@ -359,7 +359,7 @@ def model_section(ctx: Ctx) -> dict:
     sec["measured"] = "training " + "; ".join(
         f"vs {MODEL_LABELS[b]}: " + ", ".join(f"{fmt_ratio(r) if r else 'not run'} at {k(T)}" for T, r in by_T.items())
         for b, by_T in ratios.items())
-    label = dict((base, name) for name, base in cols)
+    label = {base: name for name, base in cols}
     sec["measured"] += " (inference: " + "; ".join(f"{label[b]} {fmt_ratio(r)} at {k(T)}"
                                                    for b, (T, r) in infer.items()) + ")"
     est_rows, estimates = [], {}

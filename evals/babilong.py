@@ -194,6 +194,14 @@ def make_story(qa: str, seed: int = 0, num_facts: int | None = None) -> tuple[li
     raise RuntimeError(f"no {qa} story with a well-posed question in {num_facts} facts")
 
 
+def qa1_asked(question: str) -> str:
+    """The person a qa1 question ("Where is <person>?") asks about."""
+    person = question.removeprefix("Where is ").removesuffix("?")
+    if person not in PEOPLE:
+        raise ValueError(f"qa1_asked: {question!r} is not a qa1 question: expected 'Where is <person>?'")
+    return person
+
+
 def qa1_locations(facts: list[str]) -> dict[str, str]:
     """person -> where a qa1 story (facts "<person> <moved to> the <location>.") leaves them."""
     where = {}

@@ -99,9 +99,9 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
              "10 (the prior). At lr 3e-3 only seed 0 bound the facts (6 and 3 of 10 at 16K with seeds 1 and 2: "
              "their loss stayed at the answer prior, 0.15-0.17, through the 700 steps; at 6e-3 each seed left it "
              "between steps 375 and 500 in benchmarks/niah_ablation.py). Without the finishing stage (lr 3e-3) "
-             "9, 10, 6, 3, 1 (the first "
-             "memory wrote 7.5-9.1% of KJV: the read-out fell to 13 nats at 64K); the max penalty over the whole "
-             "run instead: 7, 8, 7, 6 (facts bound less well); both penalties from step 525 on: 10, 10, 8, 4. "
+             "9, 10, 6, 3, 1 (the first memory wrote 7.5-9.1% of KJV: the read-out fell to 13 nats at 64K); the "
+             "max penalty over the whole run instead: 7, 8, 7, 6 (facts bound less well); both penalties from "
+             "step 525 on: 10, 10, 8, 4. "
              "Width 8 (the preset's): 4, 4, 3, 3, 1 (the query after 'Answer: ' matched every person's facts "
              "alike, cos 0.46 other vs 0.42 same person; width 24: 0.06 vs 0.46)",
     ),
@@ -263,7 +263,7 @@ def qa1_binding(model: TitansLNN, stories: int = 40, *, seed: int = 0) -> dict:
     the asked person's facts (``same``) and the others' (``other``), mean over facts and heads. A
     memory that binds has ``same`` near 1 and ``other`` near 0; one that stores "a place" has both alike.
     Returns ``{"stories", "layers": [{"same", "other", "n_same", "n_other"}, ...]}`` (one per memory)."""
-    from titans_lnn.evals.babilong import make_babilong
+    from titans_lnn.evals.babilong import make_babilong, qa1_asked
 
     if not isinstance(stories, int) or stories < 1:
         raise ValueError(f"qa1_binding: stories={stories!r} is invalid: expected a whole number >= 1")
@@ -272,7 +272,7 @@ def qa1_binding(model: TitansLNN, stories: int = 40, *, seed: int = 0) -> dict:
     hooks = [m.register_forward_pre_hook(lambda module, args, i=i: inputs.__setitem__(i, args[0]))
              for i, m in enumerate(memories)]
     base = random.Random(f"binding/{seed}").randrange(2**30)  # an evaluation-range seed
-    sums = [{"same": [], "other": []} for _ in memories]
+    cosines = [{"same": [], "other": []} for _ in memories]
     training = model.training
     model.eval()
     try:
@@ -281,21 +281,21 @@ def qa1_binding(model: TitansLNN, stories: int = 40, *, seed: int = 0) -> dict:
                 sample = make_babilong("qa1", 1024, None, base + j, num_facts=8, filler="none")  # no filler: any length
                 prompt = sample.prompt + " "  # the answer's first byte is read here
                 model(torch.tensor([list(prompt.encode())]))
-                person = sample.meta["question"].split()[-1].rstrip("?")
+                person = qa1_asked(sample.meta["question"])
                 for i, m in enumerate(memories):
                     q, k, _, _ = m._project(inputs[i], m.init_state(1, dtype=inputs[i].dtype))  # (1, H, T, d)
                     gate = m.last_theta[0]  # (H, T): the gates this pass wrote with
                     for fact, at in zip(sample.meta["facts"], sample.meta["needle_offsets"]):
                         t = at + gate[:, at:at + len(fact)].argmax(-1)  # (H,): each head's largest write
                         cos = (k[0, torch.arange(m.heads), t] * q[0, :, -1]).sum(-1).mean().item()
-                        sums[i]["same" if fact.split()[0] == person else "other"].append(cos)
+                        cosines[i]["same" if fact.split()[0] == person else "other"].append(cos)
     finally:
         for h in hooks:
             h.remove()
         model.train(training)
     layers = [{"same": round(sum(d["same"]) / max(1, len(d["same"])), 4),
                "other": round(sum(d["other"]) / max(1, len(d["other"])), 4),
-               "n_same": len(d["same"]), "n_other": len(d["other"])} for d in sums]
+               "n_same": len(d["same"]), "n_other": len(d["other"])} for d in cosines]
     return {"stories": stories, "layers": layers}
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from titans_lnn.config import PRESETS, TitansLNNConfig
-from titans_lnn.evals.babilong import make_babilong, qa1_locations
+from titans_lnn.evals.babilong import make_babilong, qa1_asked, qa1_locations
 from titans_lnn.evals.tasks import make_sample
 from titans_lnn.model import TitansLNN
 
@@ -78,7 +78,7 @@ def _answers(sample, ask_all: bool, seed: int) -> list[tuple[str, str]]:
     pairs = [("", answer_text(sample))]
     if ask_all:
         where = qa1_locations(sample.meta["facts"])
-        asked = sample.meta["question"].removeprefix("Where is ").removesuffix("?")
+        asked = qa1_asked(sample.meta["question"])
         others = sorted(p for p in where if p != asked)
         random.Random(seed).shuffle(others)
         pairs += [(f"\nQuestion: Where is {p}?\nAnswer:", where[p]) for p in others]

@@ -344,12 +344,16 @@ def test_bare_story_has_the_facts_and_question_without_kjv():
 
 
 def test_qa1_locations_keeps_each_persons_latest_move():
-    from titans_lnn.evals.babilong import qa1_locations
+    """qa1_locations: each person's latest move; qa1_asked: the person a question asks about; other text refused."""
+    from titans_lnn.evals.babilong import qa1_asked, qa1_locations
 
     facts = ["Mary went to the kitchen.", "John moved to the office.", "Mary journeyed to the garden."]
     assert qa1_locations(facts) == {"Mary": "garden", "John": "office"}
     with pytest.raises(ValueError, match="'The kitchen is north of the office.' is not a qa1 fact"):
         qa1_locations(["The kitchen is north of the office."])
+    assert qa1_asked("Where is Mary?") == "Mary"
+    with pytest.raises(ValueError, match="'Where is the apple\\?'"):
+        qa1_asked("Where is the apple?")
 
 
 def test_task_batch_ask_all_labels_every_persons_location():
@@ -443,7 +447,7 @@ def test_qa1_binding_measures_a_perfect_binding_and_its_absence():
     """qa1_binding: with keys and queries that name the person, 1 for the asked person's facts and 0 for
     the others', every fact counted once (8 per story, as many "same" as the stories' facts about the
     asked person); the model's mode and hooks as they were; a bad story count refused."""
-    from titans_lnn.evals.babilong import make_babilong
+    from titans_lnn.evals.babilong import make_babilong, qa1_asked
     from titans_lnn.evals.niah_tasks import qa1_binding
 
     torch.manual_seed(0)
@@ -459,7 +463,7 @@ def test_qa1_binding_measures_a_perfect_binding_and_its_absence():
     asked = 0
     for j in range(3):
         story = make_babilong("qa1", 1024, None, base + j, num_facts=8, filler="none")
-        person = story.meta["question"].split()[-1].rstrip("?")
+        person = qa1_asked(story.meta["question"])
         asked += sum(fact.split()[0] == person for fact in story.meta["facts"])
     assert [d["n_same"] for d in bound["layers"]] == [asked] * 2 and 0 < asked < 24
     with pytest.raises(ValueError, match="stories=0"):
