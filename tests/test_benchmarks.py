@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,32 @@ def test_flops_per_token_counts_matmuls_exactly(bench):
     assert bound["matmul_flops_per_s"] > 1e8  # any machine this runs on does 0.1 GFLOP/s
     assert bound["bound_tokens_per_s"] == pytest.approx(bound["matmul_flops_per_s"] / (2 * 8 * 16 + 2 * 16 * 16))
 
+
+def test_flops_per_token_counts_the_memory_loop_that_runs_in_cpp(bench, cpp_loop, monkeypatch):
+    """The C++ chunk loop's matmuls go to BLAS below the dispatcher: counted all the same (as its Python loop's),
+    and the loop flag the caller set is left as it was."""
+    import torch
+
+    from titans_lnn import NeuralMemory
+    from titans_lnn.kernels.titans_memory import cpp
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mem = torch.nn.Embedding(10, 16), NeuralMemory(16, heads=2, chunk_size=4)
+
+        def forward(self, ids):
+            return self.mem(self.emb(ids))[0]
+
+    torch.manual_seed(0)
+    net, ids = Net(), torch.randint(0, 10, (1, 37))
+    counts = {}
+    for loop in ("python", "cpp"):
+        monkeypatch.setenv(cpp.LOOP_ENV, loop)
+        counts[loop] = bench["models"].flops_per_token(net, ids)
+        assert os.environ[cpp.LOOP_ENV] == loop
+    # the projections alone (q, k, v, gates, output gate, output: 16 * (48 + 6 + 16 + 16) per token) are less
+    assert counts["cpp"] == counts["python"] > 2 * 16 * (48 + 6 + 16 + 16) + 1000
 
 def test_scaling_section_at_tiny_sizes(bench, tmp_path):
     ctx = tiny_ctx(bench, tmp_path)
