@@ -237,7 +237,8 @@ def job_stream(spec, device):
             records.append([state.pos, time.perf_counter() - start, rss_bytes() / MIB, peak_rss_mib()])
     wall = records[-1][1]
     rec = dict(corpus=spec["corpus"], tokens=n, corpus_tokens=len(corpus.tokens), piece=piece,
-               status="ok", time_s=wall, tokens_per_s=n / wall, load_s=load_s, rss_start_mib=rss0,
+               threads=torch.get_num_threads(), status="ok", time_s=wall, tokens_per_s=n / wall, load_s=load_s,
+               rss_start_mib=rss0,
                peak_rss_mib=peak_rss_mib(), state_mib=state.nbytes() / MIB, params=bench_models.num_parameters(m),
                records=records)
     if device.type == "cuda":

@@ -96,8 +96,8 @@ def _reader(stream, sink: list, results: list | None):
 def launch(ctx: Ctx, spec: dict, *, timeout_s: float | None = None, poll_s: float = 0.1) -> Outcome:
     """Runs one job in a fresh process; stops it when its RSS passes ``ctx.mem_budget`` or after
     ``timeout_s`` (default: the job's cap times its sizes, plus start-up)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(ctx.threads), "MKL_NUM_THREADS": str(ctx.threads),
-           "PYTHONUNBUFFERED": "1"}
+    threads = str(spec.get("threads", ctx.threads))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     n_runs = max(1, len(spec.get("Ts", [1])) * max(1, len(spec.get("modes", spec.get("passes", ["fwd"])))))
     if timeout_s is None:
         timeout_s = 120.0 + n_runs * (spec["max_run_s"] * 2.5 + spec["budget_s"])

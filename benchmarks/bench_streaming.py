@@ -30,11 +30,20 @@ def _bound_note(s: dict) -> str:
     return f" ({share:.0%} of the compute bound {fmt_rate(s['bound_tokens_per_s'])})"
 
 
-def stream_specs(ctx: Ctx, genome_bases: int | None) -> list[dict]:
+def _threads_note(s: dict) -> str:
+    return f" ({s['threads']} threads)" if s.get("threads", 1) > 1 else ""
+
+
+def stream_specs(ctx: Ctx, genome_bases: int | None, cores: int = 1) -> list[dict]:
+    """The KJV pass and the genome pass, with the suite's threads; then, when ``cores`` > ``ctx.threads``, the KJV
+    pass again with ``cores`` threads (the speed goal's measurement: the machine's cores, nothing else running)."""
     piece = ctx.sizes["stream_piece"]
     bases = ctx.sizes["genome_bases"] if genome_bases is None else genome_bases
-    return [ctx.spec(kind="stream", corpus="kjv", tokens=ctx.sizes["stream_tokens"], piece=piece),
-            ctx.spec(kind="stream", corpus="ecoli-k12", tokens=bases, piece=piece)]
+    kjv = ctx.spec(kind="stream", corpus="kjv", tokens=ctx.sizes["stream_tokens"], piece=piece)
+    specs = [kjv, ctx.spec(kind="stream", corpus="ecoli-k12", tokens=bases, piece=piece)]
+    if cores > ctx.threads:
+        specs.append({**kjv, "threads": cores})
+    return specs
 
 
 def run_streams(ctx: Ctx, specs: list[dict]) -> list[dict]:
@@ -55,18 +64,22 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
     speed = STREAM_SPEED.get(ctx.suite)
     sec = new_section(5, "streaming", "Streaming at scale: the tiny MAC reads text and a genome in one pass",
                       "1M tokens with peak RSS < 2 GB; time exponent 16K -> 1M <= 1.05; the whole E. coli genome"
-                      + (f"; >= {fmt_rate(speed)} tokens/s on the KJV pass" if speed else ""))
+                      + (f"; >= {fmt_rate(speed)} tokens/s on the KJV pass, on all cores" if speed else ""))
     rows, checks, fit = [], [], None
     for s in streams:
         if s.get("status") != "ok":
-            rows.append([s["corpus"], k(s["tokens"]) if s.get("tokens") else "all", s.get("status"), *[""] * 8])
+            rows.append([s["corpus"], k(s["tokens"]) if s.get("tokens") else "all", str(s.get("threads", "")),
+                         s.get("status"), *[""] * 8])
             checks.append(False)
             continue
-        rows.append([s["corpus"], f"{s['tokens']:,}", f"{s['time_s']:.1f}", fmt_rate(s["tokens_per_s"]),
-                     f"{s['rss_start_mib']:,.0f}", f"{s['peak_rss_mib']:,.0f}", f"{s['state_mib']:.2f}",
-                     *_bound_cells(s)])
+        rows.append([s["corpus"], f"{s['tokens']:,}", str(s["threads"]), f"{s['time_s']:.1f}",
+                     fmt_rate(s["tokens_per_s"]), f"{s['rss_start_mib']:,.0f}", f"{s['peak_rss_mib']:,.0f}",
+                     f"{s['state_mib']:.2f}", *_bound_cells(s)])
         checks.append(s["peak_rss_mib"] * 2**20 < 2 * GB)
     kjv = next((s for s in streams if s["corpus"] == "kjv" and s.get("status") == "ok"), None)
+    # the speed goal's pass: the KJV pass on all the machine's cores when there is one (else the only one)
+    fast = max((s for s in streams if s["corpus"] == "kjv" and s.get("status") == "ok"),
+               key=lambda s: s["threads"], default=None)
     if kjv:
         recs = kjv["records"]
         marks = []
@@ -80,18 +93,18 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
             fit = dict(exponent=p, coefficient=c, r2=r2, Ts=[x for x, _ in pts])
             checks.append(p <= 1.05)
         if speed:
-            checks.append(kjv["tokens_per_s"] >= speed)
+            checks.append(fast["tokens_per_s"] >= speed)
     genome = next((s for s in streams if s["corpus"].startswith("ecoli")), None)
     if genome and genome.get("status") == "ok":
         checks.append(genome["tokens"] >= genome["corpus_tokens"])  # the whole genome was read
     sec["status"] = verdict(checks)
-    parts = [f"{s['corpus']}: {s['tokens']:,} tokens, peak RSS {s['peak_rss_mib']:,.0f} MiB, "
+    parts = [f"{s['corpus']}{_threads_note(s)}: {s['tokens']:,} tokens, peak RSS {s['peak_rss_mib']:,.0f} MiB, "
              f"{fmt_rate(s['tokens_per_s'])} tokens/s{_bound_note(s)}" for s in streams if s.get("status") == "ok"]
     if fit:
         parts.append(f"exponent {fit['exponent']:.3f} ({k(fit['Ts'][0])}-{k(fit['Ts'][-1])})")
     sec["measured"] = "; ".join(parts)
-    sec["tables"].append(dict(caption="", header=["corpus", "tokens", "wall (s)", "tokens/s", "RSS at start (MiB)",
-                                                  "peak RSS (MiB)", "state (MiB)", "MFLOP/token",
+    sec["tables"].append(dict(caption="", header=["corpus", "tokens", "threads", "wall (s)", "tokens/s",
+                                                  "RSS at start (MiB)", "peak RSS (MiB)", "state (MiB)", "MFLOP/token",
                                                   "matmul GFLOP/s", "bound (tokens/s)", "of bound"], rows=rows))
     if genome and genome.get("status") == "ok" and genome["tokens"] < genome["corpus_tokens"]:
         sec["notes"].append(f"Only {genome['tokens']:,} of the genome's {genome['corpus_tokens']:,} bases were read "
@@ -112,6 +125,11 @@ def streaming_section(ctx: Ctx, streams: list[dict], concurrent: bool) -> dict:
         sec["notes"].append("The genome pass ran on the second core while the other sections (then the KJV pass) ran "
                             "on the first, every job single-threaded: that is what fits the suite in its time "
                             "budget on 2 cores.")
+    if fast is not None and fast is not kjv:
+        gain = fast["tokens_per_s"] / kjv["tokens_per_s"]
+        sec["notes"].append(f"The speed goal is read on the KJV pass with {fast['threads']} torch threads, run last "
+                            "with the machine otherwise idle (its matmul rate measured with the same threads): "
+                            f"{fmt_rate(fast['tokens_per_s'])} tokens/s, {gain:.2f}x the single-threaded pass.")
     panels = [dict(title="RSS while streaming", xlabel="tokens read", ylabel="MiB", logx=False, logy=False, ymin=0,
                    series=[dict(label=f"{s['corpus']} RSS", x=[r[0] for r in s["records"]],
                                 y=[r[2] for r in s["records"]]) for s in streams if s.get("status") == "ok"])]

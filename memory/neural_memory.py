@@ -258,8 +258,8 @@ class NeuralMemory(OwnInit, nn.Module):
     def _as_learned(self, state: MemoryState, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """``weights`` of ``state``, except that a fresh state's are the learned initial memory itself
         (so that its gradient reaches the parameters)."""
-        fresh = state.fresh[:, None, None, None]
-        return tuple(fresh * w0[None].to(w.dtype) + (1 - fresh) * w for w0, w in zip(self.init_weights_, weights))
+        fresh = state.fresh[:, None, None, None] > 0  # (fresh is 1 or 0: the same as blending by it, in one op)
+        return tuple(torch.where(fresh, w0.to(w.dtype), w) for w0, w in zip(self.init_weights_, weights))
 
     def current_weights(self, state: MemoryState) -> tuple[torch.Tensor, ...]:
         """The memory's weights after everything ``state`` has written, one (B, heads, out, in) per layer."""

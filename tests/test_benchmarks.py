@@ -255,7 +255,11 @@ def test_run_quick_end_to_end(tmp_path):
     payload = json.loads((out / "results.json").read_text())
     assert set(payload["sections"]) == {"1-liquid", "5-streaming"}
     streams = payload["sections"]["5-streaming"]["data"]["streams"]
-    assert [s["tokens"] for s in streams] == [4096, 4096] and all(s["status"] == "ok" for s in streams)
+    # the KJV pass and the genome pass with one thread each, then the KJV pass on every core (when 2+)
+    cores = os.cpu_count() or 1
+    assert [(s["corpus"], s["threads"]) for s in streams] == [("kjv", 1), ("ecoli-k12", 1)] + [("kjv", cores)] * (
+        cores > 1)
+    assert all(s["tokens"] == 4096 and s["status"] == "ok" for s in streams)
     assert all(s["peak_rss_mib"] < 2000 for s in streams)
     assert all(s["flops_per_token"] > 1e6 and s["bound_tokens_per_s"] > 0 for s in streams)
     assert "of bound" in text and "of the compute bound" in text
