@@ -6,7 +6,7 @@ Each block is one ``F.scaled_dot_product_attention`` call over its keys ``[sinks
 k2]`` with a boolean mask (grouped-query heads by ``enable_gqa``): one fused op forward and backward
 instead of ~10 einsum/softmax/split ops (a 128-token MAC segment: 1.07 -> 0.35 ms forward,
 2.8 -> 1.1 ms forward+backward on one CPU thread). The masks depend only on the sizes, so they are
-built once per shape (``_block_masks``, cached).
+built once per shape and dtype (``_additive_masks``, cached).
 """
 
 from __future__ import annotations
@@ -49,6 +49,16 @@ def _block_masks(T: int, P: int, pos_mod: int, window: int | None, segment: bool
     return tuple(masks)
 
 
+@functools.lru_cache(maxsize=64)
+def _additive_masks(T: int, P: int, pos_mod: int, window: int | None, segment: bool, block: int, n_sink: int,
+                    two_streams: bool, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``_block_masks`` as the additive masks scaled_dot_product_attention adds to the scores (0 where a query
+    sees a key, -inf elsewhere): given a boolean mask it builds this one on every call (~40 us for a MAC
+    segment's, a tenth of its attention)."""
+    return tuple(torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
+                 for m in _block_masks(T, P, pos_mod, window, segment, block, n_sink, two_streams, device))
+
+
 def sliding_window_attention_blocked(q, k, v, *, window, sink_k=None, sink_v=None, k2=None, v2=None,
                                      segment=False, pos0=0, block=128):
     """Blocked form of ``sliding_window_attention_ref``: each block of queries meets only the keys
@@ -62,7 +72,7 @@ def sliding_window_attention_blocked(q, k, v, *, window, sink_k=None, sink_v=Non
     n_blocks = -(-T // block)
     n_sink = 0 if sink_k is None else sink_k.shape[2]
     pos_mod = pos0 % window if segment and window is not None else 0
-    masks = _block_masks(T, P, pos_mod, window, segment, block, n_sink, k2 is not None, q.device)
+    masks = _additive_masks(T, P, pos_mod, window, segment, block, n_sink, k2 is not None, q.device, dtype)
     # No per-block slicing of tensors that need a gradient: autograd's backward of x[:, :, s:e] builds a
     # zero tensor the size of the whole x for every block, which makes the backward quadratic in T.
     # The queries are split once (one SplitBackward); block outputs are concatenated, not written into
