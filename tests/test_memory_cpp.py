@@ -66,6 +66,45 @@ def test_cpp_loop_equals_python_loop(size, depth, stable, clip, blas, cpp_loop, 
         _check(a, b, f"grad of input {i}", close, 1e-12)
 
 
+
+def _tapeless(tensors, n, C, offset, cpp_loop, monkeypatch, loop, infer, **kw):
+    """The outputs of ``_run`` without a gradient (no tape), with the loop ``loop`` and chunk_infer.h on or off."""
+    monkeypatch.setenv(cpp.LOOP_ENV, loop)
+    was = cpp_loop.use_infer(infer)
+    try:
+        with torch.inference_mode():
+            return _run([t.detach() for t in tensors], n, C, offset, **kw)
+    finally:
+        cpp_loop.use_infer(was)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}-C{}-off{}-B{}H{}".format(*s[:5]))
+def test_tapeless_forward_equals_the_loops(size, clip, cpp_loop, monkeypatch, close):
+    """Without a gradient, depth 2 with the stable step takes chunk_infer.h (buffers reused, raw BLAS): the same
+    outputs as the C++ loop's chunk_forward and as the Python loop, in fp64."""
+    T, C, offset, B, H, D, hidden = size
+    tensors, n = _inputs(T, 2, B=B, H=H, D=D, hidden=hidden, stable=True, seed=T)
+    kw = dict(max_grad_norm=clip, stable=True)
+    calls = cpp_loop.infer_calls()
+    got = _tapeless(tensors, n, C, offset, cpp_loop, monkeypatch, "cpp", True, **kw)
+    assert cpp_loop.infer_calls() == calls + (T - min(T, (C - offset) % C) > 0)  # whole chunks: one call
+    for name, loop, infer in (("chunk_forward", "cpp", False), ("the Python loop", "python", True)):
+        ref = _tapeless(tensors, n, C, offset, cpp_loop, monkeypatch, loop, infer, **kw)
+        for i, (a, b) in enumerate(zip(got, ref)):
+            _check(a, b, f"output {i} vs {name}", close, 1e-12)
+
+
+def test_tapeless_forward_in_fp32_matches_fp64(cpp_loop, monkeypatch, close):
+    tensors, n = _inputs(70, 2, B=1, H=2, D=16, hidden=32, stable=True, seed=2)
+    calls = cpp_loop.infer_calls()
+    got = _tapeless([t.float() for t in tensors], n, 16, 0, cpp_loop, monkeypatch, "cpp", True, max_grad_norm=2.0,
+                    stable=True)
+    assert cpp_loop.infer_calls() == calls + 1
+    ref = _tapeless(tensors, n, 16, 0, cpp_loop, monkeypatch, "python", True, max_grad_norm=2.0, stable=True)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        close(a.double(), b, 1e-5, f"output {i}")
+
 def test_blas_is_found_where_torch_ships_it(cpp_loop):
     """x86-64 Linux wheels of torch carry MKL, whose sgemm_/dgemm_ the loop calls directly; were they not
     found, the loop would still be right (the ATen ops) but slower: this says so."""
