@@ -280,6 +280,7 @@ std::vector<Tensor> chunk_backward(const Chunk& c, const Saved& sv, const Tensor
 py::tuple forward(const TensorMap& p, const c10::optional<Tensor>& kh, std::vector<Tensor> X,
                   c10::optional<double> max_grad_norm, bool stable, bool keep) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  MklSingleThread mkl_one_thread;  // (blas.h)
   auto inputs = std::make_shared<Inputs>(p);
   const int64_t N = inputs->N;
   const bool want_q = stable && kh.has_value() && kh->defined();
@@ -339,6 +340,7 @@ py::tuple backward(const std::shared_ptr<Tape>& tape, const Tensor& gy, std::vec
                    const std::vector<c10::optional<Tensor>>& gA, const c10::optional<Tensor>& gQ,
                    c10::optional<double> max_grad_norm, bool stable) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  MklSingleThread mkl_one_thread;  // (blas.h)
   const Inputs& inputs = *tape->inputs;
   const int64_t N = inputs.N;
   Tensor gyt = gy.transpose(0, 1).contiguous();  // (N, G, L, Dv)
