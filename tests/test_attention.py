@@ -104,3 +104,17 @@ def test_blocked_backward_is_linear_in_T(window, segment, close):
     assert many == few, f"per-block slicing in the backward: {few} slicing nodes at T=16, {many} at T=203"
     ref = sliding_window_attention_ref(**x, window=window, segment=segment, pos0=3)
     _assert_same_function(ref, got, x, close)
+
+
+def test_training_after_inference_at_the_same_shapes(close):
+    """Regression: the masks are cached per shape; one first built under inference_mode (streaming, evaluation)
+    must not be an inference tensor when a later call at the same shapes trains (autograd saves the mask)."""
+    from titans_lnn.kernels.window_attention import blocked
+
+    blocked._additive_masks.cache_clear()
+    x = _inputs(21, 4, 4, 2, 2, True, seed=3)
+    kw = dict(window=8, segment=True, pos0=5)
+    with torch.inference_mode():
+        sliding_window_attention_blocked(**{n: t.detach() for n, t in x.items()}, **kw, block=8)
+    got = sliding_window_attention_blocked(**x, **kw, block=8)
+    _assert_same_function(sliding_window_attention_ref(**x, **kw), got, x, close)

@@ -54,9 +54,11 @@ def _additive_masks(T: int, P: int, pos_mod: int, window: int | None, segment: b
                     two_streams: bool, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """``_block_masks`` as the additive masks scaled_dot_product_attention adds to the scores (0 where a query
     sees a key, -inf elsewhere): given a boolean mask it builds this one on every call (~40 us for a MAC
-    segment's, a tenth of its attention)."""
-    return tuple(torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
-                 for m in _block_masks(T, P, pos_mod, window, segment, block, n_sink, two_streams, device))
+    segment's, a tenth of its attention). Built outside inference mode whatever the caller's: autograd saves
+    the mask for the backward, and a cached inference tensor would fail every later training call."""
+    with torch.inference_mode(False):
+        return tuple(torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
+                     for m in _block_masks(T, P, pos_mod, window, segment, block, n_sink, two_streams, device))
 
 
 def sliding_window_attention_blocked(q, k, v, *, window, sink_k=None, sink_v=None, k2=None, v2=None,
