@@ -3,7 +3,7 @@
 Same contract and mask as ``sliding_window_attention_ref`` (``naive.py``, the specification): each
 block of queries meets only the keys it can see, so memory is O(T (W + block)), never a T x T mask.
 Each block is one ``F.scaled_dot_product_attention`` call over its keys ``[sinks | window | window of
-k2]`` with a boolean mask (grouped-query heads by ``enable_gqa``): one fused op forward and backward
+k2]`` with an additive mask (grouped-query heads by ``enable_gqa``): one fused op forward and backward
 instead of ~10 einsum/softmax/split ops (a 128-token MAC segment: 1.07 -> 0.35 ms forward,
 2.8 -> 1.1 ms forward+backward on one CPU thread). The masks depend only on the sizes, so they are
 built once per shape and dtype (``_additive_masks``, cached).

@@ -112,6 +112,38 @@ inline void gemm_call(const Blas& lib, const char* ta, const char* tb, const int
   lib.dgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// A row-major matrix operand of a batched product: memory g's matrix starts at p + g * batch; element (i, j)
+// of the logical matrix is at i * ld + j, or at j * ld + i when ``t`` (stored transposed).
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t batch, ld;
+  bool t;
+};
+
+// C[g] = beta C[g] + alpha A[g] B[g] for g < G: A (M x K), B (K x N), C (M x N) row-major with leading dim ldc
+// and batch stride sc. Row-major C = A B is column-major C^T = B^T A^T (see blas.h).
+template <typename T>
+void rgemm(int64_t G, int64_t M, int64_t N, int64_t K, Mat<T> A, Mat<T> B, T* C, int64_t sc, int64_t ldc, T beta,
+           T alpha) {
+  const Blas& lib = blas();
+  const char ta = A.t ? 'T' : 'N', tb = B.t ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int lda = static_cast<int>(A.ld), ldb = static_cast<int>(B.ld), lc = static_cast<int>(ldc);
+  for (int64_t g = 0; g < G; ++g) {
+    gemm_call(lib, &tb, &ta, &m, &n, &k, &alpha, B.p + g * B.batch, &ldb, A.p + g * A.batch, &lda, &beta,
+              C + g * sc, &lc);
+  }
+}
+
+// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64, BLAS found and enabled, every
+// matmul size within BLAS's int.
+// Whether ``forward`` may take ``forward_infer`` (the extension's ``use_infer`` sets it: tests compare both).
+inline bool& infer_enabled() {
+  static bool on = true;
+  return on;
+}
+
 // out = beta out + alpha a @ b per memory, in place; a (G, M, K), b (G, K, N), out (G, M, N) with unit stride
 // in its last dim. beta == 0: out is only written (its old values, even NaN, are not read).
 inline Tensor& gemm_into(Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha) {
@@ -127,18 +159,11 @@ inline Tensor& gemm_into(Tensor& out, const Tensor& a, const Tensor& b, double b
                   (M == 1 || out.stride(1) >= N) && out.stride(1) <= INT_MAX && as_blas(a, ta, lda) &&
                   as_blas(b, tb, ldb);
   if (!ok) return out.baddbmm_(a, b, beta, alpha);  // (beta 0: ATen ignores out's old values too)
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int ldc = static_cast<int>(M == 1 ? N : out.stride(1));
+  const int64_t ldc = M == 1 ? N : out.stride(1);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gemm_into", [&] {
-    const scalar_t al = static_cast<scalar_t>(alpha), be = static_cast<scalar_t>(beta);
-    const scalar_t *ap = a.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
-    scalar_t* cp = out.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < G; ++g) {
-      const scalar_t* bg = bp + g * b.stride(0);
-      const scalar_t* ag = ap + g * a.stride(0);
-      scalar_t* cg = cp + g * out.stride(0);
-      gemm_call(lib, &tb, &ta, &m, &n, &k, &al, bg, &ldb, ag, &lda, &be, cg, &ldc);
-    }
+    rgemm<scalar_t>(G, M, N, K, {a.data_ptr<scalar_t>(), a.stride(0), lda, ta == 'T'},
+                    {b.data_ptr<scalar_t>(), b.stride(0), ldb, tb == 'T'}, out.data_ptr<scalar_t>(), out.stride(0),
+                    ldc, static_cast<scalar_t>(beta), static_cast<scalar_t>(alpha));
   });
   return out;
 }

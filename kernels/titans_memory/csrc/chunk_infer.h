@@ -2,11 +2,11 @@
 // stable step: the same values as chunk_loop.cpp's ``chunk_forward`` chunk after chunk, computed in buffers
 // allocated once per call and reused by every chunk, the matmuls straight into BLAS on raw pointers.
 //
-// Why: a chunk of the tiny memory is ~80 small matmul and elementwise steps on (G, 16, 128) numbers, and
-// ``chunk_forward`` pays for each an ATen allocation, a view or a dispatch (~130 such events per chunk, ~0.4 us
-// each: ~40% of the loop's time when nothing is kept for a backward). Streaming inference (MAC's memory writes
-// one segment of 8 chunks per call) is where that shows. tests/test_memory_cpp.py checks this path against the
-// Python loop and against the C++ loop with a tape.
+// Why: a chunk of the tiny memory is a few dozen small matmul and elementwise steps on (G, 16, 128) numbers, and
+// ``chunk_forward`` pays for each an ATen allocation, a view or a dispatch (~130 such events per chunk). Here the
+// loop over one 128-token call of the tiny memory takes 0.86 ms instead of 1.15 (one thread); streaming inference
+// (MAC's memory writes one segment of 8 chunks per call) is where that shows. tests/test_memory_cpp.py checks this
+// path against the Python loop and against the C++ loop with a tape.
 
 #pragma once
 
@@ -21,38 +21,6 @@
 #include "chunk_fused.h"
 
 namespace titans_lnn_chunk_loop {
-
-// A row-major matrix operand of a batched product: memory g's matrix starts at p + g * batch; element (i, j)
-// of the logical matrix is at i * ld + j, or at j * ld + i when ``t`` (stored transposed).
-template <typename T>
-struct Mat {
-  const T* p;
-  int64_t batch, ld;
-  bool t;
-};
-
-// C[g] = beta C[g] + alpha A[g] B[g] for g < G: A (M x K), B (K x N), C (M x N) row-major with leading dim ldc
-// and batch stride sc. Row-major C = A B is column-major C^T = B^T A^T (see blas.h).
-template <typename T>
-void rgemm(int64_t G, int64_t M, int64_t N, int64_t K, Mat<T> A, Mat<T> B, T* C, int64_t sc, int64_t ldc, T beta,
-           T alpha) {
-  const Blas& lib = blas();
-  const char ta = A.t ? 'T' : 'N', tb = B.t ? 'T' : 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int lda = static_cast<int>(A.ld), ldb = static_cast<int>(B.ld), lc = static_cast<int>(ldc);
-  for (int64_t g = 0; g < G; ++g) {
-    gemm_call(lib, &tb, &ta, &m, &n, &k, &alpha, B.p + g * B.batch, &ldb, A.p + g * A.batch, &lda, &beta,
-              C + g * sc, &lc);
-  }
-}
-
-// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64, BLAS found and enabled, every
-// matmul size within BLAS's int.
-// Whether ``forward`` may take ``forward_infer`` (the extension's ``use_infer`` sets it: tests compare both).
-inline bool& infer_enabled() {
-  static bool on = true;
-  return on;
-}
 
 // How many calls took ``forward_infer`` (tests check that the path they compare ran).
 inline int64_t& infer_calls() {
