@@ -138,6 +138,28 @@ struct Steps {
   Tensor t1, rt, khalf, u, d1, d2, th1, sqp, scale, th2, cm, sc0, cd;
 };
 
+// One memory's Cm = dd2 theta'' (L, L), sc0 = Cm qk and cd = dl2 theta'' (2, L) from its steps theta'' (L).
+template <typename T>
+inline void cm_rows(const T* dd2, const T* qk, const T* dl2, const T* th2, int64_t L, T* cm, T* sc0, T* cd) {
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t j = 0; j < L; ++j) {
+      const T v = dd2[i * L + j] * th2[j];
+      cm[i * L + j] = v;
+      sc0[i * L + j] = v * qk[i * L + j];
+    }
+  }
+  for (int64_t i = 0; i < 2 * L; ++i) cd[i] = dl2[i] * th2[i % L];
+}
+
+// One memory's state decay [W; S] <- mix [W; S]: x0, x1 the two halves (M numbers each), mix (2, 2) row-major.
+template <typename T>
+inline void mix_rows(const T* m, const T* x0, const T* x1, int64_t M, T* o0, T* o1) {
+  for (int64_t j = 0; j < M; ++j) {
+    o0[j] = m[0] * x0[j] + m[1] * x1[j];
+    o1[j] = m[2] * x0[j] + m[3] * x1[j];
+  }
+}
+
 inline Steps chunk_steps(const Chunk& c, const std::vector<Tensor>& xsq, const std::vector<Tensor>& dsq,
                          const AnchorRows* ar, c10::optional<double> max_grad_norm, bool stable) {
   const int64_t n = static_cast<int64_t>(xsq.size());
@@ -213,18 +235,9 @@ inline Steps chunk_steps(const Chunk& c, const std::vector<Tensor>& xsq, const s
           th2[l] = th1[l] * scale;
         }
       }
-      const scalar_t *dd2 = ptr<scalar_t>(c.dd2) + g * L * L, *qk = ptr<scalar_t>(c.qk) + g * L * L,
-                     *dl2 = ptr<scalar_t>(c.dl2) + g * 2 * L;
-      scalar_t *cm = ptr<scalar_t>(o.cm) + g * L * L, *sc0 = ptr<scalar_t>(o.sc0) + g * L * L,
-               *cd = ptr<scalar_t>(o.cd) + g * 2 * L;
-      for (int64_t i = 0; i < L; ++i) {
-        for (int64_t j = 0; j < L; ++j) {
-          const scalar_t v = dd2[i * L + j] * th2[j];
-          cm[i * L + j] = v;
-          sc0[i * L + j] = v * qk[i * L + j];
-        }
-      }
-      for (int64_t i = 0; i < 2 * L; ++i) cd[i] = dl2[i] * th2[i % L];
+      cm_rows(ptr<scalar_t>(c.dd2) + g * L * L, ptr<scalar_t>(c.qk) + g * L * L, ptr<scalar_t>(c.dl2) + g * 2 * L,
+              th2, L, ptr<scalar_t>(o.cm) + g * L * L, ptr<scalar_t>(o.sc0) + g * L * L,
+              ptr<scalar_t>(o.cd) + g * 2 * L);
     }
   });
   return o;
@@ -257,13 +270,9 @@ inline Tensor mix_state(const Tensor& mix, const Tensor& X) {
   Tensor out = at::empty_like(X);
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "mix_state", [&] {
     for (int64_t g = 0; g < G; ++g) {
-      const scalar_t* m = ptr<scalar_t>(mix) + g * 4;
-      const scalar_t *x0 = ptr<scalar_t>(X) + g * 2 * M, *x1 = x0 + M;
-      scalar_t *o0 = ptr<scalar_t>(out) + g * 2 * M, *o1 = o0 + M;
-      for (int64_t j = 0; j < M; ++j) {
-        o0[j] = m[0] * x0[j] + m[1] * x1[j];
-        o1[j] = m[2] * x0[j] + m[3] * x1[j];
-      }
+      const scalar_t* x0 = ptr<scalar_t>(X) + g * 2 * M;
+      scalar_t* o0 = ptr<scalar_t>(out) + g * 2 * M;
+      mix_rows(ptr<scalar_t>(mix) + g * 4, x0, x0 + M, M, o0, o0 + M);
     }
   });
   return out;

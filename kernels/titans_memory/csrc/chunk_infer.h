@@ -168,16 +168,8 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
           t2g[l] = t1g[l];
         }
       }
-      const T *dd = dd2 + g * L * L, *qq = qk + g * L * L, *dl = dl2 + g * 2 * L;
-      T *cmg = cmp + g * L * L, *s0g = sc0p + g * L * L, *cdg = cdp + g * 2 * L;
-      for (int64_t a = 0; a < L; ++a) {
-        for (int64_t b = 0; b < L; ++b) {
-          const T v = dd[a * L + b] * t2g[b];
-          cmg[a * L + b] = v;
-          s0g[a * L + b] = v * qq[a * L + b];
-        }
-      }
-      for (int64_t a = 0; a < 2 * L; ++a) cdg[a] = dl[a] * t2g[a % L];
+      cm_rows(dd2 + g * L * L, qk + g * L * L, dl2 + g * 2 * L, t2g, L, cmp + g * L * L, sc0p + g * L * L,
+              cdp + g * 2 * L);
     }
     // The read: zr = [beta q, dbe q] [W_1; S_1]^T - sc0 d_1, hr = silu(zr), y = q + [beta hr, dbe hr] [W_2; S_2]^T
     // - (Cm (hr h^T)) r.
@@ -217,13 +209,9 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
             for (int64_t l = 0; l < L; ++l) Y[(half * in_l + a) * L + l] = x[l * in_l + a] * cdg[half * L + l];
           }
         }
-        const T* m = mix + g * 4;
-        const T *x0 = curs[layer] + g * 2 * M, *x1 = x0 + M;
-        T *o0 = nxts[layer] + g * 2 * M, *o1 = o0 + M;
-        for (int64_t j = 0; j < M; ++j) {
-          o0[j] = m[0] * x0[j] + m[1] * x1[j];
-          o1[j] = m[2] * x0[j] + m[3] * x1[j];
-        }
+        const T* x0 = curs[layer] + g * 2 * M;
+        T* o0 = nxts[layer] + g * 2 * M;
+        mix_rows(mix + g * 4, x0, x0 + M, M, o0, o0 + M);
       }
       rgemm<T>(G, 2 * in_l, out_l, L, {Ys[layer], 2 * in_l * L, L, false}, {ds[layer], L * out_l, out_l, false},
                nxts[layer], 2 * M, out_l, one, minus);
