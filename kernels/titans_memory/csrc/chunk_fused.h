@@ -243,23 +243,28 @@ inline Steps chunk_steps(const Chunk& c, const std::vector<Tensor>& xsq, const s
   return o;
 }
 
+// ``read_act`` on raw rows: zr, sr (rows, K), bd (rows, 2) -> hr (rows, K), hrbd (rows, 2 K).
+template <typename T>
+inline void read_rows(const T* zp, const T* sp, const T* bp, int64_t rows, int64_t K, T* hp, T* op) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const T b0 = bp[2 * row], b1 = bp[2 * row + 1];
+    for (int64_t j = 0; j < K; ++j) {
+      const T v = zp[row * K + j] * sp[row * K + j];
+      hp[row * K + j] = v;
+      op[row * 2 * K + j] = v * b0;
+      op[row * 2 * K + K + j] = v * b1;
+    }
+  }
+}
+
 // The read's hidden layer: hr = silu(zr) (sr = sigmoid(zr)) and hrbd = [beta hr, dbe hr] (G, L, 2 hidden).
 inline void read_act(const Tensor& zr, const Tensor& sr, const Tensor& bd, Tensor& hr, Tensor& hrbd) {
   const int64_t G = zr.size(0), L = zr.size(1), K = zr.size(2);
   hr = at::empty_like(zr);
   hrbd = at::empty({G, L, 2 * K}, zr.options());
   AT_DISPATCH_FLOATING_TYPES(zr.scalar_type(), "read_act", [&] {
-    const scalar_t *zp = ptr<scalar_t>(zr), *sp = ptr<scalar_t>(sr), *bp = ptr<scalar_t>(bd);
-    scalar_t *hp = ptr<scalar_t>(hr), *op = ptr<scalar_t>(hrbd);
-    for (int64_t row = 0; row < G * L; ++row) {
-      const scalar_t b0 = bp[2 * row], b1 = bp[2 * row + 1];
-      for (int64_t j = 0; j < K; ++j) {
-        const scalar_t v = zp[row * K + j] * sp[row * K + j];
-        hp[row * K + j] = v;
-        op[row * 2 * K + j] = v * b0;
-        op[row * 2 * K + K + j] = v * b1;
-      }
-    }
+    read_rows(ptr<scalar_t>(zr), ptr<scalar_t>(sr), ptr<scalar_t>(bd), G * L, K, ptr<scalar_t>(hr),
+              ptr<scalar_t>(hrbd));
   });
 }
 

@@ -176,15 +176,7 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
     rgemm<T>(G, L, H, 2 * Dk, {qbd, L * 2 * Dk, 2 * Dk, false}, {cur0, S0, H, false}, zrp, L * H, H, zero, one);
     rgemm<T>(G, L, H, L, {sc0p, L * L, L, false}, {d1p, L * H, H, false}, zrp, L * H, H, one, minus);
     at::sigmoid_out(sr, zr);
-    for (int64_t row = 0; row < G * L; ++row) {
-      const T b0 = bd[2 * row], b1 = bd[2 * row + 1];
-      for (int64_t j = 0; j < H; ++j) {
-        const T v = zrp[row * H + j] * srp[row * H + j];
-        hrp[row * H + j] = v;
-        hbp[row * 2 * H + j] = v * b0;
-        hbp[row * 2 * H + H + j] = v * b1;
-      }
-    }
+    read_rows(zrp, srp, bd, G * L, H, hrp, hbp);
     rgemm<T>(G, L, L, H, {hrp, L * H, H, false}, {hp, L * H, H, true}, sc1p, L * L, L, zero, one);  // p1
     for (int64_t j = 0, m = G * L * L; j < m; ++j) sc1p[j] *= cmp[j];
     T* yi = yp + i * L * Dv;  // memory g's rows of chunk i: yi + g * N * L * Dv
