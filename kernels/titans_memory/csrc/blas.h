@@ -26,20 +26,27 @@ using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const
 using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
                          const int*, const double*, const int*, const double*, double*, const int*);
 
+// A symbol of the torch CPU library already loaded (no new library is opened), or nullptr.
+inline void* torch_cpu_symbol(const char* name) {
+  for (const char* lib : {"libtorch_cpu.so", "libtorch_cpu.dylib"}) {
+    void* handle = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == nullptr) continue;
+    if (void* sym = dlsym(handle, name)) return sym;
+  }
+  return nullptr;
+}
+
 struct Blas {
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
 
   Blas() {
-    for (const char* lib : {"libtorch_cpu.so", "libtorch_cpu.dylib"}) {
-      void* handle = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);  // already loaded by torch: no new library
-      if (handle == nullptr) continue;
-      sgemm = reinterpret_cast<sgemm_t>(dlsym(handle, "sgemm_"));
-      dgemm = reinterpret_cast<dgemm_t>(dlsym(handle, "dgemm_"));
-      if (sgemm != nullptr && dgemm != nullptr) return;
+    sgemm = reinterpret_cast<sgemm_t>(torch_cpu_symbol("sgemm_"));
+    dgemm = reinterpret_cast<dgemm_t>(torch_cpu_symbol("dgemm_"));
+    if (sgemm == nullptr || dgemm == nullptr) {  // both or neither
+      sgemm = nullptr;
+      dgemm = nullptr;
     }
-    sgemm = nullptr;
-    dgemm = nullptr;
   }
 };
 
@@ -63,14 +70,7 @@ class MklSingleThread {
  private:
   static int set(int n) {
     using fn_t = int (*)(int);
-    static const fn_t fn = [] {
-      void* handle = nullptr;
-      for (const char* lib : {"libtorch_cpu.so", "libtorch_cpu.dylib"}) {
-        handle = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);
-        if (handle != nullptr) break;
-      }
-      return handle == nullptr ? nullptr : reinterpret_cast<fn_t>(dlsym(handle, "MKL_Set_Num_Threads_Local"));
-    }();
+    static const fn_t fn = reinterpret_cast<fn_t>(torch_cpu_symbol("MKL_Set_Num_Threads_Local"));
     return fn == nullptr ? -1 : fn(n);
   }
   int old_;
@@ -122,7 +122,7 @@ struct Mat {
 };
 
 // C[g] = beta C[g] + alpha A[g] B[g] for g < G: A (M x K), B (K x N), C (M x N) row-major with leading dim ldc
-// and batch stride sc. Row-major C = A B is column-major C^T = B^T A^T (see blas.h).
+// and batch stride sc. Row-major C = A B is column-major C^T = B^T A^T (see the top of this file).
 template <typename T>
 void rgemm(int64_t G, int64_t M, int64_t N, int64_t K, Mat<T> A, Mat<T> B, T* C, int64_t sc, int64_t ldc, T beta,
            T alpha) {
@@ -134,14 +134,6 @@ void rgemm(int64_t G, int64_t M, int64_t N, int64_t K, Mat<T> A, Mat<T> B, T* C,
     gemm_call(lib, &tb, &ta, &m, &n, &k, &alpha, B.p + g * B.batch, &ldb, A.p + g * A.batch, &lda, &beta,
               C + g * sc, &lc);
   }
-}
-
-// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64, BLAS found and enabled, every
-// matmul size within BLAS's int.
-// Whether ``forward`` may take ``forward_infer`` (the extension's ``use_infer`` sets it: tests compare both).
-inline bool& infer_enabled() {
-  static bool on = true;
-  return on;
 }
 
 // out = beta out + alpha a @ b per memory, in place; a (G, M, K), b (G, K, N), out (G, M, N) with unit stride

@@ -28,6 +28,14 @@ inline int64_t& infer_calls() {
   return n;
 }
 
+// Whether ``forward`` may take ``forward_infer`` (the extension's ``use_infer`` sets it: tests compare both).
+inline bool& infer_enabled() {
+  static bool on = true;
+  return on;
+}
+
+// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64, BLAS found and enabled, Dk = Dv,
+// contiguous states, every matmul size within BLAS's int.
 inline bool infer_applies(const std::vector<Tensor>& X, int64_t d_q, bool stable) {
   if (!infer_enabled() || X.size() != 2 || !stable || !blas_enabled() || !blas_found()) return false;
   if (d_q != X[1].size(3)) return false;  // y = q + ...: the residual needs Dk = Dv
