@@ -53,7 +53,7 @@ def _conv_forward(x, state, weight, bias):
     xx = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, D)
     if T <= 32:
         return causal_conv(xx, weight, bias), xx
-    wt = weight[:, 0].t()  # (K, D)
+    wt = weight[:, 0].t().contiguous()  # (K, D); contiguous: ``layers.causal_conv`` says why
     y = torch.addcmul(bias, xx[:, :T], wt[0])
     for j in range(1, K):
         y.addcmul_(xx[:, j:j + T], wt[j])
@@ -117,7 +117,7 @@ class _QKVConv(torch.autograd.Function):
                 gpart.zero_()
             else:
                 torch.ops.aten.silu_backward.grad_input(g, ypart, grad_input=gpart)
-        wt = weight[:, 0].t()  # (K, 3 D)
+        wt = weight[:, 0].t().contiguous()  # (K, 3 D)
         # In gy's dtype (y's: x, state and the weights promoted), each gradient cast to its input's at the end.
         gxx = torch.empty(xx.shape, dtype=gy.dtype, device=gy.device)  # row s gets sum_j gy[s - j] w_j
         torch.mul(gy, wt[K - 1], out=gxx[:, K - 1:])
@@ -258,6 +258,9 @@ class NeuralMemory(OwnInit, nn.Module):
     def _as_learned(self, state: MemoryState, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """``weights`` of ``state``, except that a fresh state's are the learned initial memory itself
         (so that its gradient reaches the parameters)."""
+        if (not torch.is_grad_enabled() and state.fresh.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not state.fresh.any()):  # inference on CPU past the first write (no sync to pay): as they are
+            return weights
         fresh = state.fresh[:, None, None, None] > 0  # (fresh is 1 or 0: the same as blending by it, in one op)
         return tuple(torch.where(fresh, w0.to(w.dtype), w) for w0, w in zip(self.init_weights_, weights))
 
@@ -311,6 +314,17 @@ class NeuralMemory(OwnInit, nn.Module):
     def forward(self, x: torch.Tensor, state: MemoryState | None = None, *, impl: str | None = None):
         """Write x into the memory token by token and read each token's query after its write.
         Returns (out (B, T, dim), new state)."""
+        reads, state = self.write_read(x, state, impl=impl)
+        return self.output(reads, x), state
+
+    def output(self, reads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The module's output from ``write_read``'s reads (B, H, T, d) and its input x (B, T, dim): W_O(norm(reads)
+        * sigmoid(x W_G)), (B, T, dim). Per token: a caller that writes piece by piece (MAC, segment by segment)
+        may join the pieces' reads and inputs and take this once."""
+        return self._output(reads, torch.sigmoid(self.w_gate_out(x)))
+
+    def write_read(self, x: torch.Tensor, state: MemoryState | None = None, *, impl: str | None = None):
+        """``forward`` before its output projection: (the reads M_{W_t}(q_t) (B, H, T, d), new state)."""
         if state is None:
             state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
         pos = state.pos
@@ -327,7 +341,7 @@ class NeuralMemory(OwnInit, nn.Module):
         new = MemoryState(weights=tuple(W), momentum=tuple(S), anchor=tuple(A[:self.depth]),
                           spent=A[self.depth] if self.stable_step else None, conv_q=convs[0], conv_k=convs[1],
                           conv_v=convs[2], fresh=torch.zeros_like(state.fresh), pos=pos + x.shape[1])
-        return self._output(y, torch.sigmoid(self.w_gate_out(x))), new
+        return y, new
 
     def init_read_state(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """The state of ``read``'s own query convolution (a reader that is not the writer, as MAC's)."""

@@ -14,6 +14,7 @@ from test_memory_speed import _grads, _inputs, _run
 from torch.utils import cpp_extension
 
 from titans_lnn.kernels.titans_memory import cpp
+from titans_lnn.memory import NeuralMemory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,6 +105,33 @@ def test_tapeless_forward_in_fp32_matches_fp64(cpp_loop, monkeypatch, close):
     ref = _tapeless(tensors, n, 16, 0, cpp_loop, monkeypatch, "python", True, max_grad_norm=2.0, stable=True)
     for i, (a, b) in enumerate(zip(got, ref)):
         close(a.double(), b, 1e-5, f"output {i}")
+
+def test_module_inference_equals_its_forward_with_a_gradient(cpp_loop, close):
+    """The memory module under inference_mode (chunk_infer.h from the raw rows; the learned initial weights not
+    blended in again past the first write) gives the outputs and states of its forward with a gradient (the loop
+    with a tape, the blend), call after call: calls that end inside a chunk, one that starts and ends inside one."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, heads=2, depth=2, chunk_size=4).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    calls = cpp_loop.infer_calls()
+    runs = []
+    for mode in (torch.inference_mode, torch.enable_grad):
+        state, ys = mem.init_state(2, dtype=torch.float64), []
+        with mode():
+            for a, b in ((0, 9), (9, 10), (10, 23)):
+                y, state = mem(x[:, a:b], state)
+                ys.append(y.detach())
+        runs.append((torch.cat(ys, 1), state))
+        if mode is torch.inference_mode:
+            assert cpp_loop.infer_calls() == calls + 2  # the calls with whole chunks past their offset
+    (y_i, s_i), (y_g, s_g) = runs
+    assert s_g.weights[0].requires_grad  # (the forward with a gradient did run with one)
+    close(y_i, y_g, 1e-12, "outputs")
+    for name in ("weights", "momentum", "anchor"):
+        for a, b in zip(getattr(s_i, name), getattr(s_g, name)):
+            close(a, b.detach(), 1e-12, name)
+    close(s_i.spent, s_g.spent.detach(), 1e-12, "spent")
+
 
 def test_blas_is_found_where_torch_ships_it(cpp_loop):
     """x86-64 Linux wheels of torch carry MKL, whose sgemm_/dgemm_ the loop calls directly; were they not

@@ -118,12 +118,18 @@ class MemoryAsContext(nn.Module):
                 snapshot = self.mem.current_weights(mem_state)
             h = self.mem.read_out(q_r, g_r, snapshot)
             y, attn_state = self.attn.attend(q, k, v, attn_state, extra=h, sinks=sinks, table=rot)
-            m, mem_state = self.mem(y, mem_state)
+            read, mem_state = self.mem.write_read(y, mem_state)
             ys.append(y)
-            ms.append(m)
-        # the gate feeds nothing back: one call for the piece
-        out = self.gate(torch.cat(ys, dim=1), torch.cat(ms, dim=1))
+            ms.append(read)
+        # the memory's output projection and the gate feed nothing back: one call each for the piece
+        y = _join(ys, 1)
+        out = self.gate(y, self.mem.output(_join(ms, 2), y))
         return out, MACState(attn_state, mem_state, snapshot, conv_read)
+
+
+def _join(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The pieces joined along ``dim``: a lone piece as it is (no copy)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 class MemoryAsGate(nn.Module):

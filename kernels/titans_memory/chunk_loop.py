@@ -499,3 +499,30 @@ def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
     ext = _extension([*tensors, *W, *S])
     y, X, X_a, Q, _, _ = _run_loop(ext, p, fields["kh"], W, S, max_grad_norm, stable, keep=False)
     return y, _weights(X), [x[:, 1].mT.contiguous() for x in X], _weights(X_a), Q
+
+
+def run_infer(q, k, v, theta, eta, alpha, W, S, *, chunk_size, max_grad_norm):
+    """Depth 2 with the stable step, no gradient wanted (inference), whole chunks from the chunk start: the
+    forward of ``memory_update_chunked`` from its raw inputs (q, k, v (B, H, T, D); theta, eta, alpha (B, H, T);
+    W, S lists of (B, H, out_l, in_l)) in one call of ``csrc/chunk_infer.h``, which makes each chunk's inputs
+    (``_chunk_inputs``, ``_chunk_coefficients``, ``prepare``) in the loop itself. Returns y (B, H, T, Dv), W, S
+    after the last row, the final chunk's anchor and its Q; or None where it does not apply (a gradient wanted,
+    the Python loop chosen, dtypes other than fp32/fp64 or mixed, depth other than 2)."""
+    tensors = (q, k, v, theta, eta, alpha, *W, *S)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    ext = _extension(tensors)
+    if ext is None:
+        return None
+    B, H = q.shape[:2]
+
+    def flat(t):  # (B, H, ...) -> (B * H, ...)
+        return t.reshape(B * H, *t.shape[2:])
+
+    out = ext.forward_infer(*(flat(t) for t in tensors[:6]), chunk_size, [flat(w) for w in W], [flat(s) for s in S],
+                            max_grad_norm, True)
+    if out is None:
+        return None
+    y, W, S, A, Q = out
+    return (y.view(B, H, *y.shape[1:]), *([t.view(B, H, *t.shape[1:]) for t in ts] for ts in (W, S, A)),
+            Q.view(B, H, *Q.shape[1:]))

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from titans_lnn.kernels.titans_memory.chunk_loop import run_chunks
+from titans_lnn.kernels.titans_memory.chunk_loop import run_chunks, run_infer
 from titans_lnn.kernels.titans_memory.naive import (
     check_inputs,
     clip_scale,
@@ -247,11 +247,12 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
         return v[:, :, :0], tuple(W), tuple(S), join_anchor(A, spent)
     ys = []
     start = 0
-    khat = unit_rows(k) if stable else k  # once for the sequence, not once per chunk
+    khat = None  # the unit keys, once for the sequence (not once per chunk), where a Python form needs them
     if offset:  # finish the chunk that an earlier call started, with its anchor and its Q
         L = min(T, chunk_size - offset)
         sl = slice(0, L)
         coeffs = _chunk_coefficients(eta[:, :, sl], alpha[:, :, sl])
+        khat = unit_rows(k) if stable else k
         x = _chunk_inputs(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl], khat[:, :, sl],
                           stable)
         y, W, S, spent = _chunk(x, coeffs, W, S, A, L - 1, max_grad_norm, spent, stable)
@@ -260,8 +261,17 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
     rest = T - start
     if rest:
         C = chunk_size
+        if len(W) == 2 and stable and _hand_backward() and _chunk_fn() is _chunk:  # no gradient: chunk_infer.h
+            out = run_infer(*(t[:, :, start:] for t in (q, k, v, theta, eta, alpha)), W, S, chunk_size=C,
+                            max_grad_norm=max_grad_norm)
+            if out is not None:
+                y, W, S, A, spent = out
+                ys.append(y)
+                return _join(ys), tuple(W), tuple(S), join_anchor(A, spent)
         N = -(-rest // C)
         pad = N * C - rest
+        if khat is None:
+            khat = unit_rows(k) if stable else k
 
         def chunks(x):  # (B, H, rest, ...) -> (B, H, N, C, ...), zero-padded at the end
             x = x[:, :, start:]

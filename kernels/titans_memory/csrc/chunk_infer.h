@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "blas.h"
@@ -28,44 +30,167 @@ inline int64_t& infer_calls() {
   return n;
 }
 
-// Whether ``forward`` may take ``forward_infer`` (the extension's ``use_infer`` sets it: tests compare both).
+// Whether ``forward_infer`` may run (the extension's ``use_infer`` sets it: tests compare both ways).
 inline bool& infer_enabled() {
   static bool on = true;
   return on;
 }
 
-// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64, BLAS found and enabled, Dk = Dv,
-// contiguous states, every matmul size within BLAS's int.
-inline bool infer_applies(const std::vector<Tensor>& X, int64_t d_q, bool stable) {
-  if (!infer_enabled() || X.size() != 2 || !stable || !blas_enabled() || !blas_found()) return false;
-  if (d_q != X[1].size(3)) return false;  // y = q + ...: the residual needs Dk = Dv
-  const auto dtype = X[0].scalar_type();
+// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64 throughout, BLAS found and enabled,
+// Dk = Dv, every matmul size within BLAS's int.
+inline bool infer_applies(const std::vector<Tensor>& inputs, const std::vector<Tensor>& W,
+                          const std::vector<Tensor>& S, bool stable) {
+  if (!infer_enabled() || W.size() != 2 || S.size() != 2 || !stable || !blas_enabled() || !blas_found()) return false;
+  const auto dtype = inputs[0].scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
-  for (const auto& x : X) {
-    if (!x.is_contiguous() || x.scalar_type() != dtype || x.size(2) * 2 > INT_MAX || x.size(3) > INT_MAX) return false;
+  for (const auto* group : {&inputs, &W, &S}) {
+    for (const auto& t : *group) {
+      if (!t.device().is_cpu() || t.scalar_type() != dtype || t.numel() > INT_MAX) return false;
+    }
   }
-  return true;
+  const int64_t Dk = inputs[0].size(2);  // q: (G, T, Dk); W_1 (G, hidden, Dk), W_2 (G, Dv, hidden)
+  return W[0].size(2) == Dk && W[1].size(1) == Dk && inputs[2].size(2) == Dk;  // y = q + ...: Dk = Dv
 }
 
-// The forward over the N chunks of ``t`` (``Inputs::t``: (N, G, L, ...) contiguous), from the state X (per layer
-// (G, 2, in_l, out_l), contiguous). Returns y (G, N, L, Dv), X after the final chunk, X before it, and Q of the
-// final chunk when ``kh`` (G, L, Dk) is defined.
+// One chunk's inputs for G memories and L rows, as ``prepare`` makes them (chunk_loop.py), row-major; kh: the
+// unit keys (G, L, Dk), for Q.
 template <typename T>
-void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const std::vector<Tensor>& X_in,
-                         c10::optional<double> max_grad_norm, Tensor& y_out, std::vector<Tensor>& X_out,
-                         std::vector<Tensor>& X_before, Tensor& Q_out) {
-  const Tensor& kt = t.at("k");
-  const int64_t G = kt.size(1), L = kt.size(2), Dk = kt.size(3);
+struct ChunkRows {
+  const T *q, *k, *theta, *qk, *bd, *xsq0, *r0, *qbd, *dd2, *dl2, *mix, *tw, *ov, *knorm, *kh;
+};
+
+// What chunked.py computes for all chunks before the loop (``chunks``, ``_chunk_inputs``,
+// ``_chunk_coefficients``) and chunk_loop.py's ``prepare``, here for one chunk at a time, into buffers reused by
+// every chunk: from the raw rows q, k, v (G, T, D), theta, eta, alpha (G, T), chunk i's L rows, the rows past T
+// zero (as chunked.py pads them). ``last``: the row whose state the chunk leaves (L - 1 but in the final chunk).
+template <typename T>
+class RawChunks {
+ public:
+  RawChunks(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
+            const Tensor& alpha, int64_t L)
+      : G_(q.size(0)), T_(q.size(1)), D_(q.size(2)), L_(L), q_(q.data_ptr<T>()), k_(k.data_ptr<T>()),
+        v_(v.data_ptr<T>()), theta_(theta.data_ptr<T>()), eta_(eta.data_ptr<T>()), alpha_(alpha.data_ptr<T>()) {
+    const int64_t G = G_, D = D_;
+    auto opts = q.options();
+    for (auto* t : {&qc_, &kc_, &kh_, &r0_}) *t = at::empty({G, L, D}, opts);
+    for (auto* t : {&th_, &lb_, &le_, &xsq0_, &kn_, &tw_}) *t = at::empty({G, L}, opts);
+    for (auto* t : {&qk_, &ov_, &db_, &de_, &dd2_}) *t = at::empty({G, L, L}, opts);
+    bd_ = at::empty({G, L, 2}, opts);
+    qbd_ = at::empty({G, L, 2 * D}, opts);
+    dl2_ = at::empty({G, 2, L}, opts);
+    mix_ = at::empty({G, 4}, opts);
+  }
+
+  ChunkRows<T> rows(int64_t i, int64_t last) {
+    const int64_t G = G_, L = L_, D = D_, t0 = i * L, n = std::min(L, T_ - t0);  // n real rows, then padding
+    T *qc = qc_.data_ptr<T>(), *kc = kc_.data_ptr<T>(), *kh = kh_.data_ptr<T>(), *r0 = r0_.data_ptr<T>(),
+      *th = th_.data_ptr<T>(), *lb = lb_.data_ptr<T>(), *le = le_.data_ptr<T>(),
+      *xsq0 = xsq0_.data_ptr<T>(), *kn = kn_.data_ptr<T>(), *tw = tw_.data_ptr<T>(), *qk = qk_.data_ptr<T>(),
+      *ov = ov_.data_ptr<T>(), *db = db_.data_ptr<T>(), *de = de_.data_ptr<T>(), *dd2 = dd2_.data_ptr<T>(),
+      *bd = bd_.data_ptr<T>(), *qbd = qbd_.data_ptr<T>(), *dl2 = dl2_.data_ptr<T>(), *mix = mix_.data_ptr<T>();
+    const T tiny = std::numeric_limits<T>::min(), amax = static_cast<T>(1 - 1e-7), one = 1, zero = 0,
+            inf = std::numeric_limits<T>::infinity();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t src = g * T_ + t0, dst = g * L;
+      for (auto [from, to] : {std::pair<const T*, T*>{q_, qc}, {k_, kc}}) {
+        std::memcpy(to + dst * D, from + src * D, sizeof(T) * n * D);
+        std::memset(to + (dst + n) * D, 0, sizeof(T) * (L - n) * D);
+      }
+      T cb = 0, ce = 0;  // the cumulative log-decays (``_chunk_coefficients``)
+      for (int64_t l = 0; l < L; ++l) {
+        const bool real = l < n;
+        const T a = real ? alpha_[src + l] : zero, e = real ? eta_[src + l] : zero;
+        th[dst + l] = real ? theta_[src + l] : zero;
+        lb[dst + l] = cb += std::log1p(-std::min(a, amax));
+        le[dst + l] = ce += std::log(std::max(e, tiny));
+        const T* kr = kc + (dst + l) * D;
+        const T* vr = v_ + (src + l) * D;
+        T* rr = r0 + (dst + l) * D;
+        T* hr = kh + (dst + l) * D;
+        T sq = 0;
+        for (int64_t j = 0; j < D; ++j) {
+          sq += kr[j] * kr[j];
+          rr[j] = kr[j] - (real ? vr[j] : zero);
+        }
+        xsq0[dst + l] = sq;
+        kn[dst + l] = std::sqrt(sq);
+        const T norm = std::max(kn[dst + l], static_cast<T>(1e-12));  // ``unit_rows``
+        for (int64_t j = 0; j < D; ++j) hr[j] = kr[j] / norm;
+        tw[dst + l] = 2 * th[dst + l] / std::max(1 - e, tiny);
+      }
+      // log D_beta[t, s] = log beta_t - log beta_s, log D_E alike (s <= t; else -inf: 0 after the exp)
+      T *dbg = db + g * L * L, *deg = de + g * L * L;
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t u = 0; u < L; ++u) {
+          dbg[t * L + u] = u <= t ? lb[dst + t] - lb[dst + u] : -inf;
+          deg[t * L + u] = u <= t ? le[dst + t] - le[dst + u] : -inf;
+        }
+      }
+    }
+    // one vectorised exp for each (as torch's: the same values as chunked.py's)
+    at::exp_(db_);
+    at::exp_(de_);
+    at::exp_(lb_);  // beta
+    at::exp_(le_);  // E
+    // The rows of ``prepare``: bd = (beta, DbE = D_beta E), qbd = [beta q, DbE q], the state's decay at row ``last``.
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t dst = g * L;
+      const T* dbg = db + g * L * L;
+      for (int64_t t = 0; t < L; ++t) {
+        T acc = 0;
+        for (int64_t u = 0; u <= t; ++u) acc += dbg[t * L + u] * le[dst + u];
+        bd[(dst + t) * 2] = lb[dst + t];
+        bd[(dst + t) * 2 + 1] = acc;
+        const T* qr = qc + (dst + t) * D;
+        T* o = qbd + (dst + t) * 2 * D;
+        for (int64_t j = 0; j < D; ++j) {
+          o[j] = qr[j] * lb[dst + t];
+          o[D + j] = qr[j] * acc;
+        }
+      }
+      T* m = mix + g * 4;
+      m[0] = bd[(dst + last) * 2];
+      m[1] = bd[(dst + last) * 2 + 1];
+      m[2] = 0;
+      m[3] = le[dst + last];
+    }
+    // q k^T, the unit keys' overlaps tril(cos^2, -1), D = D_beta D_E (times 2, as ``prepare``'s dd2).
+    rgemm<T>(G, L, L, D, {qc, L * D, D, false}, {kc, L * D, D, true}, qk, L * L, L, zero, one);
+    rgemm<T>(G, L, L, D, {kh, L * D, D, false}, {kh, L * D, D, true}, ov, L * L, L, zero, one);
+    rgemm<T>(G, L, L, L, {db, L * L, L, false}, {de, L * L, L, false}, dd2, L * L, L, zero, static_cast<T>(2));
+    for (int64_t g = 0; g < G; ++g) {
+      T* o = ov + g * L * L;
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t u = 0; u < L; ++u) o[t * L + u] = u < t ? o[t * L + u] * o[t * L + u] : zero;
+      }
+      for (int64_t u = 0; u < L; ++u) {  // the rows ``last`` of D and D_E, times 2
+        dl2[g * 2 * L + u] = dd2[g * L * L + last * L + u];
+        dl2[g * 2 * L + L + u] = 2 * de[g * L * L + last * L + u];
+      }
+    }
+    return {qc, kc, th, qk, bd, xsq0, r0, qbd, dd2, dl2, mix, tw, ov, kn, kh};
+  }
+
+ private:
+  int64_t G_, T_, D_, L_;
+  const T *q_, *k_, *v_, *theta_, *eta_, *alpha_;
+  Tensor qc_, kc_, kh_, r0_, th_, lb_, le_, xsq0_, kn_, tw_, qk_, ov_, db_, de_, dd2_, bd_, qbd_, dl2_, mix_;
+};
+
+// The forward over the chunks of L rows of q, k, v (G, T, D), theta, eta, alpha (G, T), all contiguous, from the
+// state X (per layer (G, 2, in_l, out_l), contiguous). Returns y (G, T, Dv), X after row T - 1, X before the
+// final chunk (its anchor), and the final chunk's Q when ``want_q``.
+template <typename T>
+void forward_infer_typed(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& theta_in,
+                         const Tensor& eta_in, const Tensor& alpha_in, int64_t L, const std::vector<Tensor>& X_in,
+                         c10::optional<double> max_grad_norm, bool want_q, Tensor& y_out,
+                         std::vector<Tensor>& X_out, std::vector<Tensor>& X_before, Tensor& Q_out) {
+  const int64_t G = q_in.size(0), Tn = q_in.size(1), Dk = q_in.size(2), N = (Tn + L - 1) / L;
   const int64_t H = X_in[0].size(3), Dv = X_in[1].size(3);
   auto opts = X_in[0].options();
   const bool clip = max_grad_norm.has_value();
   const T half_max = clip ? static_cast<T>(0.5 * *max_grad_norm) : T(0);
-  // per-chunk inputs: base pointers and the size of one chunk's block (G memories)
-  auto in = [&](const char* name) { return t.at(name).template data_ptr<T>(); };
-  const T *q_all = in("q"), *k_all = in("k"), *theta_all = in("theta"), *qk_all = in("qk"), *bd_all = in("bd"),
-          *xsq0_all = in("xsq0"), *r0_all = in("r0"), *qbd_all = in("qbd"), *dd2_all = in("dd2"),
-          *dl2_all = in("dl2"), *mix_all = in("mix"), *tw_all = in("tw"), *ov_all = in("ov"),
-          *knorm_all = in("knorm");
+  RawChunks<T> chunks(q_in, k_in, v_in, theta_in, eta_in, alpha_in, L);
   // the buffers, reused by every chunk
   auto buf = [&](std::initializer_list<int64_t> shape) { return at::empty(shape, opts); };
   Tensor z = buf({G, L, H}), s = buf({G, L, H}), h = buf({G, L, H}), slope = buf({G, L, H}), e = buf({G, L, H}),
@@ -81,7 +206,7 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
   T* rw = rows.data_ptr<T>();  // per (G, L) row: xsq1, dsq0, dsq1, reach, tsl, teb, u, th1, th2
   T *xsq1 = rw, *dsq0 = rw + G * L, *dsq1 = rw + 2 * G * L, *reach = rw + 3 * G * L, *tsl = rw + 4 * G * L,
     *teb = rw + 5 * G * L, *u = rw + 6 * G * L, *th1 = rw + 7 * G * L, *th2 = rw + 8 * G * L;
-  Tensor y = at::empty({G, N, L, Dv}, opts);
+  Tensor y = at::empty({G, N * L, Dv}, opts);  // (the final chunk's padding rows cut off at the end)
   T* yp = y.data_ptr<T>();
   // the state: double-buffered per layer; chunk i reads cur and writes nxt
   const int64_t S0 = 2 * Dk * H, S1 = 2 * H * Dv;  // one memory's [W; S] per layer
@@ -91,11 +216,9 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
   Tensor cur_t0 = X_in[0], cur_t1 = X_in[1];
   const T one = 1, zero = 0, minus = -1;
   for (int64_t i = 0; i < N; ++i) {
-    const int64_t o = i * G;  // chunk i's first memory in the (N, G, ...) inputs
-    const T *q = q_all + o * L * Dk, *k = k_all + o * L * Dk, *theta = theta_all + o * L, *qk = qk_all + o * L * L,
-            *bd = bd_all + o * L * 2, *xsq0 = xsq0_all + o * L, *r0 = r0_all + o * L * Dv,
-            *qbd = qbd_all + o * L * 2 * Dk, *dd2 = dd2_all + o * L * L, *dl2 = dl2_all + o * 2 * L,
-            *mix = mix_all + o * 4, *tw = tw_all + o * L, *ov = ov_all + o * L * L, *knorm = knorm_all + o * L;
+    const ChunkRows<T> c = chunks.rows(i, i == N - 1 ? (Tn - 1) % L : L - 1);
+    const T *q = c.q, *k = c.k, *theta = c.theta, *qk = c.qk, *bd = c.bd, *xsq0 = c.xsq0, *r0 = c.r0,
+            *qbd = c.qbd, *dd2 = c.dd2, *dl2 = c.dl2, *mix = c.mix, *tw = c.tw, *ov = c.ov, *knorm = c.knorm;
     Tensor& nxt_t0 = bufs[i % 2][0];
     Tensor& nxt_t1 = bufs[i % 2][1];
     T *nxt0 = nxt_t0.data_ptr<T>(), *nxt1 = nxt_t1.data_ptr<T>();
@@ -218,9 +341,9 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
     }
     if (i == N - 1) {
       X_before = {cur_t0, cur_t1};
-      if (kh.defined()) {  // Q = kh^T (u kh): the steps taken along each key in the final chunk
-        Tensor ukh = at::mul(kh, at::from_blob(u, {G, L, 1}, opts));
-        Q_out = blas_bmm(mT(kh), ukh);
+      if (want_q) {  // Q = kh^T (u kh): the steps taken along each key in the final chunk
+        Tensor kh = at::from_blob(const_cast<T*>(c.kh), {G, L, Dk}, opts);
+        Q_out = blas_bmm(mT(kh), at::mul(kh, at::from_blob(u, {G, L, 1}, opts)));
       }
     }
     cur_t0 = nxt_t0;
@@ -229,16 +352,35 @@ void forward_infer_typed(const TensorMap& t, int64_t N, const Tensor& kh, const 
     cur1 = nxt1;
   }
   X_out = {cur_t0, cur_t1};
-  y_out = y;
+  y_out = y.narrow(1, 0, Tn);
 }
 
-inline void forward_infer(const TensorMap& t, int64_t N, const Tensor& kh, const std::vector<Tensor>& X,
-                          c10::optional<double> max_grad_norm, Tensor& y, std::vector<Tensor>& X_out,
-                          std::vector<Tensor>& X_before, Tensor& Q) {
+// ``forward_infer_typed`` from the raw inputs as chunked.py has them (q, k, v (G, T, D); theta, eta, alpha (G, T))
+// and the state as the module keeps it (W_l, S_l (G, out_l, in_l)), with the stable step. Returns (y (G, T, Dv),
+// W, S after row T - 1, the final chunk's anchor W, its Q), or None where it does not apply (``infer_applies``).
+inline py::object forward_infer(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, int64_t chunk,
+                               const std::vector<Tensor>& W, const std::vector<Tensor>& S,
+                               c10::optional<double> max_grad_norm, bool want_q) {
+  if (!infer_applies({q, k, v, theta, eta, alpha}, W, S, true)) return py::none();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  MklSingleThread mkl_one_thread;  // (blas.h)
   ++infer_calls();
-  AT_DISPATCH_FLOATING_TYPES(X[0].scalar_type(), "forward_infer", [&] {
-    forward_infer_typed<scalar_t>(t, N, kh, X, max_grad_norm, y, X_out, X_before, Q);
+  std::vector<Tensor> X;  // per layer [W_l^T; S_l^T] (G, 2, in_l, out_l)
+  for (size_t l = 0; l < W.size(); ++l) X.push_back(at::stack({mT(W[l]), mT(S[l])}, 1));
+  Tensor y, Q;
+  std::vector<Tensor> X_out, X_before;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_infer", [&] {
+    forward_infer_typed<scalar_t>(q.contiguous(), k.contiguous(), v.contiguous(), theta.contiguous(),
+                                  eta.contiguous(), alpha.contiguous(), chunk, X, max_grad_norm, want_q, y, X_out,
+                                  X_before, Q);
   });
+  std::vector<Tensor> W_out, S_out, A_out;
+  for (size_t l = 0; l < X.size(); ++l) {
+    W_out.push_back(mT(X_out[l].select(1, 0)).contiguous());
+    S_out.push_back(mT(X_out[l].select(1, 1)).contiguous());
+    A_out.push_back(mT(X_before[l].select(1, 0)).contiguous());
+  }
+  return py::make_tuple(y, W_out, S_out, A_out, Q);
 }
 
 }  // namespace titans_lnn_chunk_loop

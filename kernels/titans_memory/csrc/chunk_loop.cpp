@@ -284,13 +284,6 @@ py::tuple forward(const TensorMap& p, const c10::optional<Tensor>& kh, std::vect
   auto inputs = std::make_shared<Inputs>(p);
   const int64_t N = inputs->N;
   const bool want_q = stable && kh.has_value() && kh->defined();
-  if (!keep && infer_applies(X, inputs->t.at("q").size(3), stable)) {  // no tape: chunk_infer.h
-    Tensor y, Q;
-    std::vector<Tensor> X_out, X_before;
-    forward_infer(inputs->t, N, want_q ? *kh : Tensor(), X, max_grad_norm, y, X_out, X_before, Q);
-    py::object q_out = Q.defined() ? py::cast(Q) : py::none();
-    return py::make_tuple(y, X_out, X_before, q_out, py::none(), TensorMap());
-  }
   std::shared_ptr<Tape> tape;
   if (keep) {
     tape = std::make_shared<Tape>();
@@ -397,10 +390,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         infer_enabled() = on;
         return was;
       },
-      "run the forward without a tape through chunk_infer.h (where it applies; else chunk_forward); returns the "
+      "let forward_infer run (chunk_infer.h; off: it returns None and chunked.py takes the loop); returns the "
       "previous setting",
       py::arg("on"));
   m.def("infer_calls", [] { return infer_calls(); }, "how many forwards ran through chunk_infer.h");
+  m.def("forward_infer", &forward_infer, "the forward without a tape from the raw inputs (chunk_infer.h), or None",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
+        py::arg("chunk"), py::arg("W"), py::arg("S"), py::arg("max_grad_norm"), py::arg("want_q"));
   py::class_<Tape, std::shared_ptr<Tape>>(m, "Tape");
   m.def("forward", &forward, "the forward over all chunks", py::arg("p"), py::arg("kh"), py::arg("X"),
         py::arg("max_grad_norm"), py::arg("stable"), py::arg("keep"));
