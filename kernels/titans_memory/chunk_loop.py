@@ -19,8 +19,9 @@ on first use by ``cpp.py``): the same per-chunk ops in one call for all chunks, 
 into loops (forward + backward of the tiny memory 1.8x faster at 4K, 1.5x at 16K). The Python loops here are its
 reference and its fallback ($TITANS_LNN_MEMORY_LOOP=python, CUDA, bf16, no compiler);
 ``tests/test_memory_cpp.py`` checks that both give the same values and gradients. Without a tape (no gradient
-wanted: inference), depth 2 with the stable step runs ``csrc/chunk_infer.h``: the same forward in buffers
-allocated once per call, its matmuls on raw BLAS pointers (the loop ~25% faster per 128-token call).
+wanted: inference), depth 2 with the stable step runs ``run_infer``: ``csrc/chunk_infer.h`` from the raw rows,
+each chunk's inputs made inside the loop, in buffers allocated once per call, its matmuls on raw BLAS pointers
+(one 128-token call of the tiny memory ~0.95 ms where the Python preparation and the loop took ~1.4).
 
 Per chunk, with G = B*H memories, L rows, and half gradient factors d_l (the gradient of W_l at the
 anchor is 2 d_l x_l^T; the 2 is folded into the decay matrices, dd2 = 2 D and de2 = 2 D_E), depth 2

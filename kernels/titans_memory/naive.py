@@ -69,7 +69,7 @@ def mlp_forward(weights, x):
     """M_W(x). weights: tuple of (B, H, out, in); x: (B, H, N, Dk) -> (B, H, N, Dv)."""
     h = x
     for i, w in enumerate(weights):
-        h = torch.einsum("bhoi,bhni->bhno", w, h)
+        h = torch.matmul(h, w.transpose(-1, -2))  # (B, H, N, out): one bmm (an einsum took ~20 ops to get there)
         if i < len(weights) - 1:
             h = F.silu(h)
     return h if len(weights) == 1 else x + h

@@ -1,12 +1,17 @@
-// The forward over the chunks without a tape (inference: no gradient wanted), for the depth-2 memory with the
-// stable step: the same values as chunk_loop.cpp's ``chunk_forward`` chunk after chunk, computed in buffers
-// allocated once per call and reused by every chunk, the matmuls straight into BLAS on raw pointers.
+// The memory's forward without a tape (inference: no gradient wanted), for the depth-2 memory with the stable
+// step, from the raw rows (q, k, v, the gates) and the state as the module keeps them: the same values as
+// chunked.py's chunking and chunk_loop.py's ``prepare`` + ``chunk_forward``, chunk after chunk, each chunk's inputs
+// made inside the loop, everything in buffers allocated once per call and reused by every chunk, the matmuls
+// straight into BLAS on raw pointers.
 //
 // Why: a chunk of the tiny memory is a few dozen small matmul and elementwise steps on (G, 16, 128) numbers, and
-// ``chunk_forward`` pays for each an ATen allocation, a view or a dispatch (~130 such events per chunk). Here the
-// loop over one 128-token call of the tiny memory takes 0.86 ms instead of 1.15 (one thread); streaming inference
-// (MAC's memory writes one segment of 8 chunks per call) is where that shows. tests/test_memory_cpp.py checks this
-// path against the Python loop and against the C++ loop with a tape.
+// ``chunk_forward`` pays for each an ATen allocation, a view or a dispatch (~130 such events per chunk); the
+// per-call preparation in Python (the padding, q k^T, the overlaps, the decay coefficients, ``prepare``, the state
+// layout) was another ~0.5 ms per 128-token call. One call here (the tiny memory, 128 tokens, one thread) takes
+// ~0.95 ms, where the preparation and the loop took ~1.4 ms; its matmuls run at ~75 GFLOP/s, so most of it is
+// arithmetic. Streaming inference (MAC's memory writes one segment of 8 chunks per call) is where that shows.
+// tests/test_memory_cpp.py checks this path against the Python loop and the C++ loop with a tape (fp64), and the
+// module's inference against its forward with a gradient.
 
 #pragma once
 
@@ -52,6 +57,28 @@ inline bool infer_applies(const std::vector<Tensor>& inputs, const std::vector<T
   return W[0].size(2) == Dk && W[1].size(1) == Dk && inputs[2].size(2) == Dk;  // y = q + ...: Dk = Dv
 }
 
+// Buffers carved out of one allocation (one ATen allocation per call where each buffer was one): ``take`` hands out
+// raw pointers, ``tensor`` a view of a region that ATen ops work on (or that is returned).
+template <typename T>
+class Arena {
+ public:
+  Arena(int64_t n, const at::TensorOptions& opts) : all_(at::empty({n}, opts)), base_(all_.data_ptr<T>()) {}
+  T* take(int64_t n) {
+    TORCH_INTERNAL_ASSERT(used_ + n <= all_.numel(), "chunk_infer.h: the arena is too small");
+    T* p = base_ + used_;
+    used_ += n;
+    return p;
+  }
+  Tensor tensor(const T* p, at::IntArrayRef shape) const {
+    return all_.narrow(0, p - base_, c10::multiply_integers(shape)).view(shape);
+  }
+
+ private:
+  Tensor all_;
+  T* base_;
+  int64_t used_ = 0;
+};
+
 // One chunk's inputs for G memories and L rows, as ``prepare`` makes them (chunk_loop.py), row-major; kh: the
 // unit keys (G, L, Dk), for Q.
 template <typename T>
@@ -69,25 +96,34 @@ class RawChunks {
   RawChunks(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
             const Tensor& alpha, int64_t L)
       : G_(q.size(0)), T_(q.size(1)), D_(q.size(2)), L_(L), q_(q.data_ptr<T>()), k_(k.data_ptr<T>()),
-        v_(v.data_ptr<T>()), theta_(theta.data_ptr<T>()), eta_(eta.data_ptr<T>()), alpha_(alpha.data_ptr<T>()) {
-    const int64_t G = G_, D = D_;
-    auto opts = q.options();
-    for (auto* t : {&qc_, &kc_, &kh_, &r0_}) *t = at::empty({G, L, D}, opts);
-    for (auto* t : {&th_, &lb_, &le_, &xsq0_, &kn_, &tw_}) *t = at::empty({G, L}, opts);
-    for (auto* t : {&qk_, &ov_, &db_, &de_, &dd2_}) *t = at::empty({G, L, L}, opts);
-    bd_ = at::empty({G, L, 2}, opts);
-    qbd_ = at::empty({G, L, 2 * D}, opts);
-    dl2_ = at::empty({G, 2, L}, opts);
-    mix_ = at::empty({G, 4}, opts);
+        v_(v.data_ptr<T>()), theta_(theta.data_ptr<T>()), eta_(eta.data_ptr<T>()), alpha_(alpha.data_ptr<T>()),
+        arena_(size(G_, L, D_), q.options()) {
+    const int64_t G = G_, D = D_, GL = G * L, GLL = GL * L;
+    for (auto* p : {&qc_, &kc_, &kh_, &r0_}) *p = arena_.take(GL * D);
+    // lb, le, D_beta, D_E side by side: one exp for the four
+    lb_ = arena_.take(2 * GL + 2 * GLL);
+    le_ = lb_ + GL;
+    db_ = le_ + GL;
+    de_ = db_ + GLL;
+    logs_ = arena_.tensor(lb_, {2 * GL + 2 * GLL});
+    for (auto* p : {&th_, &xsq0_, &kn_, &tw_}) *p = arena_.take(GL);
+    for (auto* p : {&qk_, &ov_, &dd2_}) *p = arena_.take(GLL);
+    bd_ = arena_.take(2 * GL);
+    qbd_ = arena_.take(2 * GL * D);
+    dl2_ = arena_.take(2 * GL);
+    mix_ = arena_.take(4 * G);
+  }
+
+  static int64_t size(int64_t G, int64_t L, int64_t D) {  // the arena's numbers
+    const int64_t GL = G * L;
+    return 4 * GL * D + 2 * GL + 2 * GL * L + 4 * GL + 3 * GL * L + 2 * GL + 2 * GL * D + 2 * GL + 4 * G;
   }
 
   ChunkRows<T> rows(int64_t i, int64_t last) {
     const int64_t G = G_, L = L_, D = D_, t0 = i * L, n = std::min(L, T_ - t0);  // n real rows, then padding
-    T *qc = qc_.data_ptr<T>(), *kc = kc_.data_ptr<T>(), *kh = kh_.data_ptr<T>(), *r0 = r0_.data_ptr<T>(),
-      *th = th_.data_ptr<T>(), *lb = lb_.data_ptr<T>(), *le = le_.data_ptr<T>(),
-      *xsq0 = xsq0_.data_ptr<T>(), *kn = kn_.data_ptr<T>(), *tw = tw_.data_ptr<T>(), *qk = qk_.data_ptr<T>(),
-      *ov = ov_.data_ptr<T>(), *db = db_.data_ptr<T>(), *de = de_.data_ptr<T>(), *dd2 = dd2_.data_ptr<T>(),
-      *bd = bd_.data_ptr<T>(), *qbd = qbd_.data_ptr<T>(), *dl2 = dl2_.data_ptr<T>(), *mix = mix_.data_ptr<T>();
+    T *qc = qc_, *kc = kc_, *kh = kh_, *r0 = r0_, *th = th_, *lb = lb_, *le = le_, *xsq0 = xsq0_, *kn = kn_,
+      *tw = tw_, *qk = qk_, *ov = ov_, *db = db_, *de = de_, *dd2 = dd2_, *bd = bd_, *qbd = qbd_, *dl2 = dl2_,
+      *mix = mix_;
     const T tiny = std::numeric_limits<T>::min(), amax = static_cast<T>(1 - 1e-7), one = 1, zero = 0,
             inf = std::numeric_limits<T>::infinity();
     for (int64_t g = 0; g < G; ++g) {
@@ -127,11 +163,8 @@ class RawChunks {
         }
       }
     }
-    // one vectorised exp for each (as torch's: the same values as chunked.py's)
-    at::exp_(db_);
-    at::exp_(de_);
-    at::exp_(lb_);  // beta
-    at::exp_(le_);  // E
+    // one vectorised exp (torch's, as chunked.py's) for beta, E, D_beta and D_E
+    logs_.exp_();
     // The rows of ``prepare``: bd = (beta, DbE = D_beta E), qbd = [beta q, DbE q], the state's decay at row ``last``.
     for (int64_t g = 0; g < G; ++g) {
       const int64_t dst = g * L;
@@ -174,7 +207,10 @@ class RawChunks {
  private:
   int64_t G_, T_, D_, L_;
   const T *q_, *k_, *v_, *theta_, *eta_, *alpha_;
-  Tensor qc_, kc_, kh_, r0_, th_, lb_, le_, xsq0_, kn_, tw_, qk_, ov_, db_, de_, dd2_, bd_, qbd_, dl2_, mix_;
+  Arena<T> arena_;
+  T *qc_, *kc_, *kh_, *r0_, *th_, *lb_, *le_, *db_, *de_, *xsq0_, *kn_, *tw_, *qk_, *ov_, *dd2_, *bd_, *qbd_, *dl2_,
+      *mix_;
+  Tensor logs_;
 };
 
 // The forward over the chunks of L rows of q, k, v (G, T, D), theta, eta, alpha (G, T), all contiguous, from the
@@ -192,25 +228,29 @@ void forward_infer_typed(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   const T half_max = clip ? static_cast<T>(0.5 * *max_grad_norm) : T(0);
   RawChunks<T> chunks(q_in, k_in, v_in, theta_in, eta_in, alpha_in, L);
   // the buffers, reused by every chunk
-  auto buf = [&](std::initializer_list<int64_t> shape) { return at::empty(shape, opts); };
-  Tensor z = buf({G, L, H}), s = buf({G, L, H}), h = buf({G, L, H}), slope = buf({G, L, H}), e = buf({G, L, H}),
-         d1 = buf({G, L, H}), r = buf({G, L, Dv}), zr = buf({G, L, H}), sr = buf({G, L, H}), hr = buf({G, L, H}),
-         hrbd = buf({G, L, 2 * H}), col = buf({G, H}), rows = buf({9, G, L}), cm = buf({G, L, L}),
-         sc0 = buf({G, L, L}), sc1 = buf({G, L, L}), cd = buf({G, 2, L}), Y0 = buf({G, 2, Dk, L}),
-         Y1 = buf({G, 2, H, L});
-  T *zp = z.data_ptr<T>(), *sp = s.data_ptr<T>(), *hp = h.data_ptr<T>(), *lp = slope.data_ptr<T>(),
-    *ep = e.data_ptr<T>(), *d1p = d1.data_ptr<T>(), *rp = r.data_ptr<T>(), *zrp = zr.data_ptr<T>(),
-    *srp = sr.data_ptr<T>(), *hrp = hr.data_ptr<T>(), *hbp = hrbd.data_ptr<T>(), *colp = col.data_ptr<T>(),
-    *cmp = cm.data_ptr<T>(), *sc0p = sc0.data_ptr<T>(), *sc1p = sc1.data_ptr<T>(), *cdp = cd.data_ptr<T>(),
-    *Y0p = Y0.data_ptr<T>(), *Y1p = Y1.data_ptr<T>();
-  T* rw = rows.data_ptr<T>();  // per (G, L) row: xsq1, dsq0, dsq1, reach, tsl, teb, u, th1, th2
+  const int64_t GLH = G * L * H, S0 = 2 * Dk * H, S1 = 2 * H * Dv;  // S0, S1: one memory's [W; S] per layer
+  Arena<T> arena(13 * GLH + G * L * Dv + G * H + 9 * G * L + 3 * G * L * L + 2 * G * L + G * 2 * Dk * L +
+                     2 * G * (S0 + S1),
+                 opts);
+  T *zp = arena.take(GLH), *sp = arena.take(GLH), *hp = arena.take(GLH), *lp = arena.take(GLH),
+    *ep = arena.take(GLH), *d1p = arena.take(GLH), *zrp = arena.take(GLH), *srp = arena.take(GLH),
+    *hrp = arena.take(GLH), *rp = arena.take(G * L * Dv), *hbp = arena.take(2 * GLH), *colp = arena.take(G * H),
+    *cmp = arena.take(G * L * L), *sc0p = arena.take(G * L * L), *sc1p = arena.take(G * L * L),
+    *cdp = arena.take(2 * G * L), *Y0p = arena.take(G * 2 * Dk * L), *Y1p = arena.take(2 * GLH);
+  Tensor z = arena.tensor(zp, {GLH}), s = arena.tensor(sp, {GLH}), zr = arena.tensor(zrp, {GLH}),
+         sr = arena.tensor(srp, {GLH});
+  T* rw = arena.take(9 * G * L);  // per (G, L) row: xsq1, dsq0, dsq1, reach, tsl, teb, u, th1, th2
   T *xsq1 = rw, *dsq0 = rw + G * L, *dsq1 = rw + 2 * G * L, *reach = rw + 3 * G * L, *tsl = rw + 4 * G * L,
     *teb = rw + 5 * G * L, *u = rw + 6 * G * L, *th1 = rw + 7 * G * L, *th2 = rw + 8 * G * L;
-  Tensor y = at::empty({G, N * L, Dv}, opts);  // (the final chunk's padding rows cut off at the end)
+  // y apart from the arena, which it would keep alive (the final chunk's padding rows cut off at the end)
+  Tensor y = at::empty({G, N * L, Dv}, opts);
   T* yp = y.data_ptr<T>();
   // the state: double-buffered per layer; chunk i reads cur and writes nxt
-  const int64_t S0 = 2 * Dk * H, S1 = 2 * H * Dv;  // one memory's [W; S] per layer
-  Tensor bufs[2][2] = {{buf({G, 2, Dk, H}), buf({G, 2, H, Dv})}, {buf({G, 2, Dk, H}), buf({G, 2, H, Dv})}};
+  Tensor bufs[2][2];
+  for (auto& pair : bufs) {
+    pair[0] = arena.tensor(arena.take(G * S0), {G, 2, Dk, H});
+    pair[1] = arena.tensor(arena.take(G * S1), {G, 2, H, Dv});
+  }
   const T* cur0 = X_in[0].data_ptr<T>();
   const T* cur1 = X_in[1].data_ptr<T>();
   Tensor cur_t0 = X_in[0], cur_t1 = X_in[1];
