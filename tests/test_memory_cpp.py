@@ -106,6 +106,29 @@ def test_tapeless_forward_in_fp32_matches_fp64(cpp_loop, monkeypatch, close):
     for i, (a, b) in enumerate(zip(got, ref)):
         close(a.double(), b, 1e-5, f"output {i}")
 
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_tapeless_forward_split_between_threads_is_bitwise_the_same(mode, cpp_loop, monkeypatch):
+    """With two torch threads the tape-less forward runs the memories in two parts, one per thread: the same
+    numbers as in one part (an odd count of memories, a ragged last chunk)."""
+    tensors, n = _inputs(37, 2, B=3, H=1, D=8, hidden=12, stable=True, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    was, calls = cpp_loop.use_parallel(False), cpp_loop.infer_calls()
+    try:
+        runs = []
+        for split in (False, True):
+            cpp_loop.use_parallel(split)
+            monkeypatch.setenv(cpp.LOOP_ENV, "cpp")
+            with mode():
+                runs.append(_run([t.detach() for t in tensors], n, 8, 0, max_grad_norm=0.5, stable=True))
+    finally:
+        cpp_loop.use_parallel(was)
+        torch.set_num_threads(threads)
+    assert cpp_loop.infer_calls() == calls + 2
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"output {i}"
+
+
 def test_module_inference_equals_its_forward_with_a_gradient(cpp_loop, close):
     """The memory module under inference_mode (chunk_infer.h from the raw rows; the learned initial weights not
     blended in again past the first write) gives the outputs and states of its forward with a gradient (the loop

@@ -27,6 +27,11 @@ LOOPS = ("cpp", "python")
 CSRC = pathlib.Path(__file__).parent / "csrc"
 SOURCE = CSRC / "chunk_loop.cpp"  # includes the headers chunk_fused*.h beside it
 _DTYPES = (torch.float32, torch.float64)
+# -fopenmp: ATen's parallel_for (which chunk_infer.h uses to split the memories between torch's threads) is a
+# header template whose OpenMP pragma compiles to a serial loop without it. The runtime it links, libgomp.so.1, is
+# the one torch has loaded already (the same soname): one thread pool, torch's.
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 _state: dict = {}  # "module": the loaded extension, or "error": why it could not be built (after one try)
 
 
@@ -46,7 +51,7 @@ def load():
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"],
+        module = cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                     verbose=False)
     except Exception as err:  # noqa: BLE001 (a compiler, linker or loader failure of any kind falls back)
         _state["error"] = f"{type(err).__name__}: {err}"
@@ -61,7 +66,7 @@ def load():
 def _name() -> str:
     """The extension's name, with a digest of every file in csrc/: torch rebuilds when the .cpp changes but not
     when only a header does, and a per-version name also keeps two versions of the package apart in the cache."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join(CFLAGS + LDFLAGS).encode())
     for path in sorted(CSRC.glob("*.[ch]*")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"titans_lnn_chunk_loop_{digest.hexdigest()[:12]}"

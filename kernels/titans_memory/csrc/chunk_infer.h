@@ -15,6 +15,7 @@
 
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -37,6 +38,12 @@ inline int64_t& infer_calls() {
 
 // Whether ``forward_infer`` may run (the extension's ``use_infer`` sets it: tests compare both ways).
 inline bool& infer_enabled() {
+  static bool on = true;
+  return on;
+}
+
+// Whether ``forward_infer`` may split the memories between torch's threads (the extension's ``use_parallel``).
+inline bool& parallel_enabled() {
   static bool on = true;
   return on;
 }
@@ -403,17 +410,46 @@ inline py::object forward_infer(Tensor q, Tensor k, Tensor v, Tensor theta, Tens
                                c10::optional<double> max_grad_norm, bool want_q) {
   if (!infer_applies({q, k, v, theta, eta, alpha}, W, S, true)) return py::none();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  MklSingleThread mkl_one_thread;  // (blas.h)
   ++infer_calls();
   std::vector<Tensor> X;  // per layer [W_l^T; S_l^T] (G, 2, in_l, out_l)
   for (size_t l = 0; l < W.size(); ++l) X.push_back(at::stack({mT(W[l]), mT(S[l])}, 1));
-  Tensor y, Q;
+  // The G memories are independent: split between torch's threads (one part each; the same values as in one
+  // part, each memory's arithmetic being the same calls on the same numbers).
+  const int64_t G = q.size(0), parts = parallel_enabled() ? std::min<int64_t>(G, at::get_num_threads()) : 1;
+  std::vector<Tensor> ys(parts), Qs(parts);
+  std::vector<std::vector<Tensor>> Xo(parts), Xb(parts);
+  std::vector<Tensor> raw = {q.contiguous(), k.contiguous(), v.contiguous(), theta.contiguous(), eta.contiguous(),
+                             alpha.contiguous()};
+  auto run = [&](int64_t p) {
+    MklSingleThread mkl_one_thread;  // (in each thread that runs a part)
+    const int64_t g0 = G * p / parts, n = G * (p + 1) / parts - g0;
+    auto part = [&](const Tensor& t) { return t.narrow(0, g0, n); };
+    std::vector<Tensor> Xp;
+    for (const auto& x : X) Xp.push_back(part(x));
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_infer", [&] {
+      forward_infer_typed<scalar_t>(part(raw[0]), part(raw[1]), part(raw[2]), part(raw[3]), part(raw[4]),
+                                    part(raw[5]), chunk, Xp, max_grad_norm, want_q, ys[p], Xo[p], Xb[p], Qs[p]);
+    });
+  };
+  if (parts == 1) {
+    run(0);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) run(p);
+    });
+  }
+  auto join = [&](const std::vector<Tensor>& pieces) { return parts == 1 ? pieces[0] : at::cat(pieces, 0); };
+  Tensor y = join(ys), Q = want_q ? join(Qs) : Tensor();
   std::vector<Tensor> X_out, X_before;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_infer", [&] {
-    forward_infer_typed<scalar_t>(q.contiguous(), k.contiguous(), v.contiguous(), theta.contiguous(),
-                                  eta.contiguous(), alpha.contiguous(), chunk, X, max_grad_norm, want_q, y, X_out,
-                                  X_before, Q);
-  });
+  for (size_t l = 0; l < X.size(); ++l) {
+    std::vector<Tensor> o, b;
+    for (int64_t p = 0; p < parts; ++p) {
+      o.push_back(Xo[p][l]);
+      b.push_back(Xb[p][l]);
+    }
+    X_out.push_back(join(o));
+    X_before.push_back(join(b));
+  }
   std::vector<Tensor> W_out, S_out, A_out;
   for (size_t l = 0; l < X.size(); ++l) {
     W_out.push_back(mT(X_out[l].select(1, 0)).contiguous());

@@ -393,6 +393,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "let forward_infer run (chunk_infer.h; off: it returns None and chunked.py takes the loop); returns the "
       "previous setting",
       py::arg("on"));
+  m.def(
+      "use_parallel",
+      [](bool on) {
+        const bool was = parallel_enabled();
+        parallel_enabled() = on;
+        return was;
+      },
+      "let forward_infer split the memories between torch's threads; returns the previous setting", py::arg("on"));
   m.def("infer_calls", [] { return infer_calls(); }, "how many forwards ran through chunk_infer.h");
   m.def("forward_infer", &forward_infer, "the forward without a tape from the raw inputs (chunk_infer.h), or None",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
