@@ -19,6 +19,9 @@ values and gradients, tested against this file's ``_chunk`` under autograd, whic
 $TITANS_LNN_MEMORY_BACKWARD=autograd and $TITANS_LNN_COMPILE=1 still run). With ``TITANS_LNN_COMPILE=1``
 every whole chunk runs through ``torch.compile`` (inductor; C++ kernels that fuse the elementwise ops),
 after a compilation of a minute or two per process. Off by default: eager needs no compiler and no warm-up.
+Without a gradient (inference), depth 2 with the stable step hands the raw rows to ``chunk_loop.run_infer``
+(``csrc/chunk_infer.h``), which makes each chunk's inputs (the padding, ``_chunk_inputs``,
+``_chunk_coefficients``) inside its loop.
 """
 
 from __future__ import annotations
