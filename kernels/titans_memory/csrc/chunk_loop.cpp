@@ -373,34 +373,25 @@ py::tuple backward(const std::shared_ptr<Tape>& tape, const Tensor& gy, std::vec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "titans-lnn: the memory's chunk loop (chunk_loop.py) in C++";
-  m.def(
-      "use_blas",
-      [](bool on) {
-        const bool was = blas_enabled();
-        blas_enabled() = on;
-        return was;
-      },
-      "call BLAS directly for the loop's matmuls (when found; else ATen); returns the previous setting",
-      py::arg("on"));
+  // An on/off switch of the extension (tests run both ways and compare): use_<name>(on) -> the previous setting.
+  auto def_switch = [&m](const char* name, bool& (*flag)(), const char* doc) {
+    m.def(
+        name,
+        [flag](bool on) {
+          const bool was = flag();
+          flag() = on;
+          return was;
+        },
+        doc, py::arg("on"));
+  };
+  def_switch("use_blas", &blas_enabled,
+             "call BLAS directly for the loop's matmuls (when found; else ATen); returns the previous setting");
   m.def("blas_found", &blas_found, "whether the gemm routines were found in torch's BLAS");
-  m.def(
-      "use_infer",
-      [](bool on) {
-        const bool was = infer_enabled();
-        infer_enabled() = on;
-        return was;
-      },
-      "let forward_infer run (chunk_infer.h; off: it returns None and chunked.py takes the loop); returns the "
-      "previous setting",
-      py::arg("on"));
-  m.def(
-      "use_parallel",
-      [](bool on) {
-        const bool was = parallel_enabled();
-        parallel_enabled() = on;
-        return was;
-      },
-      "let forward_infer split the memories between torch's threads; returns the previous setting", py::arg("on"));
+  def_switch("use_infer", &infer_enabled,
+             "let forward_infer run (chunk_infer.h; off: it returns None and chunked.py takes the loop); returns "
+             "the previous setting");
+  def_switch("use_parallel", &parallel_enabled,
+             "let forward_infer split the memories between torch's threads; returns the previous setting");
   m.def("infer_calls", [] { return infer_calls(); }, "how many forwards ran through chunk_infer.h");
   m.def("forward_infer", &forward_infer, "the forward without a tape from the raw inputs (chunk_infer.h), or None",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
