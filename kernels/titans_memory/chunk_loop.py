@@ -486,13 +486,18 @@ def _loop(p, kh, X, max_grad_norm, stable, keep):
     return torch.stack(ys, 1), X, X_a, Q, (saved if keep else None)
 
 
+def _wants_grad(tensors) -> bool:
+    """Whether autograd records a call on ``tensors`` (None entries skipped): then the loop keeps a tape."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run_chunks(fields, W, S, *, last, max_grad_norm, stable):
     """The N chunks of ``fields`` (dict of ``FIELDS``, each (G, N, L, ...)) from the state W, S (lists of
     (G, out_l, in_l)). Returns y (G, N, L, Dv), W, S after row ``last`` of the final chunk, the final
     chunk's anchor, and its Q (None unless stable). Through ``ChunkLoop`` when a gradient is wanted."""
     n = len(W)
     tensors = [fields[key] for key in FIELDS]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *W, *S)):
+    if _wants_grad((*tensors, *W, *S)):
         out = ChunkLoop.apply((n, last, max_grad_norm, stable), *tensors, *W, *S)
         y, W, S, A = out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), list(out[1 + 2 * n:1 + 3 * n])
         return y, W, S, A, (out[-1] if stable else None)
@@ -510,7 +515,7 @@ def run_infer(q, k, v, theta, eta, alpha, W, S, *, chunk_size, max_grad_norm):
     after the last row, the final chunk's anchor and its Q; or None where it does not apply (a gradient wanted,
     the Python loop chosen, dtypes other than fp32/fp64 or mixed, depth other than 2)."""
     tensors = (q, k, v, theta, eta, alpha, *W, *S)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _wants_grad(tensors):
         return None
     ext = _extension(tensors)
     if ext is None:

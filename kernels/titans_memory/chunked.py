@@ -250,14 +250,12 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
         return v[:, :, :0], tuple(W), tuple(S), join_anchor(A, spent)
     ys = []
     start = 0
-    khat = None  # the unit keys, once for the sequence (not once per chunk), where a Python form needs them
     if offset:  # finish the chunk that an earlier call started, with its anchor and its Q
         L = min(T, chunk_size - offset)
         sl = slice(0, L)
         coeffs = _chunk_coefficients(eta[:, :, sl], alpha[:, :, sl])
-        khat = unit_rows(k) if stable else k
-        x = _chunk_inputs(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl], khat[:, :, sl],
-                          stable)
+        x = _chunk_inputs(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
+                          unit_rows(k[:, :, sl]) if stable else k[:, :, sl], stable)
         y, W, S, spent = _chunk(x, coeffs, W, S, A, L - 1, max_grad_norm, spent, stable)
         ys.append(y)
         start = L
@@ -273,8 +271,7 @@ def memory_update_chunked(q, k, v, theta, eta, alpha, weights, momentum, anchor,
                 return _join(ys), tuple(W), tuple(S), join_anchor(A, spent)
         N = -(-rest // C)
         pad = N * C - rest
-        if khat is None:
-            khat = unit_rows(k) if stable else k
+        khat = unit_rows(k) if stable else k  # once for the sequence, not once per chunk
 
         def chunks(x):  # (B, H, rest, ...) -> (B, H, N, C, ...), zero-padded at the end
             x = x[:, :, start:]

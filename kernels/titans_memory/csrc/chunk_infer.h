@@ -48,11 +48,11 @@ inline bool& parallel_enabled() {
   return on;
 }
 
-// Whether ``forward_infer`` takes these: depth 2, the stable step, fp32/fp64 throughout, BLAS found and enabled,
-// Dk = Dv, every matmul size within BLAS's int.
+// Whether ``forward_infer`` takes these (the stable step is the caller's to check): depth 2, fp32/fp64 throughout,
+// BLAS found and enabled, Dk = Dv, every tensor's size within BLAS's int.
 inline bool infer_applies(const std::vector<Tensor>& inputs, const std::vector<Tensor>& W,
-                          const std::vector<Tensor>& S, bool stable) {
-  if (!infer_enabled() || W.size() != 2 || S.size() != 2 || !stable || !blas_enabled() || !blas_found()) return false;
+                          const std::vector<Tensor>& S) {
+  if (!infer_enabled() || W.size() != 2 || S.size() != 2 || !blas_enabled() || !blas_found()) return false;
   const auto dtype = inputs[0].scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
   for (const auto* group : {&inputs, &W, &S}) {
@@ -64,26 +64,28 @@ inline bool infer_applies(const std::vector<Tensor>& inputs, const std::vector<T
   return W[0].size(2) == Dk && W[1].size(1) == Dk && inputs[2].size(2) == Dk;  // y = q + ...: Dk = Dv
 }
 
-// Buffers carved out of one allocation (one ATen allocation per call where each buffer was one): ``take`` hands out
-// raw pointers, ``tensor`` a view of a region that ATen ops work on (or that is returned).
+// Buffers carved out of one allocation (one ATen allocation per call where each buffer was one): ``carve`` takes
+// each buffer's pointer to set and its size in numbers; ``tensor`` is a view of a region that ATen ops work on
+// (or that is returned).
 template <typename T>
 class Arena {
  public:
-  Arena(int64_t n, const at::TensorOptions& opts) : all_(at::empty({n}, opts)), base_(all_.data_ptr<T>()) {}
-  T* take(int64_t n) {
-    TORCH_INTERNAL_ASSERT(used_ + n <= all_.numel(), "chunk_infer.h: the arena is too small");
-    T* p = base_ + used_;
-    used_ += n;
-    return p;
+  void carve(std::initializer_list<std::pair<T**, int64_t>> parts, const at::TensorOptions& opts) {
+    int64_t total = 0;
+    for (const auto& part : parts) total += part.second;
+    all_ = at::empty({total}, opts);
+    T* p = all_.data_ptr<T>();
+    for (const auto& [slot, n] : parts) {
+      *slot = p;
+      p += n;
+    }
   }
   Tensor tensor(const T* p, at::IntArrayRef shape) const {
-    return all_.narrow(0, p - base_, c10::multiply_integers(shape)).view(shape);
+    return all_.narrow(0, p - all_.data_ptr<T>(), c10::multiply_integers(shape)).view(shape);
   }
 
  private:
   Tensor all_;
-  T* base_;
-  int64_t used_ = 0;
 };
 
 // One chunk's inputs for G memories and L rows, as ``prepare`` makes them (chunk_loop.py), row-major; kh: the
@@ -103,27 +105,17 @@ class RawChunks {
   RawChunks(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
             const Tensor& alpha, int64_t L)
       : G_(q.size(0)), T_(q.size(1)), D_(q.size(2)), L_(L), q_(q.data_ptr<T>()), k_(k.data_ptr<T>()),
-        v_(v.data_ptr<T>()), theta_(theta.data_ptr<T>()), eta_(eta.data_ptr<T>()), alpha_(alpha.data_ptr<T>()),
-        arena_(size(G_, L, D_), q.options()) {
+        v_(v.data_ptr<T>()), theta_(theta.data_ptr<T>()), eta_(eta.data_ptr<T>()), alpha_(alpha.data_ptr<T>()) {
     const int64_t G = G_, D = D_, GL = G * L, GLL = GL * L;
-    for (auto* p : {&qc_, &kc_, &kh_, &r0_}) *p = arena_.take(GL * D);
-    // lb, le, D_beta, D_E side by side: one exp for the four
-    lb_ = arena_.take(2 * GL + 2 * GLL);
+    arena_.carve({{&qc_, GL * D}, {&kc_, GL * D}, {&kh_, GL * D}, {&r0_, GL * D},
+                  {&lb_, 2 * GL + 2 * GLL},  // lb, le, D_beta, D_E side by side: one exp for the four
+                  {&th_, GL}, {&xsq0_, GL}, {&kn_, GL}, {&tw_, GL}, {&qk_, GLL}, {&ov_, GLL}, {&dd2_, GLL},
+                  {&bd_, 2 * GL}, {&qbd_, 2 * GL * D}, {&dl2_, 2 * GL}, {&mix_, 4 * G}},
+                 q.options());
     le_ = lb_ + GL;
     db_ = le_ + GL;
     de_ = db_ + GLL;
     logs_ = arena_.tensor(lb_, {2 * GL + 2 * GLL});
-    for (auto* p : {&th_, &xsq0_, &kn_, &tw_}) *p = arena_.take(GL);
-    for (auto* p : {&qk_, &ov_, &dd2_}) *p = arena_.take(GLL);
-    bd_ = arena_.take(2 * GL);
-    qbd_ = arena_.take(2 * GL * D);
-    dl2_ = arena_.take(2 * GL);
-    mix_ = arena_.take(4 * G);
-  }
-
-  static int64_t size(int64_t G, int64_t L, int64_t D) {  // the arena's numbers
-    const int64_t GL = G * L;
-    return 4 * GL * D + 2 * GL + 2 * GL * L + 4 * GL + 3 * GL * L + 2 * GL + 2 * GL * D + 2 * GL + 4 * G;
   }
 
   ChunkRows<T> rows(int64_t i, int64_t last) {
@@ -214,9 +206,9 @@ class RawChunks {
  private:
   int64_t G_, T_, D_, L_;
   const T *q_, *k_, *v_, *theta_, *eta_, *alpha_;
-  Arena<T> arena_;
   T *qc_, *kc_, *kh_, *r0_, *th_, *lb_, *le_, *db_, *de_, *xsq0_, *kn_, *tw_, *qk_, *ov_, *dd2_, *bd_, *qbd_, *dl2_,
       *mix_;
+  Arena<T> arena_;
   Tensor logs_;
 };
 
@@ -236,17 +228,17 @@ void forward_infer_typed(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   RawChunks<T> chunks(q_in, k_in, v_in, theta_in, eta_in, alpha_in, L);
   // the buffers, reused by every chunk
   const int64_t GLH = G * L * H, S0 = 2 * Dk * H, S1 = 2 * H * Dv;  // S0, S1: one memory's [W; S] per layer
-  Arena<T> arena(13 * GLH + G * L * Dv + G * H + 9 * G * L + 3 * G * L * L + 2 * G * L + G * 2 * Dk * L +
-                     2 * G * (S0 + S1),
-                 opts);
-  T *zp = arena.take(GLH), *sp = arena.take(GLH), *hp = arena.take(GLH), *lp = arena.take(GLH),
-    *ep = arena.take(GLH), *d1p = arena.take(GLH), *zrp = arena.take(GLH), *srp = arena.take(GLH),
-    *hrp = arena.take(GLH), *rp = arena.take(G * L * Dv), *hbp = arena.take(2 * GLH), *colp = arena.take(G * H),
-    *cmp = arena.take(G * L * L), *sc0p = arena.take(G * L * L), *sc1p = arena.take(G * L * L),
-    *cdp = arena.take(2 * G * L), *Y0p = arena.take(G * 2 * Dk * L), *Y1p = arena.take(2 * GLH);
+  T *zp, *sp, *hp, *lp, *ep, *d1p, *zrp, *srp, *hrp, *rp, *hbp, *colp, *cmp, *sc0p, *sc1p, *cdp, *Y0p, *Y1p, *rw,
+      *st[2][2];
+  Arena<T> arena;
+  arena.carve({{&zp, GLH}, {&sp, GLH}, {&hp, GLH}, {&lp, GLH}, {&ep, GLH}, {&d1p, GLH}, {&zrp, GLH}, {&srp, GLH},
+               {&hrp, GLH}, {&rp, G * L * Dv}, {&hbp, 2 * GLH}, {&colp, G * H}, {&cmp, G * L * L},
+               {&sc0p, G * L * L}, {&sc1p, G * L * L}, {&cdp, 2 * G * L}, {&Y0p, G * 2 * Dk * L}, {&Y1p, 2 * GLH},
+               {&rw, 9 * G * L},  // per (G, L) row: xsq1, dsq0, dsq1, reach, tsl, teb, u, th1, th2
+               {&st[0][0], G * S0}, {&st[0][1], G * S1}, {&st[1][0], G * S0}, {&st[1][1], G * S1}},
+              opts);
   Tensor z = arena.tensor(zp, {GLH}), s = arena.tensor(sp, {GLH}), zr = arena.tensor(zrp, {GLH}),
          sr = arena.tensor(srp, {GLH});
-  T* rw = arena.take(9 * G * L);  // per (G, L) row: xsq1, dsq0, dsq1, reach, tsl, teb, u, th1, th2
   T *xsq1 = rw, *dsq0 = rw + G * L, *dsq1 = rw + 2 * G * L, *reach = rw + 3 * G * L, *tsl = rw + 4 * G * L,
     *teb = rw + 5 * G * L, *u = rw + 6 * G * L, *th1 = rw + 7 * G * L, *th2 = rw + 8 * G * L;
   // y apart from the arena, which it would keep alive (the final chunk's padding rows cut off at the end)
@@ -254,9 +246,9 @@ void forward_infer_typed(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   T* yp = y.data_ptr<T>();
   // the state: double-buffered per layer; chunk i reads cur and writes nxt
   Tensor bufs[2][2];
-  for (auto& pair : bufs) {
-    pair[0] = arena.tensor(arena.take(G * S0), {G, 2, Dk, H});
-    pair[1] = arena.tensor(arena.take(G * S1), {G, 2, H, Dv});
+  for (int b = 0; b < 2; ++b) {
+    bufs[b][0] = arena.tensor(st[b][0], {G, 2, Dk, H});
+    bufs[b][1] = arena.tensor(st[b][1], {G, 2, H, Dv});
   }
   const T* cur0 = X_in[0].data_ptr<T>();
   const T* cur1 = X_in[1].data_ptr<T>();
@@ -408,7 +400,7 @@ void forward_infer_typed(const Tensor& q_in, const Tensor& k_in, const Tensor& v
 inline py::object forward_infer(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, int64_t chunk,
                                const std::vector<Tensor>& W, const std::vector<Tensor>& S,
                                c10::optional<double> max_grad_norm, bool want_q) {
-  if (!infer_applies({q, k, v, theta, eta, alpha}, W, S, true)) return py::none();
+  if (!infer_applies({q, k, v, theta, eta, alpha}, W, S)) return py::none();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   ++infer_calls();
   std::vector<Tensor> X;  // per layer [W_l^T; S_l^T] (G, 2, in_l, out_l)
