@@ -52,6 +52,10 @@ DIFFERENCES = {
         "num_persist_mem_tokens=4, num_longterm_mem_tokens=16, neural_memory_segment_len=16, ff_mult=4)` with "
         "memory heads 2 x 64, depth 2, expansion 2 (as section 2, its default `batch_size=None`). Its default "
         "`num_residual_streams=4` (hyper-connections) is one row; `num_residual_streams=1` another.",
+        "The goal compares against those two. A third row, for reference, is the 1-stream MAC with "
+        "`neural_memory_batch_size=16`: its memory then takes each chunk's gradient at the weights the previous "
+        "chunks left (the paper's update, which ours computes; section 2's `batch_size=16`), where its default takes "
+        "all of a call's gradients at the call's initial weights in parallel.",
         "Ours (`tiny`, MAC) also has the liquid core in every block, grouped-query attention (2 KV heads), and "
         "reads one memory token per position (titans-pytorch: 16 long-term memory tokens per 128-token segment).",
         "Training step: forward, next-token cross-entropy, backward, AdamW step; B = 1. Inference: ours streams "
@@ -108,7 +112,8 @@ def memory(impl: str, device) -> torch.nn.Module:
 
 
 def model(impl: str, device, vocab_size: int = 256) -> torch.nn.Module:
-    """ours-mac | ours-full | ours-swa (our variants of the tiny preset) | titans-mac | titans-mac-1stream."""
+    """ours-mac | ours-full | ours-swa (our variants of the tiny preset) | titans-mac | titans-mac-1stream |
+    titans-mac-1stream-bs16 (its memory with ``batch_size=16``: the paper's per-chunk update, as ours)."""
     if impl.startswith("ours-"):
         from titans_lnn import TitansLNN, TitansLNNConfig
 
@@ -116,12 +121,14 @@ def model(impl: str, device, vocab_size: int = 256) -> torch.nn.Module:
         return TitansLNN(config).to(device)
     tp = require("titans-pytorch")
     m = MEMORY
-    streams = {"titans-mac": 4, "titans-mac-1stream": 1}[impl]
+    streams, batch_size = {"titans-mac": (4, None), "titans-mac-1stream": (1, None),
+                           "titans-mac-1stream-bs16": (1, m["chunk_size"])}[impl]
     mem_kwargs = dict(heads=m["heads"], dim_head=m["dim"] // m["heads"], max_grad_norm=m["max_grad_norm"],
                       default_model_kwargs=dict(depth=m["depth"], expansion_factor=m["hidden_mult"]))
     use_flex = torch.device(device).type == "cuda"
     mac = tp.MemoryAsContextTransformer(**{**MAC_KWARGS, "num_tokens": vocab_size}, num_residual_streams=streams,
-                                        neural_memory_kwargs=mem_kwargs, use_flex_attn=use_flex)
+                                        neural_memory_kwargs=mem_kwargs, neural_memory_batch_size=batch_size,
+                                        use_flex_attn=use_flex)
     return _materialize(mac).to(device)
 
 
