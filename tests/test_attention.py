@@ -33,13 +33,16 @@ def _inputs(T, P, H, G, n_sink, second, D=6, seed=0):
 
 
 def _assert_same_function(ref, got, x, close):
-    """Outputs and the gradients of every input in ``x`` agree to 1e-12 (float64)."""
+    """Outputs and the gradients of every input in ``x`` agree to 1e-12 (float64). A gradient that is exactly
+    zero in the reference (dq with one visible key: softmax over one key is constant) is held to 1e-12 of the
+    output's size: the blocked form reaches its zero through sums that round."""
     close(ref, got, 1e-12, "out")
     w = torch.randn_like(ref)
     g_ref = torch.autograd.grad((ref * w).sum(), list(x.values()))
     g_got = torch.autograd.grad((got * w).sum(), list(x.values()))
+    size = float(ref.detach().pow(2).mean().sqrt())
     for name, a, b in zip(x, g_ref, g_got):
-        close(a, b, 1e-12, f"d{name}")
+        close(a, b, 1e-12, f"d{name}", scale=size)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-P{}-W{}-seg{}-sink{}-k2{}-H{}G{}".format(*c))
