@@ -349,21 +349,23 @@ def model_section(ctx: Ctx) -> dict:
                         "tokens.")
     sec["tables"].append(table)
     # The training ratio at every target size (a size one side could not run counts as missed).
-    ratios = {base: {T: _ratio(_tps(res["ours-mac"], T, "train"), _tps(res[base], T, "train")) for T in targets}
-              for _, base in cols}
+    def train_ratios(base):  # {T: ours / base} at the target sizes
+        return {T: _ratio(_tps(res["ours-mac"], T, "train"), _tps(res[base], T, "train")) for T in targets}
+
+    def at_sizes(by_T):
+        return ", ".join(f"{fmt_ratio(r) if r else 'not run'} at {k(T)}" for T, r in by_T.items())
+
+    ratios = {base: train_ratios(base) for _, base in cols}
     sec["status"] = verdict([r is not None and r >= 2 for by_T in ratios.values() for r in by_T.values()])
-    ref = {T: _ratio(_tps(res["ours-mac"], T, "train"), _tps(res[reference[1]], T, "train")) for T in targets}
+    ref = train_ratios(reference[1])
     infer = {}
     for _, base in cols:
         common = [T for T in Ts if _tps(res["ours-mac"], T, "infer") and _tps(res[base], T, "infer")]
         if common:
             infer[base] = (common[-1], _ratio(_tps(res["ours-mac"], common[-1], "infer"),
                                               _tps(res[base], common[-1], "infer")))
-    sec["measured"] = "training " + "; ".join(
-        f"vs {MODEL_LABELS[b]}: " + ", ".join(f"{fmt_ratio(r) if r else 'not run'} at {k(T)}" for T, r in by_T.items())
-        for b, by_T in ratios.items())
-    sec["measured"] += (f"; for reference, vs {MODEL_LABELS[reference[1]]}: "
-                        + ", ".join(f"{fmt_ratio(r) if r else 'not run'} at {k(T)}" for T, r in ref.items()))
+    sec["measured"] = "training " + "; ".join(f"vs {MODEL_LABELS[b]}: {at_sizes(by_T)}" for b, by_T in ratios.items())
+    sec["measured"] += f"; for reference, vs {MODEL_LABELS[reference[1]]}: {at_sizes(ref)}"
     label = {base: name for name, base in cols}
     sec["measured"] += " (inference: " + "; ".join(f"{label[b]} {fmt_ratio(r)} at {k(T)}"
                                                    for b, (T, r) in infer.items()) + ")"

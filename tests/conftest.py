@@ -22,14 +22,15 @@ settings.load_profile("ci")
 
 
 def assert_close(ref: torch.Tensor, got: torch.Tensor, rtol: float, name: str = "", scale: float = 1e-12) -> None:
-    """Relative-RMS closeness (as fla's tests): ||got - ref||_rms <= rtol * (||ref||_rms + scale). ``scale``: the
+    """Relative-RMS closeness (as fla's tests): ||got - ref||_rms <= rtol * max(||ref||_rms, scale). ``scale``: the
     size below which ref counts as zero, e.g. the size of the values a gradient that is exactly zero in ref
     (rounding is all the other side can differ by there) is computed from."""
     assert ref.shape == got.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     err = (got.double() - ref.double()).pow(2).mean().sqrt()
     base = ref.double().pow(2).mean().sqrt()
-    assert err <= rtol * (base + scale), f"{name}: relative rms error {float(err / (base + scale)):.3e} > {rtol}"
+    floor = max(float(base), scale)
+    assert err <= rtol * floor, f"{name}: relative rms error {float(err / floor):.3e} > {rtol}"
 
 
 @pytest.fixture

@@ -106,6 +106,7 @@ def test_tapeless_forward_in_fp32_matches_fp64(cpp_loop, monkeypatch, close):
     for i, (a, b) in enumerate(zip(got, ref)):
         close(a.double(), b, 1e-5, f"output {i}")
 
+
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
 def test_tapeless_forward_split_between_threads_is_bitwise_the_same(mode, cpp_loop, monkeypatch):
     """With two torch threads the tape-less forward runs the memories in two parts, one per thread: the same
@@ -114,11 +115,11 @@ def test_tapeless_forward_split_between_threads_is_bitwise_the_same(mode, cpp_lo
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     was, calls = cpp_loop.use_parallel(False), cpp_loop.infer_calls()
+    monkeypatch.setenv(cpp.LOOP_ENV, "cpp")
     try:
         runs = []
         for split in (False, True):
             cpp_loop.use_parallel(split)
-            monkeypatch.setenv(cpp.LOOP_ENV, "cpp")
             with mode():
                 runs.append(_run([t.detach() for t in tensors], n, 8, 0, max_grad_norm=0.5, stable=True))
     finally:
